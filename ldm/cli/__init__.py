@@ -1,0 +1,76 @@
+"""The ``ldm`` command: a thin argparse front over the library, one module per subcommand.
+
+Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``. Only the
+chosen subcommand's module is imported, so ``ldm --help`` and light commands start fast.
+User errors (:class:`ldm.errors.LdmError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ldm.errors import LdmError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "txt2img": ("ldm.cli.txt2img", "generate images from a prompt (txt2img, img2img, inpaint)"),
+    "batch": ("ldm.cli.batch", "generate many images from a prompt file, resumably"),
+    "train": ("ldm.cli.train", "train or fine-tune a model from a YAML config"),
+    "convert": ("ldm.cli.convert", "convert between diffusers folders and single files"),
+    "shapes": ("ldm.cli.shapes", "the shapes world: export a procedural image-caption dataset"),
+    "eval": ("ldm.cli.eval", "score images or a model with the shapes judge"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="latent text-to-image diffusion")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if argv and argv[0] == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def _version() -> str:
+    from ldm import __version__
+
+    return f"ldm {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except LdmError as e:
+        print(f"ldm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ldm: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry(module_run, add_arguments, argv: list[str] | None = None, prog: str = "ldm") -> int:
+    """Run one subcommand outside ``ldm`` (used by the thin ``scripts/*.py`` wrappers)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(module_run(args) or 0)
+    except LdmError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The conditioning record passed from text encoders to the network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Cond:
+    """Text conditioning for a batch.
+
+    context: (B, L, D) token embeddings, the cross-attention keys/values.
+    pooled:  (B, P) pooled text embedding, or None (used by SDXL-style added conditioning).
+    mask:    (B, L) bool, True for real tokens, or None (all tokens attend).
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def to(self, device=None, dtype=None) -> Cond:
+        def move(t, floating=True):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if floating else None)
+
+        return Cond(move(self.context), move(self.pooled), move(self.mask, floating=False))
+
+    def __getitem__(self, index) -> Cond:
+        def pick(t):
+            return None if t is None else t[index]
+
+        return Cond(self.context[index], pick(self.pooled), pick(self.mask))
+
+    def repeat(self, n: int) -> Cond:
+        """Each row repeated n times in place: [a, b] -> [a, a, b, b] (for n images per prompt)."""
+
+        def rep(t):
+            return None if t is None else t.repeat_interleave(n, dim=0)
+
+        return Cond(rep(self.context), rep(self.pooled), rep(self.mask))
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        """Concatenate along the batch axis; contexts of different lengths are an error.
+
+        Callers that mix prompts of different chunk counts pad them first (see
+        ``ldm.text.prompts.pad_to_same_length``).
+        """
+        lengths = {c.context.shape[1] for c in conds}
+        if len(lengths) != 1:
+            raise ValueError(f"cannot batch contexts of different lengths {sorted(lengths)}")
+
+        def cat(ts):
+            return None if any(t is None for t in ts) else torch.cat(ts)
+
+        return Cond(
+            torch.cat([c.context for c in conds]),
+            cat([c.pooled for c in conds]),
+            cat([c.mask for c in conds]),
+        )
