@@ -1,0 +1,83 @@
+"""The CLIP tokenizer built offline from the BPE vocabulary that ships inside open_clip_torch.
+
+New models trained here need a CLIP tokenizer, and nothing may be downloaded. OpenAI's CLIP BPE
+(49408 tokens: 256 bytes, 256 byte+"</w>", 48894 merges, <|startoftext|>, <|endoftext|>) ships as
+``open_clip/bpe_simple_vocab_16e6.txt.gz``; we write it out as the ``vocab.json`` + ``merges.txt``
+pair that transformers' ``CLIPTokenizer`` reads, which is the layout of a diffusers ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from ldm.io import atomic_write_text
+
+NUM_MERGES = 49152 - 256 - 2  # as in OpenAI CLIP's simple_tokenizer
+
+
+@lru_cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible byte -> printable unicode map (Radford et al. 2019)."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """The CLIP vocabulary (token -> id) and merge list, from open_clip's packaged file."""
+    import open_clip
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = lines[1 : NUM_MERGES + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_clip_tokenizer(directory: str | Path, model_max_length: int = 77) -> Path:
+    """Write a transformers ``CLIPTokenizer`` folder (vocab.json, merges.txt, configs)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab_and_merges()
+    atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": model_max_length,
+        "do_lower_case": True,
+        **special,
+    }
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
+    atomic_write_text(directory / "special_tokens_map.json", json.dumps(special, indent=2))
+    return directory
+
+
+def build_clip_tokenizer(directory: str | Path | None = None, model_max_length: int = 77):
+    """A ``transformers.CLIPTokenizer`` made offline; written to ``directory`` if given."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    if directory is not None:
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(directory, model_max_length)))
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, model_max_length)))

@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+# tests import their helpers (tiny.py) as plain modules
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory) -> Path:
+    """A tiny random SD 1.x-shaped diffusers folder (eps, PNDM config with steps_offset=1)."""
+    from tiny import make_tiny_folder
+
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny_sd1"), "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory) -> Path:
+    """A tiny random SD 2.x-shaped diffusers folder (v-prediction, linear proj, upcast)."""
+    from tiny import make_tiny_folder
+
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny_sd2"), "sd2")
