@@ -65,6 +65,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, str):
@@ -113,17 +118,36 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': cannot parse value ({e.problem})") from None
-        node = data
+        node: dict | list = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{p}' is not a section")
-            node = child
-        node[parts[-1]] = value
+            node = _child(node, p, item)
+        _set(node, parts[-1], value, item)
     return data
+
+
+def _child(node: dict | list, part: str, item: str) -> dict | list:
+    """Descend one step of a dotted override: a mapping key, or a list index (stages.0.steps)."""
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"override '{item}': no list item {part!r}")
+        child = node[int(part)]
+    else:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"override '{item}': '{part}' is not a section")
+    return child
+
+
+def _set(node: dict | list, part: str, value: Any, item: str) -> None:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"override '{item}': no list item {part!r}")
+        node[int(part)] = value
+    else:
+        node[part] = value
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -1,0 +1,260 @@
+"""``ldm txt2img``: prompt -> PNGs with A1111 infotext and a JSON record (img2img, inpaint too).
+
+Flags follow CompVis ``txt2img.py`` and diffusers. Modes: plain text-to-image; ``--init-image``
+(+ ``--strength``) for img2img; ``--mask`` (white = repaint) for inpainting; ``--outpaint
+L,R,U,D`` pads the init image by that many pixels on the left, right, top and bottom and paints
+the new border. ``--from-png IMAGE`` re-renders an image from its embedded record; flags given
+explicitly override the record. Image i of a request with seed s uses seed s + i. The paths
+written are printed on stdout, one per line; the progress bar, the seed and notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import secrets
+import sys
+from pathlib import Path
+
+from ldm.errors import LdmError
+
+# flag defaults; the parser's own default is None so --from-png can tell "given" from "default"
+DEFAULTS = dict(
+    prompt=None,
+    negative_prompt="",
+    steps=20,
+    guidance_scale=7.5,
+    guidance_rescale=0.0,
+    sampler="dpmpp_2m",
+    schedule="default",
+    eta=None,
+    height=None,
+    width=None,
+    clip_skip=1,
+    strength=0.8,
+    seed=None,
+    model=None,
+)
+# record key -> flag dest, for --from-png
+FROM_RECORD = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps",
+    "guidance_scale": "guidance_scale", "guidance_rescale": "guidance_rescale",
+    "sampler": "sampler", "schedule": "schedule", "eta": "eta", "height": "height",
+    "width": "width", "clip_skip": "clip_skip", "seed": "seed", "strength": "strength",
+    "denoising_strength": "strength",  # the infotext's name
+}  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to draw")
+    g.add_argument("--prompt", help="the text prompt (A1111 emphasis syntax, BREAK)")
+    g.add_argument("--negative-prompt", help="what to steer away from (default: empty)")
+    g.add_argument("--from-png", metavar="IMAGE", help="re-render a PNG from its embedded record")
+    g = p.add_argument_group("model and device")
+    g.add_argument("--model", help="diffusers folder or .safetensors/.ckpt (default: demo model)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 cuda, fp32 cpu")
+    g.add_argument("--clip-skip", type=int, help="use the output of the n-th last CLIP layer (1)")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="(reserved)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, help="sampler steps (20)")
+    g.add_argument("--guidance-scale", "--scale", type=float, help="CFG scale; <= 1 is off (7.5)")
+    g.add_argument("--guidance-rescale", type=float, help="CFG rescale phi, Lin et al. 2023 (0)")
+    g.add_argument("--sampler", help="dpmpp_2m (default), euler_ancestral, 'Euler a', ...")
+    g.add_argument("--schedule", help="default, karras, exponential, sgm_uniform, simple, beta")
+    g.add_argument("--eta", type=float, help="noise amount (default: DDIM 0, ancestral/SDE 1)")
+    g.add_argument("--seed", type=int, help="seed of the first image (random if omitted)")
+    g.add_argument("--height", "--H", type=int, help="pixels (default: the model's size)")
+    g.add_argument("--width", "--W", type=int, help="pixels (default: the model's size)")
+    g.add_argument("--n-samples", type=int, default=1, help="images per batch (1)")
+    g.add_argument("--n-iter", type=int, default=1, help="number of batches (1)")
+    g = p.add_argument_group("img2img, inpainting, outpainting")
+    g.add_argument("--init-image", help="start from this image (img2img)")
+    g.add_argument("--strength", type=float, help="how much of the init image to redo (0.8)")
+    g.add_argument("--mask", help="inpainting mask: white = repaint, black = keep")
+    g.add_argument("--outpaint", metavar="L,R,U,D", help="pad the init image by these pixels")
+    g = p.add_argument_group("output and memory")
+    g.add_argument("--outdir", default="outputs/txt2img", help="(default: outputs/txt2img)")
+    g.add_argument("--grid", action="store_true", help="also write a grid of all images")
+    g.add_argument("--attention-slicing", action="store_true", help="lower peak memory")
+    g.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ldm.modes import load_image
+
+    settings = _settings(args)
+    _check_flags(args, settings)
+    init_image = mask = None
+    if args.init_image:
+        init_image = load_image(args.init_image, "--init-image")
+    if args.mask:
+        mask = load_image(args.mask, "--mask")
+    if args.seed is None and settings["seed"] is None:
+        settings["seed"] = secrets.randbelow(2**32)
+        print(f"seed: {settings['seed']}", file=sys.stderr)
+
+    from ldm.pipeline import load_pipeline
+
+    pipe = load_pipeline(settings["model"], device=args.device, dtype=args.dtype)
+    if pipe.notice:
+        print(f"ldm: note: {pipe.notice}", file=sys.stderr)
+    if args.attention_slicing:
+        pipe.enable_attention_slicing()
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
+    if args.outpaint:
+        from ldm.modes import outpaint_canvas, parse_outpaint
+
+        init_image, mask = outpaint_canvas(init_image, parse_outpaint(args.outpaint), pipe.factor)
+        settings["strength"] = 1.0  # the new border has no content to keep
+        settings["height"], settings["width"] = init_image.height, init_image.width
+
+    results = _generate(pipe, args, settings, init_image, mask)
+    paths = _save_all(results, Path(args.outdir), args)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """Defaults, then the record of --from-png, then the flags given explicitly."""
+    settings = dict(DEFAULTS)
+    if args.from_png:
+        settings.update(_from_png(args.from_png))
+    for key in DEFAULTS:
+        if getattr(args, key, None) is not None:
+            settings[key] = getattr(args, key)
+    return settings
+
+
+def _from_png(path: str) -> dict:
+    from ldm.infotext import parse_infotext, read_png_metadata
+
+    if not Path(path).is_file():
+        raise LdmError(f"--from-png {path}: no such file")
+    infotext, record = read_png_metadata(path)
+    if not record and infotext:
+        record = parse_infotext(infotext)
+    if not record:
+        raise LdmError(f"--from-png {path}: the PNG has no ldm record or A1111 parameters")
+    out = {flag: record[key] for key, flag in FROM_RECORD.items() if record.get(key) is not None}
+    model_path = record.get("model_path")
+    if model_path and Path(model_path).exists():
+        out["model"] = model_path
+    return out
+
+
+def _check_flags(args: argparse.Namespace, s: dict) -> None:
+    """Cheap checks before the model loads (the pipeline checks the rest before writing)."""
+    from ldm.pipeline import _resolve_sampler
+
+    if not s["prompt"] and s["prompt"] != "":
+        raise LdmError("--prompt is required (or --from-png IMAGE)")
+    if s["steps"] < 1:
+        raise LdmError(f"--steps must be >= 1, got {s['steps']}")
+    for flag, size in (("--height", s["height"]), ("--width", s["width"])):
+        if size is not None and size <= 0:
+            raise LdmError(f"{flag} must be a positive number of pixels, got {size}")
+    for flag, n in (("--n-samples", args.n_samples), ("--n-iter", args.n_iter)):
+        if n < 1:
+            raise LdmError(f"{flag} must be >= 1, got {n}")
+    if not math.isfinite(s["guidance_scale"]):
+        raise LdmError(f"--guidance-scale must be a finite number, got {s['guidance_scale']}")
+    _resolve_sampler(s["sampler"], s["schedule"])
+    if s["model"] is not None and not Path(s["model"]).exists():
+        raise LdmError(f"--model {s['model']}: no such file or folder")
+    if (args.mask or args.outpaint) and not args.init_image:
+        raise LdmError(f"{'--mask' if args.mask else '--outpaint'} needs --init-image")
+    if args.mask and args.outpaint:
+        raise LdmError("--mask and --outpaint cannot be combined (outpaint makes its own mask)")
+    if args.lora:
+        raise LdmError("--lora is not available in this version of ldm txt2img yet")
+
+
+def _generate(pipe, args, s: dict, init_image, mask) -> list:
+    """n_iter batches of n_samples images; image k overall gets seed + k."""
+    from tqdm import tqdm
+
+    n = args.n_samples
+    bar = tqdm(
+        total=args.n_iter * s["steps"], unit="step", file=sys.stderr, disable=args.no_progress
+    )
+
+    def on_step(step: int, num_steps: int) -> None:
+        if bar.total != args.n_iter * num_steps:  # img2img runs fewer steps than --steps
+            bar.total = args.n_iter * num_steps
+            bar.refresh()
+        bar.update(1)
+
+    results = []
+    try:
+        for i in range(args.n_iter):
+            seeds = [s["seed"] + i * n + j for j in range(n)]
+            results += pipe(
+                [s["prompt"]] * n, seeds, negative_prompt=s["negative_prompt"],
+                steps=s["steps"], guidance_scale=s["guidance_scale"],
+                guidance_rescale=s["guidance_rescale"], sampler=s["sampler"],
+                schedule=s["schedule"], eta=s["eta"], height=s["height"], width=s["width"],
+                init_image=init_image, strength=s["strength"], mask=mask,
+                clip_skip=s["clip_skip"], callback=on_step,
+            )  # fmt: skip
+    finally:
+        bar.close()
+    return results
+
+
+def _save_all(results: list, outdir: Path, args) -> list[Path]:
+    from ldm.infotext import save_png
+
+    paths = []
+    for result in results:
+        record = result.record
+        name = f"{record['seed']}-{_slug(record['prompt'])}.png"
+        path = _free_path(outdir, name)
+        save_png(result.image, path, _infotext(record), record)
+        paths.append(path)
+    if args.grid and len(results) > 1:
+        grid = _grid([r.image for r in results], cols=args.n_samples)
+        record = dict(results[0].record, grid_seeds=[r.record["seed"] for r in results])
+        path = _free_path(outdir, f"grid-{_slug(record['prompt'])}.png")
+        save_png(grid, path, _infotext(results[0].record), record)
+        paths.append(path)
+    return paths
+
+
+def _infotext(record: dict) -> str:
+    """The A1111 ``parameters`` text of a record (its names where they differ from ours)."""
+    from ldm.infotext import format_infotext
+
+    params = dict(record, version=f"ldm {record['ldm_version']}")
+    params["denoising_strength"] = record.get("strength")
+    return format_infotext(params)
+
+
+def _slug(prompt: str, length: int = 40) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return slug[:length].rstrip("-") or "image"
+
+
+def _free_path(outdir: Path, name: str) -> Path:
+    """``NNNNN-name`` with NNNNN one past the highest number in outdir: nothing is overwritten."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"(\d{5,})-", p.name))]
+    index = max(numbers, default=-1) + 1
+    while (path := outdir / f"{index:05d}-{name}").exists():
+        index += 1
+    return path
+
+
+def _grid(images: list, cols: int):
+    from PIL import Image
+
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,370 @@
+"""The shapes world: a procedural 64x64 image-caption dataset with a GenEval-style caption grammar.
+
+Every image is a flat grey background with 1-4 flat-coloured circles, squares and upright
+triangles; its caption names exactly what is drawn, in one of six task families that mirror
+GenEval (Ghosh et al. 2023): single object, two objects, counting, colours, position and colour
+attribution. ``generate(seed, index)`` is a pure function of its arguments, so a training stream,
+an exported folder and an evaluation all see the same world.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ldm.errors import LdmError
+from ldm.io import atomic_save, atomic_write_text
+
+# --- the world (fixed: any judge can score any model of it) -------------------------------------
+SIZE = 64  # image side in pixels
+BACKGROUND = (210, 210, 210)
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 30),
+    "yellow": (235, 205, 30),
+    "green": (40, 170, 60),
+    "cyan": (30, 190, 200),
+    "blue": (40, 70, 210),
+    "purple": (140, 60, 180),
+    "black": (25, 25, 25),
+}
+COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle")
+MIN_SIZE, MAX_SIZE = 12, 28  # bounding-box side in pixels
+SMALL, LARGE = (12, 16), (22, 28)  # inclusive ranges named by the size words
+MIN_GAP = 2  # objects' bounding boxes are at least this far apart
+MIN_OFFSET = 16  # position task: centre offset along the named axis (and < this across it)
+NUMBERS = {"two": 2, "three": 3, "four": 4}
+RELATIONS = ("left of", "right of", "above", "below")
+# GenEval's task tags, in the order of the six caption families
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+SUPERSAMPLE = 4  # render at 4x and box-downsample: anti-aliased edges, exact interior colours
+
+
+class PromptError(LdmError):
+    """A caption that is not one of the six forms of the shapes grammar."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One noun phrase of a caption: ``count`` objects of ``shape`` (colour None = any)."""
+
+    shape: str
+    colour: str | None = None
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A caption in structured form: its task family, noun phrases and optional relation."""
+
+    task: str
+    items: tuple[Item, ...]
+    relation: str | None = None  # position task: items[0] <relation> items[1]
+
+    def text(self, sizes: tuple[str | None, ...] = ()) -> str:
+        """The caption; ``sizes`` optionally adds a size word ("small"/"large") per item."""
+        phrases = []
+        for i, item in enumerate(self.items):
+            words = [sizes[i] if i < len(sizes) else None, item.colour, item.shape]
+            noun = " ".join(w for w in words if w)
+            if item.count > 1:
+                number = next(k for k, v in NUMBERS.items() if v == item.count)
+                phrases.append(f"{number} {noun}s")
+            else:  # "an orange circle": the article agrees with the next word
+                phrases.append(("an " if noun[0] in "aeiou" else "a ") + noun)
+        if self.relation:
+            return f"{phrases[0]} {self.relation} {phrases[1]}"
+        return " and ".join(phrases)
+
+
+@dataclass(frozen=True)
+class Obj:
+    """A placed object: top-left corner (x, y) and bounding-box side ``size``, in pixels."""
+
+    shape: str
+    colour: str
+    x: int
+    y: int
+    size: int
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.x + self.size / 2, self.y + self.size / 2)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows: the prompt it satisfies and the objects drawn."""
+
+    prompt: Prompt
+    objects: tuple[Obj, ...]
+
+
+# --- the grammar ---------------------------------------------------------------------------------
+_S = "(circle|square|triangle)"
+_C = "(" + "|".join(COLOURS) + ")"
+_NP = rf"an? (?:{_C} )?{_S}"
+_FORMS = [
+    ("np", re.compile(rf"^{_NP}$")),
+    ("np_and_np", re.compile(rf"^{_NP} and {_NP}$")),
+    ("counting", re.compile(rf"^(two|three|four) {_S}s$")),
+    ("position", re.compile(rf"^an? {_S} (left of|right of|above|below) an? {_S}$")),
+]
+_VOCAB = set(SHAPES) | {s + "s" for s in SHAPES} | set(COLOURS) | set(NUMBERS)
+_VOCAB |= {"a", "an", "and", "left", "right", "of", "above", "below"}
+
+
+def parse_prompt(text: str) -> Prompt:
+    """Parse a caption into a :class:`Prompt`; raise :class:`PromptError` saying why not."""
+    t = " ".join(text.strip().lower().split())
+    unknown = [w for w in t.split() if w not in _VOCAB]
+    if unknown and unknown[0] in ("small", "large"):
+        raise PromptError(f"size word {unknown[0]!r}: evaluation prompts name no sizes")
+    if not t or unknown:
+        raise PromptError(f"unknown word {unknown[0]!r}" if unknown else "empty prompt")
+    for form, pattern in _FORMS:
+        m = pattern.match(t)
+        if m:
+            return _prompt_from_match(form, m.groups())
+    raise PromptError(f"{t!r} matches none of the six caption forms")
+
+
+def _prompt_from_match(form: str, g: tuple) -> Prompt:
+    if form == "np":
+        return Prompt("colors" if g[0] else "single_object", (Item(g[1], g[0]),))
+    if form == "counting":
+        return Prompt("counting", (Item(g[1], None, NUMBERS[g[0]]),))
+    if form == "position":
+        if g[0] == g[2]:
+            raise PromptError("position: the two shapes must differ")
+        return Prompt("position", (Item(g[0]), Item(g[2])), relation=g[1])
+    c1, s1, c2, s2 = g
+    if s1 == s2:
+        raise PromptError("two objects: the two shapes must differ")
+    if (c1 is None) != (c2 is None):
+        raise PromptError("colour attribution: give a colour for both objects or for neither")
+    if c1 is not None and c1 == c2:
+        raise PromptError("colour attribution: the two colours must differ")
+    return Prompt("color_attr" if c1 else "two_object", (Item(s1, c1), Item(s2, c2)))
+
+
+def all_prompts(task: str) -> list[Prompt]:
+    """Every distinct prompt of one task family (3 to 336 of them)."""
+    pairs = list(itertools.permutations(SHAPES, 2))
+    if task == "single_object":
+        return [Prompt(task, (Item(s),)) for s in SHAPES]
+    if task == "two_object":
+        return [Prompt(task, (Item(a), Item(b))) for a, b in pairs]
+    if task == "counting":
+        return [Prompt(task, (Item(s, None, n),)) for n in NUMBERS.values() for s in SHAPES]
+    if task == "colors":
+        return [Prompt(task, (Item(s, c),)) for c in COLOURS for s in SHAPES]
+    if task == "position":
+        return [Prompt(task, (Item(a), Item(b)), r) for r in RELATIONS for a, b in pairs]
+    if task == "color_attr":
+        cols = itertools.permutations(COLOURS, 2)
+        return [Prompt(task, (Item(a, c), Item(b, d))) for c, d in cols for a, b in pairs]
+    raise LdmError(f"unknown shapes task {task!r} (expected one of {', '.join(TASKS)})")
+
+
+def eval_prompts(seed: int = 0, per_task: int = 50) -> list[str]:
+    """The evaluation prompts: ``per_task`` per family, cycling a seeded shuffle of all forms."""
+    out = []
+    for t, task in enumerate(TASKS):
+        options = all_prompts(task)
+        order = np.random.default_rng([seed, t]).permutation(len(options))
+        out += [options[order[i % len(options)]].text() for i in range(per_task)]
+    return out
+
+
+# --- sampling a scene ----------------------------------------------------------------------------
+def _random_prompt(rng: np.random.Generator, task: str) -> Prompt:
+    options = all_prompts(task)
+    return options[int(rng.integers(len(options)))]
+
+
+def _relation_ok(a: np.ndarray, b: np.ndarray, relation: str) -> np.ndarray:
+    """Centre offsets (N, 2) of a and b satisfy "a <relation> b" as the world defines it."""
+    dx, dy = (b - a).T  # image y grows downwards
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx)}.get(
+        relation, (-dy, dx)
+    )
+    return (along >= MIN_OFFSET) & (np.abs(across) < MIN_OFFSET)
+
+
+def _layout(rng: np.random.Generator, sizes: list[int], relation: str | None) -> list | None:
+    """Place boxes one by one (64 vectorised candidates each); None if one does not fit."""
+    placed: list[tuple[int, int, int]] = []
+    for s in sizes:
+        xy = rng.integers(0, SIZE - s + 1, size=(64, 2))
+        ok = np.ones(len(xy), dtype=bool)
+        for px, py, ps in placed:  # bounding boxes at least MIN_GAP apart on some axis
+            apart_x = (xy[:, 0] + s + MIN_GAP <= px) | (px + ps + MIN_GAP <= xy[:, 0])
+            apart_y = (xy[:, 1] + s + MIN_GAP <= py) | (py + ps + MIN_GAP <= xy[:, 1])
+            ok &= apart_x | apart_y
+        if relation and placed:
+            px, py, ps = placed[0]
+            first = np.array([[px + ps / 2, py + ps / 2]])
+            ok &= _relation_ok(first, xy + s / 2, relation)
+        if not ok.any():
+            return None
+        x, y = xy[int(np.argmax(ok))]
+        placed.append((int(x), int(y), s))
+    return placed
+
+
+def _size_word(size: int) -> str | None:
+    return "small" if size <= SMALL[1] else "large" if size >= LARGE[0] else None
+
+
+def sample_scene(rng: np.random.Generator, prompt: Prompt) -> Scene:
+    """Objects satisfying ``prompt``: sizes 12-28, unnamed colours uniform, boxes apart."""
+    shapes, colours = [], []
+    for item in prompt.items:
+        for _ in range(item.count):
+            shapes.append(item.shape)
+            colours.append(item.colour or COLOURS[int(rng.integers(len(COLOURS)))])
+    max_size = MAX_SIZE
+    while True:  # crowded draws (four large objects) retry with smaller sizes
+        sizes = [int(v) for v in rng.integers(MIN_SIZE, max_size + 1, size=len(shapes))]
+        boxes = _layout(rng, sizes, prompt.relation)
+        if boxes is not None:
+            break
+        max_size = max(MIN_SIZE, max_size - 2)
+    objs = tuple(Obj(s, c, x, y, z) for s, c, (x, y, z) in zip(shapes, colours, boxes))
+    return Scene(prompt, objs)
+
+
+def render(scene: Scene) -> np.ndarray:
+    """Draw a scene: (64, 64, 3) uint8, 4x supersampled then box-filtered (anti-aliased)."""
+    k = SUPERSAMPLE
+    img = Image.new("RGB", (SIZE * k, SIZE * k), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.x * k, o.y * k, (o.x + o.size) * k - 1, (o.y + o.size) * k - 1
+        fill = PALETTE[o.colour]
+        if o.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif o.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        else:  # upright isosceles triangle filling its box: base at the bottom, apex up
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+    return np.asarray(img.reduce(k))
+
+
+# --- the dataset ---------------------------------------------------------------------------------
+def parse_mix(mix: str | Mapping[str, float] | None) -> dict[str, float]:
+    """Task weights from "single_object=2,counting=1" or a mapping; None = uniform over six."""
+    if mix is None or mix == "":
+        return {t: 1.0 for t in TASKS}
+    if isinstance(mix, str):
+        pairs = {}
+        for part in mix.split(","):
+            name, sep, value = part.partition("=")
+            try:
+                pairs[name.strip()] = float(value) if sep else 1.0
+            except ValueError:
+                raise LdmError(f"--mix: {part!r} is not task=weight") from None
+        mix = pairs
+    bad = [k for k in mix if k not in TASKS]
+    if bad:
+        raise LdmError(f"--mix: unknown task {bad[0]!r} (expected one of {', '.join(TASKS)})")
+    if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise LdmError("--mix: weights must be non-negative and not all zero")
+    return {t: float(mix.get(t, 0.0)) for t in TASKS}
+
+
+def generate(
+    seed: int, index: int, mix: Mapping[str, float] | None = None, size_words_prob: float = 0.0
+) -> tuple[np.ndarray, str, Scene]:
+    """Image (64, 64, 3) uint8, caption and scene for (seed, index); deterministic."""
+    rng = np.random.default_rng([seed, index])
+    weights = np.array(list(parse_mix(mix).values()))
+    task = TASKS[int(rng.choice(len(TASKS), p=weights / weights.sum()))]
+    scene = sample_scene(rng, _random_prompt(rng, task))
+    sizes: list[str | None] = []
+    for item in scene.prompt.items:  # a size word only when it is true of every object named
+        objs = [o for o in scene.objects if o.shape == item.shape]
+        words = {_size_word(o.size) for o in objs}
+        word = words.pop() if len(words) == 1 else None
+        sizes.append(word if rng.random() < size_words_prob else None)
+    return render(scene), scene.prompt.text(tuple(sizes)), scene
+
+
+def render_prompt(prompt: str | Prompt, seed: int = 0, index: int = 0) -> tuple[np.ndarray, Scene]:
+    """A ground-truth image for a given caption (the judge's calibration)."""
+    p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    scene = sample_scene(np.random.default_rng([seed, index, 1]), p)
+    return render(scene), scene
+
+
+class ShapesDataset:
+    """Endless, indexable shapes dataset: ``ds[i] -> (PIL image, caption)`` for (seed, i)."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        mix: str | Mapping[str, float] | None = None,  # task weights; None = uniform
+        size_words_prob: float = 0.0,  # chance that a true size word is added to a phrase
+        as_array: bool = False,  # items as (64, 64, 3) uint8 arrays instead of PIL images
+    ):
+        if not 0.0 <= size_words_prob <= 1.0:
+            raise LdmError(f"size_words_prob must be in [0, 1], got {size_words_prob}")
+        self.seed, self.mix, self.size_words_prob = seed, parse_mix(mix), size_words_prob
+        self.as_array = as_array
+
+    def sample(self, index: int) -> tuple[np.ndarray, str, Scene]:
+        return generate(self.seed, index, self.mix, self.size_words_prob)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image | np.ndarray, str]:
+        if index < 0:
+            raise IndexError("the shapes dataset is endless; indices are >= 0")
+        image, caption, _ = self.sample(index)
+        return (image if self.as_array else Image.fromarray(image)), caption
+
+    def __iter__(self) -> Iterator[tuple[Image.Image | np.ndarray, str]]:
+        return self.stream()
+
+    def stream(
+        self, start: int = 0, step: int = 1
+    ) -> Iterator[tuple[Image.Image | np.ndarray, str]]:
+        """Items start, start + step, ... forever (``step`` = number of workers shards it)."""
+        index = start
+        while True:
+            yield self[index]
+            index += step
+
+
+def export(
+    out_dir: str | Path,
+    n: int,
+    seed: int = 0,
+    mix: str | Mapping[str, float] | None = None,
+    size_words_prob: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write an image-caption folder: ``{i:06d}.png`` + ``metadata.jsonl``; returns its path."""
+    if n < 1:
+        raise LdmError(f"--n must be at least 1, got {n}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LdmError(f"{out}: exists and is not a directory")
+    ds = ShapesDataset(seed, mix, size_words_prob, as_array=True)
+    lines = []
+    for i in range(n):
+        image, caption = ds[i]
+        name = f"{i:06d}.png"
+        atomic_save(out / name, lambda p, im=image: Image.fromarray(im).save(p, format="PNG"))
+        lines.append(json.dumps({"file_name": name, "text": caption}))
+        if progress:
+            progress(i + 1, n)
+    atomic_write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
+    return out

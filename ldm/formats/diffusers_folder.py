@@ -1,0 +1,317 @@
+"""ldm's native checkpoint format: the diffusers folder (model_index.json + one folder per part).
+
+Layout (as diffusers' ``StableDiffusionPipeline.save_pretrained`` writes it): ``unet/`` and
+``vae/`` hold ``config.json`` + ``diffusion_pytorch_model.safetensors``, ``text_encoder/`` a
+transformers ``config.json`` + ``model.safetensors``, ``tokenizer/`` the CLIP BPE files and
+``scheduler/scheduler_config.json`` the noise schedule. The U-Net and VAE are built as ldm's own
+modules; every weight goes through :mod:`ldm.formats.safe_load`; saving writes a temp folder
+beside the target and renames it, so a half-written folder never appears under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.errors import CheckpointError, ConfigError
+from ldm.formats.safe_load import load_into, load_state_dict, save_state_dict
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_NAMES = {  # preference order: full-precision safetensors first, pickles last
+    "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                  "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "transformers": ("model.safetensors", "model.fp16.safetensors",
+                     "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}  # fmt: skip
+DEFAULT_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+@dataclass
+class ModelParts:
+    """A loaded latent diffusion model: ldm's U-Net and VAE, a transformers text encoder."""
+
+    unet: torch.nn.Module  # ldm.models.unet.UNet2DConditionModel
+    vae: torch.nn.Module  # ldm.models.autoencoder.AutoencoderKL
+    text_encoder: torch.nn.Module  # transformers.CLIPTextModel
+    tokenizer: Any  # transformers.CLIPTokenizer
+    scheduler_config: dict  # diffusers scheduler_config.json (betas, prediction_type, ...)
+    model_index: dict = field(default_factory=lambda: dict(DEFAULT_MODEL_INDEX))
+    path: Path | None = None  # where it was loaded from
+    name: str = ""  # a short display name (folder or file stem)
+    inferred: dict[str, str] = field(
+        default_factory=dict
+    )  # what was guessed, not read (single files)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"fp16"``/``"bf16"``/``"fp32"`` (or a torch dtype, or None) -> torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    config: str | os.PathLike | dict | None = None,
+    prediction_type: str | None = None,
+) -> ModelParts:
+    """Load a diffusers folder or an original single file (.safetensors / weights-only .ckpt)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_folder(path, device, dtype, prediction_type=prediction_type)
+    from ldm.formats.single_file import load_single_file
+
+    return load_single_file(path, device, dtype, config=config, prediction_type=prediction_type)
+
+
+def load_folder(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    prediction_type: str | None = None,
+) -> ModelParts:
+    """Load a diffusers Stable Diffusion folder into ldm's modules (weights via safe_load)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a diffusers folder (no such directory)")
+    index_path = path / "model_index.json"
+    model_index = read_json(index_path) if index_path.exists() else dict(DEFAULT_MODEL_INDEX)
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = normalize_prediction_type(prediction_type)
+    unet = build_unet(read_json(path / "unet" / "config.json"), path / "unet")
+    load_into(unet, load_part(path / "unet", "diffusers"), str(path / "unet"))
+    vae = build_vae(read_json(path / "vae" / "config.json"), path / "vae")
+    load_into(vae, fix_vae_keys(load_part(path / "vae", "diffusers")), str(path / "vae"))
+    text_encoder = load_text_encoder(path / "text_encoder")
+    tokenizer = load_tokenizer(path / "tokenizer")
+    dtype = resolve_dtype(dtype)
+    for module in (unet, vae, text_encoder):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return ModelParts(
+        unet, vae, text_encoder, tokenizer, scheduler_config, model_index, path, path.name
+    )
+
+
+def load_part(folder: Path, kind: str) -> dict[str, torch.Tensor]:
+    """The state dict of one component folder: first weight file found, or a sharded index."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: missing component folder")
+    for name in WEIGHT_NAMES[kind]:
+        if (folder / name).is_file():
+            return load_state_dict(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map", {})
+            state_dict = {}
+            for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard:
+                    raise CheckpointError(f"{index}: shard name {shard!r} leaves the folder")
+                state_dict.update(load_state_dict(folder / shard))
+            return state_dict
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_NAMES[kind])})")
+
+
+def build_unet(config: dict, where: Path | str = "unet") -> torch.nn.Module:
+    from ldm.models.unet import UNet2DConditionModel, UNetConfig
+
+    try:
+        return UNet2DConditionModel(UNetConfig.from_diffusers(config))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # an inconsistent architecture
+        raise ConfigError(f"{where}: invalid config ({str(e).splitlines()[0]})") from None
+
+
+def build_vae(config: dict, where: Path | str = "vae") -> torch.nn.Module:
+    from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    try:
+        return AutoencoderKL(AutoencoderConfig.from_diffusers(config))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # an inconsistent architecture
+        raise ConfigError(f"{where}: invalid config ({str(e).splitlines()[0]})") from None
+
+
+def fix_vae_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Old diffusers VAE attention names (query/key/value/proj_attn) -> current (to_q/...)."""
+    renames = {
+        ".query.": ".to_q.",
+        ".key.": ".to_k.",
+        ".value.": ".to_v.",
+        ".proj_attn.": ".to_out.0.",
+    }
+    out = {}
+    for name, t in state_dict.items():
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        out[name] = t
+    return out
+
+
+def build_text_encoder(config: dict) -> torch.nn.Module:
+    """A randomly initialised ``transformers.CLIPTextModel`` from a config dict."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        return CLIPTextModel(CLIPTextConfig(**config))
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ConfigError(f"text encoder: invalid config ({str(e).splitlines()[0]})") from None
+
+
+def fit_clip_keys(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict:
+    """Match ``text_model.``-prefixed keys to the model's naming (transformers >= 5 drops it)."""
+    wants_prefix = any(k.startswith("text_model.") for k in model.state_dict())
+    out = {}
+    for name, t in state_dict.items():
+        if name.endswith("position_ids"):
+            continue  # a buffer older transformers versions saved; recomputed, never learned
+        bare = name.removeprefix("text_model.")
+        out[f"text_model.{bare}" if wants_prefix and bare != "text_projection.weight" else bare] = t
+    return out
+
+
+def load_text_encoder(folder: Path) -> torch.nn.Module:
+    config = read_json(folder / "config.json")
+    archs = config.get("architectures") or ["CLIPTextModel"]
+    if archs[0] != "CLIPTextModel":
+        raise CheckpointError(f"{folder}: text encoder {archs[0]} is not supported (CLIPTextModel)")
+    keep = {k: v for k, v in config.items() if not k.startswith("_")}
+    model = build_text_encoder(keep)
+    load_into(model, fit_clip_keys(load_part(folder, "transformers"), model), str(folder))
+    return model
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    has_fast = (folder / "tokenizer.json").is_file()
+    if not has_fast and not all((folder / n).is_file() for n in ("vocab.json", "merges.txt")):
+        raise CheckpointError(
+            f"{folder}: missing tokenizer (tokenizer.json or vocab.json+merges.txt)"
+        )
+    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def normalize_prediction_type(value: str) -> str:
+    """``eps``/``epsilon``, ``v``/``v_prediction``, ``sample`` -> the diffusers spelling."""
+    names = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction",
+             "v_prediction": "v_prediction", "sample": "sample", "x0": "sample"}  # fmt: skip
+    if value not in names:
+        raise ConfigError(f"prediction type {value!r} is not one of eps, v, sample")
+    return names[value]
+
+
+def cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict:
+    """Floating tensors to ``dtype`` (None keeps them); integer buffers are never cast."""
+    if dtype is None:
+        return dict(state_dict)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def save_folder(
+    parts: ModelParts,
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``parts`` as a diffusers folder (safetensors), atomically: temp folder + rename."""
+    path = Path(path)
+    dtype = resolve_dtype(dtype)
+    if path.exists() and not (overwrite and path.is_dir()):
+        raise CheckpointError(f"{path}: already exists (choose a new destination)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        _write_folder(parts, tmp, dtype)
+        if path.exists():  # overwrite: move the old folder aside only once the new one is whole
+            old = tmp.with_suffix(".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> None:
+    import diffusers
+
+    version = diffusers.__version__
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    for name, module, class_name in (
+        ("unet", parts.unet, "UNet2DConditionModel"),
+        ("vae", parts.vae, "AutoencoderKL"),
+    ):
+        config = {"_class_name": class_name, "_diffusers_version": version}
+        config.update(module.config.to_diffusers())
+        _write_json(root / name / "config.json", config)
+        weights = cast(module.state_dict(), dtype)
+        save_state_dict(weights, root / name / "diffusion_pytorch_model.safetensors", meta)
+    # the classic ``text_model.``-prefixed keys: what every transformers version loads
+    text_state = cast(parts.text_encoder.state_dict(), dtype)
+    text_state = {"text_model." + k.removeprefix("text_model."): v for k, v in text_state.items()}
+    text_config = parts.text_encoder.config.to_dict()
+    text_config["architectures"] = ["CLIPTextModel"]
+    text_config["dtype"] = str(dtype or parts.text_encoder.dtype).removeprefix("torch.")
+    _write_json(root / "text_encoder" / "config.json", text_config)
+    save_state_dict(text_state, root / "text_encoder" / "model.safetensors", meta)
+    parts.tokenizer.save_pretrained(str(root / "tokenizer"))
+    scheduler = dict(parts.scheduler_config)
+    scheduler.setdefault("_class_name", _scheduler_class(parts))
+    scheduler["_diffusers_version"] = version
+    _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
+    index = {**DEFAULT_MODEL_INDEX, **parts.model_index, "_diffusers_version": version}
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    _write_json(root / "model_index.json", index)
+
+
+def _scheduler_class(parts: ModelParts) -> str:
+    entry = parts.model_index.get("scheduler")
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 else "PNDMScheduler"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

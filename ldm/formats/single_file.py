@@ -1,0 +1,487 @@
+"""Original single-file checkpoints (CompVis / A1111 / ComfyUI) <-> ldm's diffusers-named parts.
+
+One file holds every part under a prefix: ``model.diffusion_model.`` (U-Net, CompVis
+``openaimodel.UNetModel`` names), ``first_stage_model.`` (KL autoencoder), and
+``cond_stage_model.transformer.`` (OpenAI CLIP, SD 1.x) or ``cond_stage_model.model.`` (OpenCLIP,
+SD 2.x). Both directions use one table of (diffusers prefix, original prefix) pairs built from
+the architecture, so load and export cannot drift apart; tests check the table against diffusers'
+own converters. What the keys cannot tell (head counts, v-prediction, image size) comes from the
+real SD 1.5 / SD 2.1 configs or an explicit ``config=`` / ``prediction_type=``, and every guess is
+recorded in ``ModelParts.inferred``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ldm.errors import CheckpointError, ConfigError
+from ldm.formats.diffusers_folder import (
+    ModelParts,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    cast,
+    fit_clip_keys,
+    load_into,
+    normalize_prediction_type,
+    read_json,
+    resolve_dtype,
+)
+from ldm.formats.safe_load import load_state_dict, read_safetensors_header, save_state_dict
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
+                 set_alpha_to_one=False, clip_sample=False, trained_betas=None)  # fmt: skip
+FAMILIES = {  # what the keys cannot say: the real SD 1.5 and SD 2.1 (768, v) configs
+    "sd1": dict(
+        unet=dict(attention_head_dim=8, upcast_attention=False, sample_size=64),
+        vae=dict(sample_size=512),
+        text=dict(hidden_act="quick_gelu", projection_dim=768),
+        scheduler=dict(SCHEDULER, _class_name="PNDMScheduler", prediction_type="epsilon"),
+    ),
+    "sd2": dict(
+        unet=dict(upcast_attention=True, sample_size=96),  # heads: one per 64 channels
+        vae=dict(sample_size=768),
+        text=dict(hidden_act="gelu", projection_dim=512),
+        scheduler=dict(SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction"),
+    ),
+}
+RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+          ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"),
+          ("conv_shortcut", "skip_connection")]  # fmt: skip
+VAE_RESNET = [("conv_shortcut", "nin_shortcut")]
+VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+            ("to_out.0", "proj_out")]  # fmt: skip
+CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+              ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
+              ("mlp.fc2", "mlp.c_proj")]  # fmt: skip
+
+
+# ---------------------------------------------------------------- key tables and remapping
+
+
+def _levels(config: dict) -> tuple[int, list[int], list[bool]]:
+    n = len(config["block_out_channels"])
+    lpb = config["layers_per_block"]
+    lpb = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
+    cross = [t.startswith("CrossAttn") for t in config["down_block_types"]]
+    return n, lpb, cross
+
+
+def unet_pairs(config: dict) -> list[tuple[str, str, list]]:
+    """(diffusers prefix, original prefix, inner renames) for every U-Net module."""
+    n, lpb, cross = _levels(config)
+    pairs = [("time_embedding.linear_1", "time_embed.0", []),
+             ("time_embedding.linear_2", "time_embed.2", []), ("conv_in", "input_blocks.0.0", []),
+             ("conv_norm_out", "out.0", []), ("conv_out", "out.2", []),
+             ("mid_block.resnets.0", "middle_block.0", RESNET),
+             ("mid_block.attentions.0", "middle_block.1", []),
+             ("mid_block.resnets.1", "middle_block.2", RESNET)]  # fmt: skip
+    idx = 1  # input_blocks: one entry per resnet (+ its attention) and per downsampler
+    for i in range(n):
+        for j in range(lpb[i]):
+            pairs.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{idx}.0", RESNET))
+            if cross[i]:
+                pairs.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{idx}.1", []))
+            idx += 1
+        if i < n - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{idx}.0.op", []))
+            idx += 1
+    idx = 0  # output_blocks: [resnet, attention?, upsampler?] per entry, deepest level first
+    for i in range(n):
+        level = n - 1 - i
+        for j in range(lpb[level] + 1):
+            pairs.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{idx}.0", RESNET))
+            if cross[level]:
+                pairs.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{idx}.1", []))
+            if j == lpb[level] and i < n - 1:
+                up = f"output_blocks.{idx}.{2 if cross[level] else 1}.conv"
+                pairs.append((f"up_blocks.{i}.upsamplers.0.conv", up, []))
+            idx += 1
+    return pairs
+
+
+def vae_pairs(config: dict) -> list[tuple[str, str, list]]:
+    """(diffusers prefix, original prefix, inner renames) for every autoencoder module."""
+    n = len(config["block_out_channels"])
+    ends = (("conv_in", "conv_in"), ("conv_out", "conv_out"), ("conv_norm_out", "norm_out"))
+    pairs = [(f"{p}.{a}", f"{p}.{b}", []) for p in ("encoder", "decoder") for a, b in ends]
+    pairs += [("quant_conv", "quant_conv", []), ("post_quant_conv", "post_quant_conv", [])]
+    for p in ("encoder", "decoder"):
+        pairs += [(f"{p}.mid_block.resnets.0", f"{p}.mid.block_1", VAE_RESNET),
+                  (f"{p}.mid_block.resnets.1", f"{p}.mid.block_2", VAE_RESNET),
+                  (f"{p}.mid_block.attentions.0", f"{p}.mid.attn_1", VAE_ATTN)]  # fmt: skip
+    for i in range(n):
+        pairs.append((f"encoder.down_blocks.{i}.resnets", f"encoder.down.{i}.block", VAE_RESNET))
+        pairs.append(
+            (f"encoder.down_blocks.{i}.downsamplers.0", f"encoder.down.{i}.downsample", [])
+        )
+        # the original decoder numbers its levels from the highest resolution, diffusers reverses
+        up = f"decoder.up.{n - 1 - i}"
+        pairs.append((f"decoder.up_blocks.{i}.resnets", f"{up}.block", VAE_RESNET))
+        pairs.append((f"decoder.up_blocks.{i}.upsamplers.0", f"{up}.upsample", []))
+    return pairs
+
+
+def remap(state_dict: dict, pairs: list, to_original: bool, what: str) -> dict:
+    """Rename keys through the prefix table (longest prefix wins); unknown keys are errors."""
+    src, dst = (0, 1) if to_original else (1, 0)
+    table = {p[src]: (p[dst], [(r[src], r[dst]) for r in p[2]]) for p in pairs}
+    out = {}
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            head = ".".join(parts[:cut])
+            if head in table:
+                new_head, inner = table[head]
+                rest = ".".join(parts[cut:])
+                for old, new in inner:  # e.g. resnets: norm1 <-> in_layers.0
+                    if rest.startswith(old + "."):
+                        rest = new + rest[len(old) :]
+                        break
+                out[f"{new_head}.{rest}"] = tensor
+                break
+        else:
+            raise CheckpointError(f"{what}: weight {key!r} has no counterpart in the other layout")
+    return out
+
+
+def _vae_attn_shapes(state_dict: dict, to_original: bool) -> dict:
+    """The original mid-block attention uses 1x1 convs for q/k/v/proj_out; diffusers, linears."""
+    pattern = re.compile(r"(en|de)coder\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+    out = {}
+    for key, t in state_dict.items():
+        if pattern.search(key):
+            t = t[:, :, None, None] if to_original and t.ndim == 2 else t
+            t = t.flatten(1) if not to_original and t.ndim == 4 else t
+        out[key] = t
+    return out
+
+
+def clip_to_original(text_state: dict) -> dict:
+    """CLIPTextModel -> ``cond_stage_model.transformer.text_model.*`` (A1111/CompVis SD 1.x)."""
+    return {CLIP + "text_model." + k.removeprefix("text_model."): v for k, v in text_state.items()}
+
+
+def openclip_to_original(text_state: dict) -> dict:
+    """CLIPTextModel (gelu) -> OpenCLIP text tower ``cond_stage_model.model.*`` (SD 2.x)."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_state.items()}
+    out = {
+        OPENCLIP + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+        OPENCLIP + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+        OPENCLIP + "ln_final.weight": sd.pop("final_layer_norm.weight"),
+        OPENCLIP + "ln_final.bias": sd.pop("final_layer_norm.bias"),
+    }
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"{OPENCLIP}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):  # q, k, v stacked into one in_proj (nn.MultiheadAttention)
+            qkv = [sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
+        for key in [k for k in sd if k.startswith(src)]:
+            rest = key[len(src) :]
+            for new, old in CLIP_LAYER:
+                rest = rest.replace(new + ".", old + ".") if rest.startswith(new + ".") else rest
+            out[dst + rest] = sd.pop(key)
+    if sd:
+        raise CheckpointError(f"text encoder: weights with no OpenCLIP counterpart: {list(sd)[:3]}")
+    return out
+
+
+def openclip_from_original(state_dict: dict, num_layers: int) -> dict:
+    """OpenCLIP text tower -> CLIPTextModel names, keeping the first ``num_layers`` blocks."""
+    sd = {k[len(OPENCLIP) :]: v for k, v in state_dict.items() if k.startswith(OPENCLIP)}
+    out = {
+        "embeddings.token_embedding.weight": sd["token_embedding.weight"],
+        "embeddings.position_embedding.weight": sd["positional_embedding"],
+        "final_layer_norm.weight": sd["ln_final.weight"],
+        "final_layer_norm.bias": sd["ln_final.bias"],
+    }
+    for key, t in sd.items():
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", key)
+        if not m or int(m.group(1)) >= num_layers:
+            continue
+        dst, rest = f"encoder.layers.{m.group(1)}.", m.group(2)
+        if rest.startswith("attn.in_proj_"):
+            kind = rest.removeprefix("attn.in_proj_")
+            for p, chunk in zip("qkv", t.chunk(3)):
+                out[f"{dst}self_attn.{p}_proj.{kind}"] = chunk
+            continue
+        for new, old in CLIP_LAYER:
+            rest = rest.replace(old + ".", new + ".") if rest.startswith(old + ".") else rest
+        out[dst + rest] = t
+    return out
+
+
+# ---------------------------------------------------------------- what the keys tell
+
+
+def detect_family(state_dict: dict, source: str = "checkpoint") -> str:
+    """``"sd1"`` (OpenAI CLIP text encoder) or ``"sd2"`` (OpenCLIP); anything else is an error."""
+    if any(k.startswith("conditioner.embedders.") for k in state_dict):
+        raise CheckpointError(f"{source}: an SDXL checkpoint; ldm loads SD 1.x and 2.x files only")
+    if not any(k.startswith(UNET) for k in state_dict):
+        raise CheckpointError(f"{source}: no U-Net weights ({UNET}*): not a Stable Diffusion file")
+    if any(k.startswith(OPENCLIP) for k in state_dict):
+        return "sd2"
+    if any(k.startswith(CLIP) for k in state_dict):
+        return "sd1"
+    raise CheckpointError(f"{source}: no text encoder weights (cond_stage_model.*)")
+
+
+def _sub(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _count(keys, pattern: str) -> int:
+    found = {m.group(1) for k in keys if (m := re.match(pattern, k))}
+    return len(found)
+
+
+def infer_unet_config(unet: dict, family: str) -> tuple[dict, dict]:
+    """A diffusers U-Net config read from original-key shapes, plus notes on what was assumed."""
+    if any(k.startswith("label_emb") for k in unet):
+        raise CheckpointError("U-Net has class/added conditioning (label_emb): not supported")
+    channels, lpb, cross, depth, idx = [], [], [], [], 1
+    while True:  # one level: consecutive resnet entries, then a downsampler unless the last
+        start = idx
+        while f"input_blocks.{idx}.0.in_layers.0.weight" in unet:
+            idx += 1
+        if idx == start:
+            raise KeyError(f"input_blocks.{idx}.0.in_layers.0.weight")
+        channels.append(unet[f"input_blocks.{start}.0.out_layers.3.weight"].shape[0])
+        lpb.append(idx - start)
+        cross.append(f"input_blocks.{start}.1.proj_in.weight" in unet)
+        depth.append(max(1, _count(unet, rf"input_blocks\.{start}\.1\.transformer_blocks\.(\d+)")))
+        if f"input_blocks.{idx}.0.op.weight" not in unet:
+            break
+        idx += 1
+    proj = next(k for k in unet if k.endswith("proj_in.weight"))
+    to_k = next(k for k in unet if k.endswith("attn2.to_k.weight"))
+    config = dict(
+        in_channels=unet["input_blocks.0.0.weight"].shape[1],
+        out_channels=unet["out.2.weight"].shape[0],
+        block_out_channels=channels,
+        layers_per_block=lpb[0] if len(set(lpb)) == 1 else lpb,
+        down_block_types=["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross],
+        up_block_types=["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)],
+        cross_attention_dim=unet[to_k].shape[1],
+        use_linear_projection=unet[proj].ndim == 2,
+        transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else depth,
+        **FAMILIES[family]["unet"],
+    )
+    notes = {
+        f"unet.{k}": f"{config[k]} ({family} default)" for k in ("sample_size", "upcast_attention")
+    }
+    if family == "sd2":
+        config["attention_head_dim"] = [max(1, c // 64) for c in channels]
+        notes["unet.attention_head_dim"] = "one head per 64 channels (SD 2.x)"
+    else:
+        notes["unet.attention_head_dim"] = "8 heads (SD 1.x)"
+    return config, notes
+
+
+def _check_guesses(unet: dict, vae: dict, text: dict, source: str) -> None:
+    """Heads and norm groups are not in the weights: a guess that does not fit needs a config."""
+    heads, channels = unet["attention_head_dim"], unet["block_out_channels"]
+    heads = heads if isinstance(heads, (list, tuple)) else [heads] * len(channels)
+    checks = [("attention heads", h, ch) for ch, h in zip(channels, heads)]
+    checks += [("norm groups", unet.get("norm_num_groups", 32), ch) for ch in channels]
+    vae_groups = vae.get("norm_num_groups", 32)
+    checks += [("norm groups", vae_groups, ch) for ch in vae["block_out_channels"]]
+    checks += [("text encoder heads", text["num_attention_heads"], text["hidden_size"])]
+    for what, n, width in checks:
+        if n < 1 or width % n:
+            raise ConfigError(
+                f"{source}: cannot infer the {what} of a {width}-channel layer ({n} does not "
+                "divide it); pass a config (--config FOLDER_OR_YAML)"
+            )
+
+
+def infer_vae_config(vae: dict, family: str) -> dict:
+    n = _count(vae, r"encoder\.down\.(\d+)\.")
+    return dict(
+        in_channels=vae["encoder.conv_in.weight"].shape[1],
+        out_channels=vae["decoder.conv_out.weight"].shape[0],
+        block_out_channels=[
+            vae[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n)
+        ],
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        layers_per_block=_count(vae, r"encoder\.down\.0\.block\.(\d+)\."),
+        latent_channels=vae["decoder.conv_in.weight"].shape[1],
+        **FAMILIES[family]["vae"],
+    )
+
+
+def infer_text_config(text: dict, family: str, num_layers: int) -> dict:
+    """A CLIPTextConfig dict for CLIP-L (SD 1.x) or OpenCLIP-H (SD 2.x) from shapes."""
+    vocab, hidden = text["embeddings.token_embedding.weight"].shape
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=text["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=num_layers,
+        num_attention_heads=max(1, hidden // 64),  # both CLIPs use 64-channel heads
+        max_position_embeddings=text["embeddings.position_embedding.weight"].shape[0],
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+        **FAMILIES[family]["text"],
+    )
+
+
+def read_config_override(config: str | os.PathLike | dict | None) -> dict[str, dict]:
+    """Component configs given by the user: a dict, a diffusers folder, or a model YAML."""
+    parts = ("unet", "vae", "text_encoder", "scheduler")
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        unknown = set(config) - set(parts)
+        if unknown:
+            raise ConfigError(f"config: unknown part {sorted(unknown)[0]!r} (expected {parts})")
+        return config
+    path = Path(config)
+    if path.is_dir():
+        files = ("unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "scheduler/scheduler_config.json")  # fmt: skip
+        found = {p: read_json(path / f) for p, f in zip(parts, files) if (path / f).is_file()}
+        if not found:
+            raise ConfigError(f"{path}: no component configs (unet/config.json, vae/config.json)")
+        return found
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        from ldm.models.build import load_model_config
+
+        model_config = load_model_config(path)
+        return {p: getattr(model_config, p) for p in parts if getattr(model_config, p)}
+    raise ConfigError(f"{path}: --config must be a diffusers folder or a model .yaml file")
+
+
+def _merge(base: dict, given: dict | None) -> dict:
+    return {**base, **{k: v for k, v in (given or {}).items() if not k.startswith("_")}}
+
+
+def load_single_file(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    config: str | os.PathLike | dict | None = None,
+    prediction_type: str | None = None,
+) -> ModelParts:
+    """Load an original SD 1.x / 2.x single file into ldm's modules; guesses go to ``inferred``."""
+    from ldm.text.tokenizer import build_clip_tokenizer
+
+    path = Path(path)
+    source = str(path)
+    state_dict = load_state_dict(path)
+    family = detect_family(state_dict, source)
+    inferred = {"family": f"{family} ({'OpenCLIP' if family == 'sd2' else 'CLIP'} text keys)"}
+    unet_sd = _sub(state_dict, UNET)
+    vae_sd = {k: v for k, v in _sub(state_dict, VAE).items() if not k.startswith("loss.")}
+    try:
+        if family == "sd1":
+            text_sd = {k.removeprefix("text_model."): v for k, v in _sub(state_dict, CLIP).items()}
+            num_layers = _count(text_sd, r"encoder\.layers\.(\d+)\.")
+        else:
+            blocks = _count(_sub(state_dict, OPENCLIP), r"transformer\.resblocks\.(\d+)\.")
+            # a full OpenCLIP dump (with text_projection) has one block SD 2.x never runs
+            num_layers = blocks - 1 if OPENCLIP + "text_projection" in state_dict else blocks
+            inferred["text_encoder.num_hidden_layers"] = f"{num_layers} of {blocks} blocks"
+            text_sd = openclip_from_original(state_dict, num_layers)
+        unet_config, notes = infer_unet_config(unet_sd, family)
+        vae_config = infer_vae_config(vae_sd, family)
+        text_config = infer_text_config(text_sd, family, num_layers)
+    except (KeyError, StopIteration) as e:
+        raise CheckpointError(f"{source}: incomplete {family} checkpoint (no {e})") from None
+    inferred.update(notes)
+    inferred["text_encoder.num_attention_heads"] = "one head per 64 channels (CLIP)"
+    scheduler = dict(FAMILIES[family]["scheduler"])
+    inferred["prediction_type"] = f"{scheduler['prediction_type']} ({family} default)"
+    meta = (
+        read_safetensors_header(path).get("__metadata__", {})
+        if path.suffix == ".safetensors"
+        else {}
+    )
+    if "ldm.prediction_type" in meta:  # written by save_single_file
+        scheduler["prediction_type"] = normalize_prediction_type(meta["ldm.prediction_type"])
+        inferred["prediction_type"] = f"{scheduler['prediction_type']} (file metadata)"
+
+    given = read_config_override(config)
+    unet_config = _merge(unet_config, given.get("unet"))
+    vae_config = _merge(vae_config, given.get("vae"))
+    text_config = _merge(text_config, given.get("text_encoder"))
+    scheduler = {**scheduler, **given.get("scheduler", {})}
+    for part in given:  # what the user gave replaces the guesses about that part
+        inferred = {k: v for k, v in inferred.items() if not k.startswith(f"{part}.")}
+        inferred[part] = f"from config {config if not isinstance(config, dict) else '(dict)'}"
+    if "prediction_type" in given.get("scheduler", {}):
+        inferred["prediction_type"] = f"{scheduler['prediction_type']} (from config)"
+    if prediction_type is not None:
+        scheduler["prediction_type"] = normalize_prediction_type(prediction_type)
+        inferred["prediction_type"] = f"{scheduler['prediction_type']} (given)"
+
+    _check_guesses(unet_config, vae_config, text_config, source)
+    unet = build_unet(unet_config, f"{source} (unet)")
+    load_into(unet, remap(unet_sd, unet_pairs(unet_config), False, source), f"{source} (unet)")
+    vae = build_vae(vae_config, f"{source} (vae)")
+    vae_state = remap(_vae_attn_shapes(vae_sd, False), vae_pairs(vae_config), False, source)
+    load_into(vae, vae_state, f"{source} (vae)")
+    text_encoder = build_text_encoder(text_config)
+    text_sd = {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
+    load_into(text_encoder, fit_clip_keys(text_sd, text_encoder), f"{source} (text encoder)")
+    tokenizer = build_clip_tokenizer(model_max_length=text_config["max_position_embeddings"])
+    if family == "sd2":
+        tokenizer.pad_token = "!"  # OpenCLIP pads with token 0, as diffusers' SD 2 tokenizer does
+    dtype = resolve_dtype(dtype)
+    for module in (unet, vae, text_encoder):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model_index = {"scheduler": ["diffusers", scheduler["_class_name"]]}
+    return ModelParts(
+        unet, vae, text_encoder, tokenizer, scheduler, model_index, path, path.stem, inferred
+    )
+
+
+def to_original_state_dict(parts: ModelParts, family: str | None = None) -> dict:
+    """ldm's parts -> one original-keyed state dict (U-Net, VAE, CLIP or OpenCLIP)."""
+    unet = remap(
+        parts.unet.state_dict(), unet_pairs(parts.unet.config.to_diffusers()), True, "unet"
+    )
+    vae = remap(parts.vae.state_dict(), vae_pairs(parts.vae.config.to_diffusers()), True, "vae")
+    out = {UNET + k: v for k, v in unet.items()}
+    out.update({VAE + k: v for k, v in _vae_attn_shapes(vae, True).items()})
+    family = family or text_family(parts.text_encoder)
+    text = parts.text_encoder.state_dict()
+    out.update(openclip_to_original(text) if family == "sd2" else clip_to_original(text))
+    return out
+
+
+def text_family(text_encoder: torch.nn.Module) -> str:
+    """OpenCLIP (SD 2.x) uses exact GELU; OpenAI's CLIP-L (SD 1.x) uses quick_gelu."""
+    return "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+
+
+def save_single_file(
+    parts: ModelParts,
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    family: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export ``parts`` as one original-keyed ``.safetensors`` file (A1111/ComfyUI), atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{path}: single files are written as .safetensors")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists (choose a new destination)")
+    family = family or text_family(parts.text_encoder)
+    state_dict = cast(to_original_state_dict(parts, family), resolve_dtype(dtype))
+    meta = {"format": "pt", "ldm.family": family, "ldm.prediction_type": parts.prediction_type}
+    save_state_dict(state_dict, path, meta)
+    return path

@@ -1,0 +1,253 @@
+"""A1111 "infotext": the ``parameters`` text of a PNG, and ldm's JSON record beside it.
+
+Format (AUTOMATIC1111 stable-diffusion-webui, ``modules/processing.py`` writes it and
+``modules/infotext_utils.py: parse_generation_parameters`` reads it)::
+
+    <prompt, possibly several lines>
+    Negative prompt: <negative prompt, possibly several lines>
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x512
+
+The last line is ``Key: value`` pairs separated by ", "; a value containing ``,`` ``:`` or a newline
+is written as a JSON string. A1111 omits ``Clip skip`` when it is 1 and ``RNG`` when it is "GPU".
+
+Our params dict uses ldm's names: prompt, negative_prompt, steps, sampler, schedule (ldm sampler and
+schedule names), guidance_scale, seed, width, height, model_hash, model, denoising_strength, eta,
+guidance_rescale, clip_skip, rng, version, and ``extra`` ({A1111 label: text} for anything else).
+Keys with no place in the line (dtype, device, ...) are ignored here; they live in the JSON record.
+
+Limits of the format, shared with A1111: a prompt line that starts with "Negative prompt:" cannot be
+told from the negative prompt, and A1111 (not ldm) strips whitespace around each prompt line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from ldm import __version__
+from ldm.errors import LdmError
+from ldm.io import atomic_save
+
+# ldm sampler name -> A1111 display name (A1111 >= 1.9 keeps the schedule in "Schedule type")
+SAMPLER_TO_A1111 = {
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "unipc": "UniPC",
+}
+SCHEDULE_TO_A1111 = {
+    "default": "Automatic",  # the sampler's own spacing, as A1111's "Automatic"
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "beta": "Beta",
+}
+SAMPLER_FROM_A1111 = {v.lower(): k for k, v in SAMPLER_TO_A1111.items()}
+SCHEDULE_FROM_A1111 = {v.lower(): k for k, v in SCHEDULE_TO_A1111.items()}
+SCHEDULE_FROM_A1111.update({"uniform": "default", "normal": "default"})
+
+# (ldm key, A1111 label, parser) in the order A1111 writes them; Sampler and Size are special.
+_FIELDS = [
+    ("steps", "Steps", int),
+    ("guidance_scale", "CFG scale", float),
+    ("seed", "Seed", int),
+    ("model_hash", "Model hash", str),
+    ("model", "Model", str),
+    ("denoising_strength", "Denoising strength", float),
+    ("eta", "Eta", float),
+    ("guidance_rescale", "Guidance rescale", float),
+    ("clip_skip", "Clip skip", int),
+    ("rng", "RNG", str),
+]
+_LABEL_TO_FIELD = {label: (key, parse) for key, label, parse in _FIELDS}
+_REQUIRED = ("prompt", "steps", "sampler", "guidance_scale", "seed", "width", "height")
+_NEGATIVE = "Negative prompt:"
+
+# A "Key: value" pair of the last line: a JSON string, or anything up to the next comma.
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_RE_LABEL = re.compile(r"\w[\w \-/]+")
+_RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def a1111_sampler_names(sampler: str, schedule: str = "default") -> tuple[str, str]:
+    """ldm (sampler, schedule) -> A1111 ("Sampler", "Schedule type") display names."""
+    try:
+        return SAMPLER_TO_A1111[sampler], SCHEDULE_TO_A1111[schedule]
+    except KeyError as e:
+        raise LdmError(f"no A1111 name for sampler/schedule {e.args[0]!r}") from None
+
+
+def ldm_sampler_names(sampler: str, schedule_type: str | None = None) -> tuple[str, str]:
+    """A1111 ("Sampler", "Schedule type") -> ldm (sampler, schedule); names unknown to ldm are kept.
+
+    Old infotexts (A1111 < 1.9) fold the schedule into the sampler: "DPM++ 2M Karras".
+    """
+    name = sampler.strip()
+    if schedule_type is None:
+        for display, schedule in (("Karras", "karras"), ("Exponential", "exponential")):
+            if name.endswith(" " + display) and name[: -len(display) - 1].lower() in (
+                SAMPLER_FROM_A1111
+            ):
+                return SAMPLER_FROM_A1111[name[: -len(display) - 1].lower()], schedule
+        schedule_type = "Automatic"
+    ldm_sampler = SAMPLER_FROM_A1111.get(name.lower(), name)
+    return ldm_sampler, SCHEDULE_FROM_A1111.get(schedule_type.strip().lower(), schedule_type)
+
+
+def _number(x) -> str:
+    """7.0 -> "7", 7.5 -> "7.5": the shortest text that reads back as the same float."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def quote(value) -> str:
+    """A value as A1111 writes it: JSON-quoted when a plain reading would change it."""
+    text = str(value)
+    plain = (
+        text != ""  # A1111 fails on an empty plain value and drops the key
+        and not any(c in text for c in ",:\n\r")
+        and not text.startswith('"')
+        and text == text.strip()
+    )
+    return text if plain else json.dumps(text, ensure_ascii=False)
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value.strip()
+
+
+def format_infotext(params: dict) -> str:
+    """The A1111 ``parameters`` text for one image (see the module docstring for the keys)."""
+    missing = [k for k in _REQUIRED if params.get(k) is None]
+    if missing:
+        raise ValueError(f"infotext parameters missing {', '.join(missing)}")
+    sampler, schedule = a1111_sampler_names(params["sampler"], params.get("schedule", "default"))
+    pairs = {"Steps": str(int(params["steps"])), "Sampler": sampler, "Schedule type": schedule}
+    pairs["CFG scale"] = _number(params["guidance_scale"])
+    pairs["Seed"] = str(int(params["seed"]))
+    pairs["Size"] = f"{int(params['width'])}x{int(params['height'])}"
+    for key, label, parse in _FIELDS[3:]:
+        value = params.get(key)
+        if value is None or (key == "clip_skip" and int(value) <= 1):
+            continue  # A1111 leaves out Clip skip 1, its default
+        pairs[label] = _number(value) if parse is float else str(value)
+    for label, value in (params.get("extra") or {}).items():
+        if not _RE_LABEL.fullmatch(label) or label in pairs or label == "Version":
+            raise ValueError(f"infotext extra key {label!r} is not a valid or free A1111 label")
+        pairs[label] = str(value)
+    pairs["Version"] = params.get("version") or f"ldm {__version__}"
+    line = ", ".join(f"{label}: {quote(value)}" for label, value in pairs.items())
+
+    prompt, negative = params["prompt"], params.get("negative_prompt") or ""
+    head = prompt
+    if negative:
+        head += ("\n" if prompt else "") + f"{_NEGATIVE} {negative}"
+    return f"{head}\n{line}" if head else line
+
+
+def _parse_param_line(line: str) -> dict:
+    out: dict = {}
+    extra: dict = {}
+    schedule_type = None
+    for label, raw in _RE_PARAM.findall(line):
+        value = _unquote(raw)
+        try:
+            if label == "Sampler":
+                out["sampler"] = value
+            elif label == "Schedule type":
+                schedule_type = value
+            elif label == "Size" and _RE_SIZE.match(value):
+                out["width"], out["height"] = (int(v) for v in _RE_SIZE.match(value).groups())
+            elif label == "Version":
+                out["version"] = value
+            elif label in _LABEL_TO_FIELD:
+                key, parse = _LABEL_TO_FIELD[label]
+                out[key] = parse(value)
+            else:
+                extra[label] = value
+        except ValueError:
+            raise LdmError(f"infotext: {label} {value!r} is not a valid value") from None
+    if "sampler" in out:
+        out["sampler"], out["schedule"] = ldm_sampler_names(out["sampler"], schedule_type)
+    if extra:
+        out["extra"] = extra
+    out.setdefault("clip_skip", 1)  # a missing Clip skip means 1 (A1111 does the same)
+    return out
+
+
+def parse_infotext(text: str) -> dict:
+    """Read an A1111 ``parameters`` text into ldm's params dict (inverse of format_infotext)."""
+    lines = text.rstrip().split("\n")
+    params: dict = {}
+    if len(_RE_PARAM.findall(lines[-1])) >= 3:  # A1111's test for "this is the parameter line"
+        params = _parse_param_line(lines.pop())
+    start = next((i for i, line in enumerate(lines) if line.startswith(_NEGATIVE)), len(lines))
+    negative = "\n".join(lines[start:])[len(_NEGATIVE) :]
+    return {
+        "prompt": "\n".join(lines[:start]),
+        "negative_prompt": negative[1:] if negative.startswith(" ") else negative,
+        **params,
+    }
+
+
+def model_hash(path: str | Path) -> str:
+    """A1111's short model hash: the first 10 hex digits of the file's sha256.
+
+    For a diffusers folder (which A1111 cannot load) ldm hashes its weight files in path order.
+    """
+    path = Path(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def save_png(image, path: str | Path, infotext: str, record: dict | None = None) -> None:
+    """Write ``image`` as PNG with the A1111 ``parameters`` chunk and the JSON record (``ldm``).
+
+    The text goes in a tEXt chunk when it is Latin-1, else in an iTXt chunk (PIL decides, as for
+    A1111); the record is ASCII JSON. Written atomically: the file appears complete or not at all.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", infotext)
+    if record is not None:
+        info.add_text("ldm", json.dumps(record, ensure_ascii=True, sort_keys=True))
+    atomic_save(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_png_metadata(path: str | Path) -> tuple[str | None, dict | None]:
+    """(infotext, record) stored in an image; None for each that is absent."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # text chunks after the image data are only read here
+            text = dict(getattr(image, "text", None) or image.info)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise LdmError(f"{path}: cannot read image metadata ({e})") from None
+    infotext, record = text.get("parameters"), text.get("ldm")
+    if record is not None:
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as e:
+            raise LdmError(f"{path}: the 'ldm' record is not valid JSON ({e})") from None
+    return infotext, record

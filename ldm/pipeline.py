@@ -1,0 +1,548 @@
+"""Text-to-image: load -> encode text -> seeded noise -> sigmas -> guided sampler -> decode.
+
+The call reads top to bottom as the data flow of latent diffusion (Rombach et al. 2022): text
+becomes a Cond, per-image CPU generators draw the initial latents, a Denoiser adapter turns the
+U-Net into a sigma-space denoiser, classifier-free guidance wraps it, a sampler walks the sigmas,
+and the VAE decodes. img2img, inpainting and outpainting only change the starting latents and
+wrap the denoiser (see :mod:`ldm.modes`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm import __version__
+from ldm.errors import CheckpointError, LdmError
+from ldm.io import atomic_write_text
+from ldm.modes import (
+    blend_known,
+    image_to_tensor,
+    latent_mask,
+)
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes-demo"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# callback(step, num_steps) after each sampler step (the CLI drives a progress bar with it)
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Generated:
+    """One generated image and the record of everything needed to make it again."""
+
+    image: Image.Image
+    record: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> CUDA when available, else CPU; unknown or absent devices are errors."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise LdmError(f"--device {device!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LdmError("--device cuda requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA and fp32 on CPU unless asked; names are fp32, fp16, bf16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise LdmError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_parts(model: str | Path, device: torch.device, dtype: torch.dtype):
+    """A diffusers folder or an original single file (.safetensors/.ckpt) -> ModelParts."""
+    from ldm.formats.diffusers_folder import load_model
+
+    path = Path(model)
+    if not path.exists():
+        raise CheckpointError(f"--model {model}: no such file or folder")
+    if path.is_file() and path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"--model {model}: expected a diffusers folder or .safetensors/.ckpt")
+    return load_model(path, device=device, dtype=dtype)
+
+
+def load_pipeline(
+    model: str | Path | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> Pipeline:
+    """Load a model (None = the bundled demo model) onto ``device`` in ``dtype``."""
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    fallback = None
+    if model is None:
+        model = DEFAULT_MODEL
+        if not (DEFAULT_MODEL / "model_index.json").exists():
+            # the demo model is trained and committed later; a random one keeps the CLI usable
+            fallback = f"the demo model {DEFAULT_MODEL} is missing: using a tiny RANDOM model"
+            warnings.warn(fallback, stacklevel=2)
+            model = tiny_random_folder()
+    parts = load_parts(model, device, torch_dtype)
+    return Pipeline(parts, device, torch_dtype, notice=fallback)
+
+
+class Pipeline:
+    """A loaded model and the call that turns prompts + seeds into images with records."""
+
+    def __init__(self, parts, device: torch.device, dtype: torch.dtype, notice: str | None = None):
+        from ldm.sampling.schedules import NoiseSchedule
+
+        self.parts = parts
+        self.unet = parts.unet.eval().requires_grad_(False)
+        self.vae = parts.vae.eval().requires_grad_(False)
+        self.text_model = parts.text_encoder.eval().requires_grad_(False)
+        self.tokenizer = parts.tokenizer
+        self.schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
+        self.device, self.dtype = device, dtype
+        self.notice = notice  # set when a random stand-in replaced the requested model
+        self.model_path = Path(parts.path) if parts.path is not None else None
+        self.model_name = "tiny-random" if notice else (parts.name or "model")
+        self._hash: str | None = None
+        self._vae_fp32 = None  # lazily made fp32 copy for NaN retries
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def model_hash(self) -> str:
+        """First 10 hex of the weights' sha256 (A1111's "Model hash"), computed once."""
+        if self._hash is None:
+            self._hash = model_hash(self.model_path) if self.model_path else "unsaved"
+        return self._hash
+
+    @property
+    def factor(self) -> int:
+        return int(self.vae.factor)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) the model was trained at: U-Net sample size x VAE factor."""
+        size = self.unet.config.sample_size or 64
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return h * self.factor, w * self.factor
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        return self.unet.config.in_channels == 9
+
+    # ---- memory switches ----------------------------------------------------------------------
+    def enable_attention_slicing(self, slice_size: int | None = 1) -> None:
+        """Compute attention a few heads at a time (lower peak memory, a little slower)."""
+        setter = getattr(self.unet, "set_attention_slice", None)
+        if setter is None:
+            raise LdmError("this U-Net does not support attention slicing")
+        setter(slice_size)
+
+    def enable_vae_slicing(self) -> None:
+        self.vae.enable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        self.vae.enable_tiling()
+
+    # ---- the call -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        negative_prompt: str | list[str] = "",
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        sampler: str = "dpmpp_2m",
+        schedule: str = "default",
+        eta: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        init_image: Image.Image | str | Path | None = None,
+        strength: float = 0.8,
+        mask: Image.Image | str | Path | None = None,
+        clip_skip: int = 1,
+        callback: StepCallback | None = None,
+        batched_guidance: bool = True,
+    ) -> list[Generated]:
+        """Generate one image per (prompt, seed); image i draws all its noise from seed i."""
+        from ldm.denoiser import Denoiser
+        from ldm.guidance import cfg
+        from ldm.sampling.noise import make_noise
+        from ldm.sampling.samplers import sampler_options
+        from ldm.sampling.schedules import get_sigmas, init_noise_scale, timestep_interp
+
+        # 1. check the request before any work
+        prompts, negatives = _prompt_lists(prompts, seeds, negative_prompt)
+        sampler_name, sampler_fn, schedule = _resolve_sampler(sampler, schedule)
+        if isinstance(init_image, (str, Path)):
+            from ldm.modes import load_image
+
+            init_image = load_image(init_image, "--init-image")
+        if isinstance(mask, (str, Path)):
+            from ldm.modes import load_image
+
+            mask = load_image(mask, "--mask")
+        if init_image is not None and (height is None or width is None):
+            # img2img keeps the init image's size (rounded down to the latent grid)
+            f = self.factor
+            height = init_image.height // f * f if height is None else height
+            width = init_image.width // f * f if width is None else width
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
+        _check_numbers(steps, guidance_scale, guidance_rescale, eta, height, width, self.factor)
+        _check_numbers_2(strength, clip_skip, init_image, mask, self.is_inpainting_model)
+        mode = "txt2img" if init_image is None else ("inpaint" if mask is not None else "img2img")
+        latent_shape = (1, self.vae.latent_channels, height // self.factor, width // self.factor)
+
+        # 2. text -> cond (and uncond for guidance; <= 1 skips the unconditioned pass)
+        cond, uncond = self._encode_text(prompts, negatives, clip_skip, guidance_scale > 1.0)
+
+        # 3. sigmas: the full schedule, cut at `strength` when starting from an image
+        sigmas = get_sigmas(schedule, steps, self.schedule, sampler=sampler_name).to(self.device)
+        start_from_image = init_image is not None and strength < 1.0
+        if start_from_image:
+            # as diffusers' img2img: skip the first steps - int(steps * strength) steps
+            t_start = steps - min(int(steps * strength), steps)
+            sigmas = sigmas[t_start:]
+            if len(sigmas) < 2:
+                raise LdmError(f"--strength {strength} x --steps {steps} leaves no step to run")
+
+        # 4. per-image generators and starting latents (encode first, then noise: as diffusers)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        init_latents = keep = extra = None
+        if init_image is not None:
+            pixels = image_to_tensor(init_image, height, width)
+            if start_from_image or (mode == "inpaint" and not self.is_inpainting_model):
+                init_latents = self._encode_each(pixels, generators)
+        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
+        noise = noise.to(self.device, torch.float32)
+        if start_from_image:
+            x = init_latents + noise * sigmas[0]  # VE form of diffusers' add_noise
+        else:
+            x = noise * init_noise_scale(sigmas, self.schedule, sampler_name)  # as diffusers
+        if mode == "inpaint":
+            keep, extra = self._inpaint_inputs(mask, pixels, height, width, generators)
+
+        # 5. network -> denoiser -> guided denoiser (-> inpaint blending), NaN-checked
+        interpolation = timestep_interp(sampler_name, schedule)
+        denoiser = Denoiser(_in_dtype(self.unet, self.dtype), self.schedule, interpolation)
+        denoise = cfg(
+            denoiser, cond, uncond, guidance_scale, rescale=guidance_rescale,
+            batched=batched_guidance, concat=extra,
+        )  # fmt: skip
+        if keep is not None:
+            denoise = blend_known(denoise, init_latents, keep)
+        progress = _Progress(len(sigmas) - 1, callback)
+        denoise = _nan_guard(denoise, progress, self.dtype)
+
+        # 6. sample (later noise for image i comes from generator i too)
+        noise_fn = make_noise(generators, latent_shape[1:], device=self.device)
+        options = sampler_options(sampler_name, self.schedule)
+        eta_param = inspect.signature(sampler_fn).parameters.get("eta")
+        if eta_param is not None:  # None: the sampler's own default (ancestral 1, DDIM 0)
+            eta = options["eta"] = eta_param.default if eta is None else eta
+        x = sampler_fn(denoise, x, sigmas, noise=noise_fn, callback=progress, **options)
+        if keep is not None:
+            x = keep * init_latents + (1 - keep) * x
+        if not torch.isfinite(x).all():
+            raise LdmError(f"the U-Net produced NaN/Inf in {DTYPE_NAMES[self.dtype]}; try fp32")
+
+        # 7. decode, each image again in fp32 if it came out NaN/Inf
+        images, retried = self._decode(x)
+
+        # 8. records
+        settings = dict(
+            sampler=sampler_name, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, eta=eta, width=width, height=height,
+            clip_skip=clip_skip, mode=mode,
+        )  # fmt: skip
+        if init_image is not None:
+            settings["strength"] = strength
+        return [
+            Generated(
+                image,
+                self._record(prompts[i], negatives[i], int(seeds[i]), settings, retried[i]),
+            )
+            for i, image in enumerate(images)
+        ]
+
+    # ---- steps of the call --------------------------------------------------------------------
+    def _encode_text(self, prompts, negatives, clip_skip, guided):
+        """A1111 prompts (emphasis, 75-token chunks) -> (cond, uncond or None) on the device."""
+        from ldm.text.encoders import CLIPTextEncoder
+        from ldm.text.prompts import encode_cond_uncond, encode_prompts
+
+        encoder = CLIPTextEncoder(self.text_model, self.tokenizer, clip_skip=clip_skip)
+        if guided:  # one batch, so prompts and negatives get the same number of 75-token chunks
+            cond, uncond = encode_cond_uncond(encoder, prompts, negatives)
+            return _lean(cond.to(self.device, self.dtype)), _lean(
+                uncond.to(self.device, self.dtype)
+            )
+        return _lean(encode_prompts(encoder, prompts).to(self.device, self.dtype)), None
+
+    def _encode_each(self, pixels: torch.Tensor, generators) -> torch.Tensor:
+        """VAE-encode the (same) image once per generator, sampling the posterior with it."""
+        pixels = pixels.to(self.device, self.dtype)
+        latents = [self.vae.encode(pixels, generator=g, sample=True) for g in generators]
+        return torch.cat(latents).float()
+
+    def _inpaint_inputs(self, mask, pixels, height, width, generators):
+        """(keep mask for blending, extra U-Net channels for 9-channel models)."""
+        mask_px = image_to_tensor(mask.convert("L"), height, width, normalize=False)
+        mask_px = (mask_px >= 0.5).float()  # white = repaint, binarized like diffusers
+        m = latent_mask(mask_px, height // self.factor, width // self.factor).to(self.device)
+        if not self.is_inpainting_model:
+            return 1.0 - m, None
+        masked = pixels * (mask_px < 0.5)  # the known part of the image only
+        masked_latents = self._encode_each(masked, generators)
+        extra = torch.cat([m.expand(len(generators), -1, -1, -1), masked_latents], dim=1)
+        return None, extra.to(self.dtype)
+
+    def _decode(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
+        pixels = self.vae.decode(latents.to(self.dtype)).float()
+        retried = [False] * len(pixels)
+        for i in range(len(pixels)):
+            if not torch.isfinite(pixels[i]).all():
+                pixels[i] = self._fp32_vae().decode(latents[i : i + 1].float())[0]
+                retried[i] = True
+                if not torch.isfinite(pixels[i]).all():
+                    raise LdmError(f"image {i} decodes to NaN/Inf even in fp32")
+        # as diffusers' postprocess: [-1, 1] -> [0, 1] -> round(x * 255)
+        arrays = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        arrays = arrays.permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays], retried
+
+    def _fp32_vae(self):
+        if self.dtype == torch.float32:
+            return self.vae
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.vae).float()
+        return self._vae_fp32
+
+    def _record(self, prompt, negative, seed, settings, retried) -> dict:
+        return dict(
+            prompt=prompt,
+            negative_prompt=negative,
+            seed=seed,
+            **settings,
+            model=self.model_name,
+            model_hash=self.model_hash,
+            model_path=str(self.model_path) if self.model_path else None,
+            dtype=DTYPE_NAMES[self.dtype],
+            device=self.device.type,
+            rng="CPU",  # A1111's name for per-image CPU generators
+            nan_retry_fp32=retried,
+            ldm_version=__version__,
+        )
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _prompt_lists(prompts, seeds, negative_prompt) -> tuple[list[str], list[str]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts, seeds = list(prompts), list(seeds)
+    if not prompts or len(prompts) != len(seeds):
+        raise LdmError(f"need one seed per prompt, got {len(prompts)} prompts, {len(seeds)} seeds")
+    if isinstance(negative_prompt, str) or negative_prompt is None:
+        negatives = [negative_prompt or ""] * len(prompts)
+    else:
+        negatives = list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise LdmError(f"need one negative prompt per prompt, got {len(negatives)}")
+    return prompts, negatives
+
+
+def _resolve_sampler(sampler: str, schedule: str):
+    """Sampler name or A1111 alias -> (canonical name, function, schedule name)."""
+    from ldm.sampling import samplers, schedules
+
+    resolved = samplers.resolve_sampler(sampler)
+    # "DPM++ 2M Karras" names a schedule too: (name, schedule) beats the default schedule
+    name, implied = resolved if isinstance(resolved, tuple) else (resolved, None)
+    if implied and schedule == "default":
+        schedule = implied
+    names = schedules.SIGMA_SCHEDULES
+    if schedule not in names:
+        raise LdmError(f"--schedule {schedule!r} is unknown; choose from {', '.join(names)}")
+    return name, samplers.SAMPLERS[name], schedule
+
+
+def _check_numbers(steps, scale, rescale, eta, height, width, factor) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise LdmError(f"--steps must be an integer >= 1, got {steps}")
+    if not math.isfinite(scale):
+        raise LdmError(f"--guidance-scale must be a finite number, got {scale}")
+    if not (math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
+        raise LdmError(f"--guidance-rescale must be in [0, 1], got {rescale}")
+    if eta is not None and not (math.isfinite(eta) and eta >= 0):
+        raise LdmError(f"--eta must be >= 0, got {eta}")
+    for flag, size in (("--height", height), ("--width", width)):
+        if not isinstance(size, int) or size <= 0:
+            raise LdmError(f"{flag} must be a positive integer, got {size}")
+        if size % factor:
+            raise LdmError(f"{flag} {size} is not a multiple of {factor} (the VAE's latent factor)")
+
+
+def _check_numbers_2(strength, clip_skip, init_image, mask, inpainting_model) -> None:
+    if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+        raise LdmError(f"--strength must be in (0, 1], got {strength}")
+    if not isinstance(clip_skip, int) or clip_skip < 1:
+        raise LdmError(f"--clip-skip must be an integer >= 1, got {clip_skip}")
+    if mask is not None and init_image is None:
+        raise LdmError("--mask needs --init-image (the image to inpaint)")
+    if inpainting_model and mask is None:
+        raise LdmError("this is a 9-channel inpainting model: it needs --init-image and --mask")
+
+
+def _lean(cond):
+    """Drop an all-True token mask: attending everywhere needs no mask, and SDPA is faster."""
+    if cond.mask is not None and bool(cond.mask.all()):
+        return type(cond)(cond.context, cond.pooled, None)
+    return cond
+
+
+def _in_dtype(network: torch.nn.Module, dtype: torch.dtype):
+    """Run the network in its own dtype (fp16/bf16) while the sampler keeps fp32 latents."""
+    if dtype == torch.float32:
+        return network
+
+    def run(x_in: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        return network(x_in.to(dtype), t, **kwargs).float()
+
+    return run
+
+
+class _Progress:
+    """Counts sampler steps for the NaN message and forwards them to the user's callback."""
+
+    def __init__(self, num_steps: int, callback: StepCallback | None):
+        self.num_steps, self.callback, self.step = num_steps, callback, 0
+
+    def __call__(self, i: int, num_steps: int, x=None, denoised=None) -> None:
+        self.step = i + 1
+        if self.callback is not None:
+            self.callback(min(self.step, self.num_steps), self.num_steps)
+
+
+def _nan_guard(denoise, progress: _Progress, dtype: torch.dtype):
+    """Stop at the first non-finite prediction instead of decoding a black image."""
+
+    def guarded(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        denoised = denoise(x, sigma)
+        if not torch.isfinite(denoised).all():
+            raise LdmError(
+                f"the U-Net produced NaN/Inf at step {progress.step + 1} in "
+                f"{DTYPE_NAMES.get(dtype, dtype)}; try --dtype fp32"
+            )
+        return denoised
+
+    return guarded
+
+
+# ---- model identity and the stand-in model ----------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+_HASHES: dict[str, str] = {}
+
+
+def model_hash(path: str | Path) -> str:
+    """A1111's "Model hash" (``ldm.infotext.model_hash``), cached across runs.
+
+    Hashing gigabytes takes seconds, so results are kept in memory and in
+    ``~/.cache/ldm/model_hashes.json`` keyed by path, size and mtime of the weight files.
+    """
+    from ldm.infotext import model_hash as sha256_10
+
+    path = Path(path).resolve()
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    key = json.dumps([str(path)] + [[str(f), *_stat(f)] for f in files])
+    if key in _HASHES:
+        return _HASHES[key]
+    cache_file = _cache_dir() / "model_hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = sha256_10(path)
+        try:
+            atomic_write_text(cache_file, json.dumps(cache, indent=0))
+        except OSError:
+            pass  # a read-only home only costs a re-hash next time
+    _HASHES[key] = cache[key]
+    return cache[key]
+
+
+def _stat(f: Path) -> tuple[int, int]:
+    st = f.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm"
+
+
+def tiny_random_folder() -> Path:
+    """A tiny random-weight SD-shaped diffusers folder (64x64), built once in the cache."""
+    path = _cache_dir() / "tiny-random-v1"
+    if (path / "model_index.json").exists():
+        return path
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.text.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = DiffusersUNet(
+        sample_size=32, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), norm_num_groups=8, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )  # fmt: skip
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )  # fmt: skip
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        skip_prk_steps=True, set_alpha_to_one=False,
+    )  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text, tokenizer=build_clip_tokenizer(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, path)  # atomic: a half-written folder never carries the final name
+    return path

@@ -1,0 +1,241 @@
+"""Text encoders behind one interface: token ids in, a ``Cond`` (context, pooled, mask) out.
+
+Every encoder owns its tokenizer and exposes:
+  ``tokenize(texts) -> list[list[int]]``  ids without special tokens, never truncated;
+  ``encode(prompts) -> Cond``             plain prompts, ``max_length`` tokens (truncating, as
+                                           diffusers does; long or weighted prompts go through
+                                           ``ldm.text.prompts.encode_prompts``, which chunks);
+  ``encode_ids(input_ids) -> Cond``       one (B, max_length) window of ids, used for chunks;
+  ``max_length``, ``bos_token_id`` (None for T5), ``eos_token_id``, ``pad_token_id``.
+
+CLIP-family encoders return an all-True mask: Stable Diffusion's U-Net was trained attending to
+every one of the 77 positions, padding included, so masking them would change its images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.errors import CheckpointError, LdmError
+from ldm.text.cond import Cond
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids without BOS/EOS and without truncation, for a transformers or open_clip tokenizer."""
+    if hasattr(tokenizer, "sot_token_id"):  # open_clip SimpleTokenizer
+        return [tokenizer.encode(t) for t in texts]
+    out = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)
+    return [list(ids) for ids in out["input_ids"]]
+
+
+class TextEncoder(nn.Module):
+    """Shared plumbing: ``encode`` = tokenize, wrap to ``max_length``, ``encode_ids``."""
+
+    tokenizer: object
+    max_length: int = 77
+    bos_token_id: int | None
+    eos_token_id: int
+    pad_token_id: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return _tokenize(self.tokenizer, texts)
+
+    def wrap(self, tokens: list[int]) -> list[int]:
+        """[BOS] + tokens + [EOS] + [PAD]... to exactly ``max_length`` ids (tokens must fit)."""
+        head = [] if self.bos_token_id is None else [self.bos_token_id]
+        ids = head + list(tokens) + [self.eos_token_id]
+        if len(ids) > self.max_length:
+            raise ValueError(f"{len(tokens)} tokens do not fit in a {self.max_length}-id window")
+        return ids + [self.pad_token_id] * (self.max_length - len(ids))
+
+    @property
+    def chunk_length(self) -> int:
+        """Prompt tokens per window (75 for CLIP: 77 minus BOS and EOS)."""
+        return self.max_length - 1 - (self.bos_token_id is not None)
+
+    def input_ids(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_length) ids, each prompt truncated to ``chunk_length`` tokens like diffusers."""
+        n = self.chunk_length
+        return torch.tensor([self.wrap(t[:n]) for t in self.tokenize(prompts)], dtype=torch.long)
+
+    def encode(self, prompts: list[str]) -> Cond:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.encode_ids(self.input_ids(prompts))
+
+    def encode_ids(self, input_ids: torch.Tensor) -> Cond:
+        raise NotImplementedError
+
+
+class CLIPTextEncoder(TextEncoder):
+    """OpenAI CLIP text transformer (Radford et al. 2021) via transformers, with clip skip.
+
+    ``clip_skip`` follows A1111: 1 = the last layer's output (``last_hidden_state``), N > 1 = the
+    hidden state N layers from the end, passed through ``final_layer_norm``. diffusers counts
+    skipped layers instead: A1111 ``clip_skip=N`` equals diffusers ``clip_skip=N-1`` (A1111 2 =
+    diffusers 1 = the penultimate layer). The pooled vector is always from the last layer (as SDXL
+    uses it); with a ``CLIPTextModelWithProjection`` it is the projected ``text_embeds``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, clip_skip: int = 1):
+        super().__init__()
+        self.model = model  # transformers CLIPTextModel or CLIPTextModelWithProjection
+        self.tokenizer = tokenizer  # transformers CLIPTokenizer(Fast) from the same folder
+        config = model.config
+        if not 1 <= clip_skip <= config.num_hidden_layers:
+            raise LdmError(
+                f"--clip-skip {clip_skip}: must be between 1 and {config.num_hidden_layers} "
+                "(1 = last layer, 2 = penultimate)"
+            )
+        self.clip_skip = clip_skip
+        self.max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def _final_layer_norm(self) -> nn.Module:
+        # transformers >= 5 flattened CLIPTextModel; the projection model still nests text_model
+        inner = getattr(self.model, "text_model", self.model)
+        return inner.final_layer_norm
+
+    def encode_ids(self, input_ids: torch.Tensor) -> Cond:
+        input_ids = input_ids.to(self.device)
+        out = self.model(input_ids=input_ids, output_hidden_states=self.clip_skip > 1)
+        if self.clip_skip == 1:
+            context = out.last_hidden_state
+        else:
+            # hidden_states = (embeddings, layer 1, ..., layer n): -N is N-1 layers before the end
+            context = self._final_layer_norm()(out.hidden_states[-self.clip_skip])
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        return Cond(context, pooled, mask)
+
+
+class OpenCLIPTextEncoder(TextEncoder):
+    """OpenCLIP text tower (Cherti et al. 2023) as SD 2.x's ``FrozenOpenCLIPEmbedder`` runs it.
+
+    ``layer_idx`` counts blocks skipped from the end: SD 2.x uses 1 ("penultimate"), 0 is the
+    last block. The chosen block's output goes through ``ln_final`` when ``final_norm`` (SD 2.x;
+    SDXL's second encoder uses the penultimate block without it). Pooled = the last block's
+    ``ln_final`` output at the end-of-text token times ``text_projection`` (open_clip's
+    ``encode_text``). ``model`` is an open_clip ``TextTransformer`` or a CLIP model with the text
+    attributes at top level (the ``cond_stage_model.model`` of SD 2.x single files).
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer=None, layer_idx: int = 1, final_norm: bool = True
+    ):
+        super().__init__()
+        if tokenizer is None:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            tokenizer = SimpleTokenizer()
+        self.model = model
+        self.tokenizer = tokenizer  # open_clip SimpleTokenizer (ldm's CLIPTokenizer gives same ids)
+        num_blocks = len(model.transformer.resblocks)
+        if not 0 <= layer_idx < num_blocks:
+            raise LdmError(f"OpenCLIP layer_idx {layer_idx}: must be in 0..{num_blocks - 1}")
+        self.layer_idx = layer_idx
+        self.final_norm = final_norm
+        self.max_length = model.positional_embedding.shape[0]
+        if hasattr(tokenizer, "sot_token_id"):
+            self.bos_token_id, self.eos_token_id = tokenizer.sot_token_id, tokenizer.eot_token_id
+        else:
+            self.bos_token_id, self.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.pad_token_id = 0  # open_clip pads with 0, not EOT (it changes the padded positions)
+
+    def encode_ids(self, input_ids: torch.Tensor) -> Cond:
+        m = self.model
+        input_ids = input_ids.to(self.device)
+        x = m.token_embedding(input_ids) + m.positional_embedding[: input_ids.shape[1]]
+        batch_first = getattr(m.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)  # (B, L, D) -> (L, B, D)
+        attn_mask = m.attn_mask
+        if attn_mask is not None:
+            attn_mask = attn_mask[: input_ids.shape[1], : input_ids.shape[1]]
+        blocks = m.transformer.resblocks
+        take = len(blocks) - 1 - self.layer_idx
+        for i, block in enumerate(blocks):
+            x = block(x, attn_mask=attn_mask)
+            if i == take:
+                context = x
+        if not batch_first:
+            x, context = x.transpose(0, 1), context.transpose(0, 1)  # back to (B, L, D)
+        if self.final_norm:
+            context = m.ln_final(context)
+        last = m.ln_final(x)
+        pooled = last[torch.arange(len(input_ids), device=x.device), input_ids.argmax(dim=-1)]
+        proj = m.text_projection
+        if isinstance(proj, nn.Linear):
+            pooled = proj(pooled)
+        elif proj is not None:
+            pooled = pooled @ proj
+        mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        return Cond(context, pooled, mask)
+
+
+class T5TextEncoder(TextEncoder):
+    """T5 encoder (Raffel et al. 2020) via transformers; padding masked, pooled = masked mean."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 77):
+        super().__init__()
+        self.model = model  # transformers T5EncoderModel
+        self.tokenizer = tokenizer  # a transformers tokenizer with eos and pad tokens
+        self.max_length = max_length
+        self.bos_token_id = None  # T5 has no start token
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        if self.eos_token_id is None or self.pad_token_id is None:
+            raise LdmError("T5 tokenizer: needs both an eos_token and a pad_token")
+
+    def encode_ids(self, input_ids: torch.Tensor) -> Cond:
+        input_ids = input_ids.to(self.device)
+        mask = input_ids != self.pad_token_id  # (B, L), T5's relative attention ignores padding
+        context = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        weights = mask.unsqueeze(-1).to(context.dtype)  # (B, L, 1)
+        pooled = (context * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return Cond(context, pooled, mask)
+
+
+def load_text_encoder(
+    folder: str | Path,
+    kind: str = "clip",
+    *,
+    clip_skip: int = 1,
+    subfolder: str = "text_encoder",
+    tokenizer_subfolder: str = "tokenizer",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> TextEncoder:
+    """Load a ``kind`` ("clip" or "t5") encoder and its tokenizer from a diffusers folder."""
+    folder = Path(folder)
+    model_dir, tok_dir = folder / subfolder, folder / tokenizer_subfolder
+    for d in (model_dir, tok_dir):
+        if not (d / "config.json").is_file() and not (d / "tokenizer_config.json").is_file():
+            raise CheckpointError(f"{d}: missing text encoder/tokenizer folder")
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if kind == "clip":
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        model = CLIPTextModel.from_pretrained(str(model_dir), **kwargs)
+        encoder = CLIPTextEncoder(
+            model, AutoTokenizer.from_pretrained(str(tok_dir)), clip_skip=clip_skip
+        )
+    elif kind == "t5":
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        model = T5EncoderModel.from_pretrained(str(model_dir), **kwargs)
+        encoder = T5TextEncoder(model, AutoTokenizer.from_pretrained(str(tok_dir)))
+    else:
+        raise LdmError(f"text encoder kind {kind!r}: expected 'clip' or 't5'")
+    return encoder.to(device) if device is not None else encoder

@@ -1,0 +1,64 @@
+"""Where each training step's images and captions come from.
+
+Batches are a pure function of (global step, rank): the shapes world is indexed, and folder
+sources iterate deterministically with a saved position. So a resumed run sees exactly the
+batches an uninterrupted one would, and no RNG state has to be checkpointed for the data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ldm.train.config import DataConfig
+
+
+def _to_pixels(images: list) -> torch.Tensor:
+    """uint8 HWC images -> (B, 3, H, W) float in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+class ShapesBatches:
+    """The shapes world as an endless indexed stream (optionally a fixed pool of cache_size)."""
+
+    def __init__(self, data: DataConfig, batch_size: int, rank: int = 0, world: int = 1):
+        from ldm.data.shapes import ShapesDataset
+
+        self.dataset = ShapesDataset(
+            seed=data.shapes_seed, size_words_prob=data.shapes_size_words, as_array=True
+        )
+        self.batch_size = batch_size  # per process
+        self.rank, self.world = rank, world
+        self.pool = data.cache_size  # 0: every index is a new image
+        self.latents: torch.Tensor | None = None  # (pool, 2, C, h, w): posterior mean and std
+        self.captions: list[str] | None = None
+
+    def indices(self, step: int) -> list[int]:
+        start = (step * self.world + self.rank) * self.batch_size
+        idx = range(start, start + self.batch_size)
+        return [i % self.pool for i in idx] if self.pool else list(idx)
+
+    def images(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        items = [self.dataset[i] for i in self.indices(step)]
+        return _to_pixels([im for im, *_ in items]), [item[1] for item in items]
+
+    @torch.no_grad()
+    def cache_latents(self, vae, batch_size: int = 256, progress=None) -> None:
+        """Encode the whole pool once: posterior mean and std per image (the latent cache)."""
+        assert self.pool, "latent caching needs data.cache_size > 0"
+        stats, captions = [], []
+        for lo in range(0, self.pool, batch_size):
+            items = [self.dataset[i] for i in range(lo, min(lo + batch_size, self.pool))]
+            pixels = _to_pixels([im for im, *_ in items]).to(next(vae.parameters()).device)
+            dist = vae.encode_dist(pixels.to(next(vae.parameters()).dtype))
+            stats.append(torch.stack([dist.mean, dist.std], 1).to("cpu", torch.float16))
+            captions += [item[1] for item in items]
+            if progress:
+                progress(len(captions), self.pool)
+        self.latents, self.captions = torch.cat(stats), captions
+
+    def cached(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        """(B, 2, C, h, w) cached posterior statistics and captions for this step."""
+        idx = self.indices(step)
+        return self.latents[idx].float(), [self.captions[i] for i in idx]

@@ -1,0 +1,112 @@
+"""Training configuration: one YAML file mapped onto these dataclasses (see ldm.config).
+
+A run is a list of stages. Each stage says which parts train (vae, unet, text_encoder), how
+(full or LoRA), for how many steps and on what data; parts not trained in a stage are frozen.
+The model comes from a checkpoint (``model.pretrained``) or is built from nothing from a model
+config (``model.config``, e.g. configs/models/shapes64.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class ModelSource:
+    pretrained: str | None = None  # diffusers folder or single file to start from
+    config: str | None = None  # model config YAML to build from nothing (configs/models/*.yaml)
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # "shapes" (the built-in world) or a folder / .csv / .tar path
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False
+    buckets: bool = False  # kohya aspect-ratio buckets
+    bucket_no_upscale: bool = False
+    caption_dropout: float = 0.1  # to the empty prompt, for classifier-free guidance
+    max_image_pixels: int = 64_000_000
+    shapes_seed: int = 0
+    shapes_size_words: float = 0.3  # probability of size words in shapes captions
+    cache_latents: bool = False  # precompute VAE posterior mean/std (requires a frozen VAE)
+    cache_size: int = 0  # shapes world: number of distinct images to cache (0 = stream)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0  # final lr / lr for cosine and linear
+    use_8bit: bool = False  # bitsandbytes AdamW8bit, when installed
+
+
+@dataclass
+class LossConfig:
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the model's
+    min_snr_gamma: float | None = 5.0  # Hang et al. 2023; None disables
+    noise_offset: float = 0.0
+    kl_weight: float = 1e-6  # autoencoder stage only
+    skip_nonfinite: bool = True  # skip a step whose loss is NaN/Inf (else stop the run)
+    max_nonfinite: int = 10  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t))
+    enabled: bool = True
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder: bool = False
+    text_encoder_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+
+
+@dataclass
+class StageConfig:
+    name: str = "main"
+    train: list[str] = field(default_factory=lambda: ["unet"])  # of: vae, unet, text_encoder
+    method: Literal["full", "lora"] = "full"
+    steps: int = 1000
+    batch_size: int = 16
+    gradient_accumulation: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig | None = None  # None: the run's data section
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    seed: int = 0
+    model: ModelSource = field(default_factory=ModelSource)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 0  # 0: only at the end of each stage
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_seed: int = 1234
+    validation_steps: int = 20
+    validation_guidance: float = 5.0
+    export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    export_ema: bool = True  # export EMA weights when the stage kept them
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, copied to the run

@@ -1,0 +1,76 @@
+"""Training objectives: the diffusion loss (eps / v targets, min-SNR weighting, noise offset)
+and the autoencoder loss (reconstruction + small KL)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """Forward process q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I) (Ho et al. 2020, eq. 4)."""
+    ab = alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def diffusion_target(
+    x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """What the network predicts: eps, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        ab = alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def min_snr_weight(
+    alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None, kind: str
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 8) for an eps or v target.
+
+    With SNR = ab / (1 - ab): eps-loss weight min(SNR, g) / SNR; v-loss weight
+    min(SNR, g) / (SNR + 1), since the v-loss already carries a factor (SNR + 1) in x0 terms.
+    """
+    ab = alphas_cumprod.to(t.device)[t].float()
+    snr = ab / (1 - ab)
+    if gamma is None:
+        return torch.ones_like(snr)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / snr if kind == "epsilon" else clipped / (snr + 1)
+
+
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample weighted MSE, averaged over the batch."""
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    return (per_sample.mean(dim=(1, 2, 3)) * weight).mean()
+
+
+def offset_noise(
+    shape: tuple[int, ...], generator: torch.Generator, offset: float
+) -> torch.Tensor:
+    """Gaussian noise plus a per-channel constant (Guttenberg 2023 "noise offset")."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn(shape[:2] + (1, 1), generator=generator)
+    return noise
+
+
+def autoencoder_loss(
+    recon: torch.Tensor, pixels: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, kl_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + L2 reconstruction plus kl_weight * KL(q(z|x) || N(0, I)) (Kingma & Welling 2014).
+
+    No perceptual or adversarial term: both need downloaded networks (LPIPS, a discriminator
+    pretrained elsewhere), and flat-colour data reconstructs well without them.
+    """
+    l1 = (recon.float() - pixels).abs().mean()
+    l2 = F.mse_loss(recon.float(), pixels)
+    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum(dim=(1, 2, 3))
+    loss = l1 + l2 + kl_weight * kl.mean()
+    return loss, {"l1": l1.item(), "l2": l2.item(), "kl": kl.mean().item()}

@@ -1,0 +1,93 @@
+"""The trainer's view of the model: where it starts, what trains in a stage, where data comes
+from, and how the result is exported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ldm.errors import ConfigError
+from ldm.train.config import StageConfig, TrainConfig
+
+TRAINABLE = ("vae", "unet", "text_encoder")
+
+
+def load_start_model(cfg: TrainConfig):
+    """ModelParts from a checkpoint (``model.pretrained``) or built from ``model.config``."""
+    src = cfg.model
+    if (src.pretrained is None) == (src.config is None):
+        raise ConfigError("set exactly one of model.pretrained and model.config")
+    if src.config is not None:
+        from ldm.models.build import build_model, load_model_config
+
+        return build_model(load_model_config(src.config), seed=cfg.seed)
+    from ldm.formats.load import load_model
+
+    return load_model(src.pretrained, device="cpu", dtype=torch.float32)
+
+
+def set_trainable(parts, stage: StageConfig, gradient_checkpointing: bool) -> dict:
+    """Freeze everything, then unfreeze (or add LoRA to) the parts this stage trains."""
+    unknown = [n for n in stage.train if n not in TRAINABLE]
+    if unknown:
+        raise ConfigError(f"stages.{stage.name}.train: unknown part '{unknown[0]}' ({TRAINABLE})")
+    trained = {}
+    for name in TRAINABLE:
+        module = getattr(parts, name)
+        module.requires_grad_(False)
+        module.eval()
+        if name not in stage.train:
+            continue
+        if stage.method == "lora":
+            from ldm.train.lora import add_lora
+
+            add_lora(module, name, stage.lora)
+        else:
+            module.requires_grad_(True)
+        module.train()
+        if gradient_checkpointing and name == "unet":
+            module.enable_gradient_checkpointing()
+        trained[name] = module
+    if stage.method == "lora" and "vae" in trained:
+        raise ConfigError(f"stages.{stage.name}: LoRA applies to the unet and text_encoder only")
+    return trained
+
+
+class StageData:
+    """The stage's batches: images (and captions) by step, or cached latents by step."""
+
+    def __init__(self, cfg: TrainConfig, stage: StageConfig, rank: int, world: int):
+        self.config = stage.data or cfg.data
+        self.latents = None
+        if self.config.source == "shapes":
+            from ldm.train.batches import ShapesBatches
+
+            self.source = ShapesBatches(self.config, stage.batch_size, rank, world)
+        else:
+            from ldm.train.folder_batches import FolderBatches
+
+            self.source = FolderBatches(self.config, stage.batch_size, cfg.seed, rank, world)
+
+    def images(self, step: int):
+        return self.source.images(step)
+
+    def cached(self, step: int):
+        return self.source.cached(step)
+
+
+def stage_batches(cfg: TrainConfig, stage: StageConfig, parts, rank: int, world: int, log):
+    data = StageData(cfg, stage, rank, world)
+    if data.config.cache_latents and "vae" not in stage.train:
+        log.info(f"caching VAE latents of {data.config.cache_size} images")
+        data.source.cache_latents(parts.vae)
+        data.latents = data.source.latents
+    return data
+
+
+def export_model(parts, path: Path, dtype: str) -> None:
+    """Save a diffusers-layout folder (what ``ldm txt2img`` and diffusers both load)."""
+    from ldm.formats.diffusers_folder import save_folder
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    save_folder(parts, Path(path), dtype=dtypes[dtype])

@@ -1,0 +1,139 @@
+"""Benchmark ldm's U-Net against diffusers' on the same random weights (CPU fp32).
+
+Times the forward pass and a train step (forward + backward + AdamW) of an SD 1.5-shaped
+U-Net (32x32 latents, batch 2, 77-token context), prints ldm/diffusers time ratios and the
+forward's achieved FLOP/s as a fraction of a large fp32 matmul measured in the same process.
+
+    python scripts/bench_models.py            # the real SD 1.5 shape (needs ~16 GB RAM)
+    python scripts/bench_models.py --quick    # reduced widths, a few seconds per step
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+QUICK_UNET = dict(SD15_UNET, block_out_channels=(64, 128, 256, 256))
+
+
+def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call; calls interleaved so shared-CPU load drifts hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up (allocations, oneDNN primitive caches, optimizer state)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of an (n x n) @ (n x n) fp32 matmul: the machine's practical peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median_time({"mm": lambda: torch.mm(a, b)}, repeats)["mm"]
+    return 2 * n**3 / t
+
+
+def forward_flops(model: torch.nn.Module, args: tuple) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*args)
+    return counter.get_total_flops()
+
+
+def make_train_step(model: torch.nn.Module, args: tuple, target: torch.Tensor) -> Callable:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step() -> None:
+        out = model(*args)
+        out = out.sample if hasattr(out, "sample") else out
+        torch.nn.functional.mse_loss(out, target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced widths (64..256)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument("--no-train", action="store_true", help="skip the train-step timing")
+    args = parser.parse_args()
+
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    from ldm.models.unet import UNet2DConditionModel, UNetConfig
+
+    cfg = QUICK_UNET if args.quick else SD15_UNET
+    torch.manual_seed(0)
+    ref = DiffusersUNet(**cfg).train()
+    ours = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config))).train()
+    # share storage instead of copying: same weights, half the memory
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    n_params = sum(p.numel() for p in ours.parameters())
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 32, 32, generator=gen)
+    t = torch.tensor([999, 500])
+    context = torch.randn(2, 77, cfg["cross_attention_dim"], generator=gen)
+    target = torch.randn(2, 4, 32, 32, generator=gen)
+    inputs = (x, t, context)
+
+    print(f"U-Net {'quick' if args.quick else 'SD 1.5'}-shaped, {n_params / 1e6:.0f}M params, ")
+    print(f"latents {tuple(x.shape)}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with torch.no_grad():
+        diff = (ref(*inputs).sample - ours(*inputs)).abs().max().item()
+    print(f"max |ldm - diffusers| on the forward: {diff:.2e}")
+
+    with torch.no_grad():
+        fwd = median_time(
+            {"ldm": lambda: ours(*inputs), "diffusers": lambda: ref(*inputs)}, args.repeats
+        )
+    print(
+        f"forward     ldm {fwd['ldm']:.3f}s  diffusers {fwd['diffusers']:.3f}s  ratio {fwd['ldm'] / fwd['diffusers']:.3f}"
+    )
+
+    if not args.no_train:
+        # one optimizer at a time: AdamW state for SD 1.5 is ~7 GB
+        train = {}
+        for name, model in (("ldm", ours), ("diffusers", ref)):
+            step = make_train_step(model, inputs, target)
+            train.update(median_time({name: step}, max(args.repeats - 2, 2)))
+            del step
+            gc.collect()
+        ratio = train["ldm"] / train["diffusers"]
+        print(
+            f"train step  ldm {train['ldm']:.3f}s  diffusers {train['diffusers']:.3f}s  ratio {ratio:.3f}"
+        )
+
+    flops = forward_flops(ours, inputs)
+    flops_ref = forward_flops(ref, inputs)
+    peak = matmul_flops_per_s()
+    achieved = flops / fwd["ldm"]
+    print(f"forward FLOPs ldm {flops / 1e9:.1f} G (diffusers counts {flops_ref / 1e9:.1f} G)")
+    print(f"achieved {achieved / 1e9:.1f} GFLOP/s; 4096^2 fp32 matmul {peak / 1e9:.1f} GFLOP/s; ")
+    print(f"ldm forward at {100 * achieved / peak:.0f}% of the matmul rate")
+
+
+if __name__ == "__main__":
+    main()
