@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         init_image = load_image(args.init_image, "--init-image")
     if args.mask:
         mask = load_image(args.mask, "--mask")
-    if args.seed is None and settings["seed"] is None:
-        settings["seed"] = secrets.randbelow(2**32)
-        print(f"seed: {settings['seed']}", file=sys.stderr)
+    seed_is_random = settings["seed"] is None
+    if seed_is_random:
+        settings["seed"] = secrets.randbelow(2**32)  # printed once generation starts
 
     from ldm.pipeline import load_pipeline
 
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         settings["strength"] = 1.0  # the new border has no content to keep
         settings["height"], settings["width"] = init_image.height, init_image.width
 
-    results = _generate(pipe, args, settings, init_image, mask)
+    results = _generate(pipe, args, settings, init_image, mask, seed_is_random)
     paths = _save_all(results, Path(args.outdir), args)
     for path in paths:
         print(path)
@@ -174,19 +174,21 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
         raise LdmError("--lora is not available in this version of ldm txt2img yet")
 
 
-def _generate(pipe, args, s: dict, init_image, mask) -> list:
+def _generate(pipe, args, s: dict, init_image, mask, seed_is_random: bool) -> list:
     """n_iter batches of n_samples images; image k overall gets seed + k."""
     from tqdm import tqdm
 
     n = args.n_samples
-    bar = tqdm(
-        total=args.n_iter * s["steps"], unit="step", file=sys.stderr, disable=args.no_progress
-    )
+    bar = None
 
     def on_step(step: int, num_steps: int) -> None:
-        if bar.total != args.n_iter * num_steps:  # img2img runs fewer steps than --steps
-            bar.total = args.n_iter * num_steps
-            bar.refresh()
+        # made at the first step, so a request the pipeline rejects prints only its error
+        nonlocal bar
+        if bar is None:
+            if seed_is_random:
+                print(f"seed: {s['seed']}", file=sys.stderr)
+            total = args.n_iter * num_steps  # img2img runs fewer steps than --steps
+            bar = tqdm(total=total, unit="step", file=sys.stderr, disable=args.no_progress)
         bar.update(1)
 
     results = []
@@ -202,7 +204,8 @@ def _generate(pipe, args, s: dict, init_image, mask) -> list:
                 clip_skip=s["clip_skip"], callback=on_step,
             )  # fmt: skip
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return results
 
 
