@@ -60,6 +60,7 @@ def theirs(folders):
             cls = getattr(diffusers, cls_name)
             pipe = cls.from_pretrained(folders[kind], safety_checker=None)
             pipe.set_progress_bar_config(disable=True)
+            pipe.folder_scheduler_config = dict(pipe.scheduler.config)  # as saved in the folder
             cache[kind, cls_name] = pipe
         return cache[kind, cls_name]
 
@@ -73,7 +74,9 @@ def _array(image: Image.Image) -> np.ndarray:
 def _diffusers_image(pipe, scheduler, extra, seed=SEED, **kwargs) -> np.ndarray:
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **extra)
+    # from the folder's config each time: a previous case's kwargs must not leak in
+    config = getattr(pipe, "folder_scheduler_config", pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(config, **extra)
     generator = torch.Generator("cpu").manual_seed(seed)
     out = pipe(generator=generator, guidance_scale=SCALE, output_type="pil", **kwargs)
     return _array(out.images[0])
@@ -243,3 +246,36 @@ def test_unet_nan_is_an_error_not_a_black_image(ours):
 def test_missing_model_is_a_checkpoint_error(tmp_path):
     with pytest.raises(LdmError, match="no such file"):
         load_pipeline(str(tmp_path / "nope"))
+
+
+def test_nan_decode_is_redone_in_fp32_per_image(tiny_sd1):
+    """bf16 on CPU; image 1's decode comes out NaN: only it is decoded again, in fp32."""
+    import copy
+
+    pipe = load_pipeline(str(tiny_sd1), device="cpu", dtype="bf16")
+    pipe._vae_fp32 = copy.deepcopy(pipe.vae).float()  # made before the bf16 VAE is broken
+    decode = pipe.vae.decode
+
+    def broken(latents):
+        out = decode(latents)
+        assert latents.dtype == torch.bfloat16
+        return out.index_fill(0, torch.tensor([1]), float("nan")) if len(out) > 1 else out
+
+    pipe.vae.decode = broken
+    results = pipe(["a", "b"], [3, 4], steps=2, height=16, width=16)
+    assert [r.record["nan_retry_fp32"] for r in results] == [False, True]
+    assert results[0].record["dtype"] == "bf16"
+    assert _array(results[1].image).std() > 5  # a real picture, not black
+
+
+def test_missing_demo_model_falls_back_to_a_random_one(monkeypatch, tmp_path):
+    from ldm import pipeline
+
+    if (pipeline.DEFAULT_MODEL / "model_index.json").exists():
+        pytest.skip("the demo model exists")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.warns(UserWarning, match="RANDOM"):
+        pipe = load_pipeline(None)
+    assert "RANDOM" in pipe.notice and pipe.model_name == "tiny-random"
+    (result,) = pipe(["x"], [0], steps=1, height=16, width=16)
+    assert result.record["model"] == "tiny-random"

@@ -249,8 +249,15 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             tokens = maybe_checkpoint(self.gradient_checkpointing, block, tokens, context, bias)
         tokens = self._as_linear(self.proj_out, tokens)
-        # (B, H*W, C) -> (B, C, H, W) with channels_last strides: no copy
-        return tokens.view(b, h, w, c).permute(0, 3, 1, 2) + x
+        out = tokens.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
+        # keep the caller's layout (a no-op for channels_last), so convs see one format
+        return out.contiguous(memory_format=_memory_format(x)) + x
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class Downsample2D(nn.Module):

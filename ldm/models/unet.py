@@ -263,6 +263,13 @@ class MidBlock(nn.Module):
         return h
 
 
+def _contiguous_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: channels_last conv weights are returned in plain contiguous layout."""
+    for key, value in state.items():
+        if not value.is_contiguous():
+            state[key] = value.contiguous()
+
+
 def _transformer(s: _BlockSpec, c: UNetConfig, ch: int) -> Transformer2DModel:
     return Transformer2DModel(
         s.heads,
@@ -278,9 +285,13 @@ def _transformer(s: _BlockSpec, c: UNetConfig, ch: int) -> Transformer2DModel:
 
 
 class UNet2DConditionModel(nn.Module):
-    """eps/v-predicting U-Net: (noisy latents, timestep, text context) -> (B, C, H, W)."""
+    """eps/v-predicting U-Net: (noisy latents, timestep, text context) -> (B, C, H, W).
 
-    channels_last = True  # run activations in channels_last layout (faster on CPU and GPU)
+    Conv weights are held in channels_last layout (faster convolutions, and the transformers'
+    (B, C, H, W) <-> (B, H*W, C) become free views); ``state_dict()`` returns them contiguous,
+    as safetensors and diffusers expect. ``model.to(memory_format=torch.contiguous_format)``
+    switches back to NCHW.
+    """
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -345,6 +356,8 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(
             chs[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2
         )
+        self.to(memory_format=torch.channels_last)
+        self._register_state_dict_hook(_contiguous_state_dict)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations in backward (less memory, ~30% more compute)."""
@@ -380,8 +393,8 @@ class UNet2DConditionModel(nn.Module):
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         # channels_last: the transformers' (B, C, H, W) <-> (B, H*W, C) become free views
-        if self.channels_last:
-            sample = sample.contiguous(memory_format=torch.channels_last)
+        if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            sample = sample.contiguous(memory_format=torch.channels_last)  # match the weights
         h = self.conv_in(sample)
         skips = [h]
         for block in self.down_blocks:

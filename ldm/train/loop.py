@@ -96,15 +96,14 @@ def train(
     parts = load_start_model(cfg)
     start = {"stage": 0, "step": 0, "global_step": 0}
     resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
-    resume_state = None
+    resumed = None  # (weights, optimizer state) of the checkpoint we continue from
     if resume_from is not None:
         weights, optimizer_state, start = ckpt.load_checkpoint(resume_from)
-        for name in PARTS:
-            if name in weights:
-                getattr(parts, name).load_state_dict(weights[name], strict=True)
+        resumed = (weights, optimizer_state)
         if "vae_scaling_factor" in start:
             parts.vae.config.scaling_factor = start["vae_scaling_factor"]
-        resume_state = (weights, optimizer_state)
+        if start["step"] == 0:  # a stage boundary: plain module names, load right away
+            load_part_weights(parts, weights)
         log.info(f"resuming from {resume_from} (stage {start['stage']}, step {start['step']})")
     for name in PARTS:
         getattr(parts, name).to(device)
@@ -122,8 +121,9 @@ def train(
         emas = {n: EMA(m, stage.ema.decay, stage.ema.warmup) for n, m in trained.items()}
         if not stage.ema.enabled:
             emas = {}
-        if resume_state is not None and stage_index == start["stage"] and first_step > 0:
-            weights, optimizer_state = resume_state
+        if resumed is not None and stage_index == start["stage"] and first_step > 0:
+            weights, optimizer_state = resumed  # mid-stage: names may include LoRA layers
+            load_part_weights(parts, weights)
             optimizer.load_state_dict(optimizer_state)
             for n, e in emas.items():
                 e.load_state_dict({"num_updates": start["ema_updates"], "shadow": weights[f"ema-{n}"]})
@@ -196,6 +196,16 @@ def train(
             if done:
                 for n, e in emas.items():  # later stages and the export see the EMA weights
                     e.copy_to(parts_module(parts, n))
+                if stage.method == "lora" and accelerator.is_main_process:
+                    from ldm.train.lora import save_lora
+
+                    for f in save_lora(parts, run_dir / f"lora-{stage.name}"):
+                        log.info(f"saved LoRA {f}")
+                if stage.method == "lora":
+                    from ldm.train.lora import merge_lora
+
+                    for n in trained:  # later stages and the export see plain weights
+                        merge_lora(parts_module(parts, n))
                 if "vae" in trained:
                     calibrate_latent_scale(parts, data, device, log)
             if accelerator.is_main_process and (done or (step + 1) % cfg.checkpoint_every == 0):
@@ -233,6 +243,12 @@ def train(
 
 def parts_module(parts, name: str) -> torch.nn.Module:
     return getattr(parts, name)
+
+
+def load_part_weights(parts, weights: dict) -> None:
+    for name in PARTS:
+        if name in weights:
+            getattr(parts, name).load_state_dict(weights[name], strict=True)
 
 
 def diffusion_loss_for_step(

@@ -32,12 +32,15 @@ def set_trainable(parts, stage: StageConfig, gradient_checkpointing: bool) -> di
     unknown = [n for n in stage.train if n not in TRAINABLE]
     if unknown:
         raise ConfigError(f"stages.{stage.name}.train: unknown part '{unknown[0]}' ({TRAINABLE})")
+    train = list(stage.train)
+    if stage.method == "lora" and stage.lora.text_encoder and "text_encoder" not in train:
+        train.append("text_encoder")
     trained = {}
     for name in TRAINABLE:
         module = getattr(parts, name)
         module.requires_grad_(False)
         module.eval()
-        if name not in stage.train:
+        if name not in train:
             continue
         if stage.method == "lora":
             from ldm.train.lora import add_lora
@@ -67,7 +70,9 @@ class StageData:
         else:
             from ldm.train.folder_batches import FolderBatches
 
-            self.source = FolderBatches(self.config, stage.batch_size, cfg.seed, rank, world)
+            self.source = FolderBatches(
+                self.config, stage.batch_size, cfg.seed, rank, world, Path(cfg.output_dir)
+            )
 
     def images(self, step: int):
         return self.source.images(step)

@@ -1,0 +1,284 @@
+"""Run a batch: group compatible jobs, shard the batches over processes, save, record, resume.
+
+Batches are a pure function of the job stream: jobs that must share one pipeline call (same size,
+sampler, schedule, steps, guidance, clip skip, init image, and number of 75-token text chunks, which
+decides the padding of the text context) are gathered per key in file order and emitted every
+``batch_size`` jobs. Batch k belongs to process ``k % world``. A re-run rebuilds the same batches
+and runs a batch again when any of its images is missing, writing only those: every image is
+always made in the same batch as in an uninterrupted single-process run, so the bytes are equal
+(each image also draws all its noise from its own seed, see ldm.pipeline).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from ldm.batch import manifest
+from ldm.batch.jobs import Job
+from ldm.batch.names import image_name, inside
+from ldm.errors import LdmError
+
+# parameters one pipeline call shares (the prompt, negative prompt and seed are per image)
+SHARED = ("steps", "guidance_scale", "guidance_rescale", "sampler", "schedule", "eta", "height",
+          "width", "clip_skip", "init_image", "mask", "strength")  # fmt: skip
+MAX_OPEN_GROUPS = 64  # bounds memory when a file mixes many settings
+
+
+@dataclass
+class Event:
+    """What happened to one image (for progress bars): ok, adopted, failed."""
+
+    job: Job
+    name: str
+    status: str
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    """The outcome of one process's share of a run."""
+
+    total: int = 0  # images of this process
+    skipped: int = 0  # already finished by an earlier run
+    made: int = 0
+    adopted: int = 0  # complete files whose manifest line was lost, recorded now
+    failed: int = 0
+    seconds: float = 0.0
+    encoded: int = 0  # text encodings computed
+    reused: int = 0  # text encodings taken from the cache
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.made / self.seconds if self.seconds > 0 else 0.0
+
+
+class TextCache:
+    """Each distinct prompt and negative prompt is encoded once (LRU-bounded), per clip skip.
+
+    Stands in for the pipeline's ``_encode_text``: texts are encoded one at a time, padded to the
+    batch's chunk count, so a text's embedding does not depend on what it was batched with.
+    """
+
+    def __init__(self, pipe, capacity: int = 4096):
+        self.pipe, self.capacity = pipe, capacity
+        self.conds: OrderedDict = OrderedDict()
+        self.encoders: dict = {}
+        self.encoded = self.reused = 0
+        self.num_chunks = lru_cache(maxsize=65536)(self._num_chunks)
+
+    def install(self) -> None:
+        # TODO(lead): replace with a public Pipeline hook (see the batch report)
+        self.pipe._encode_text = self.encode
+
+    def _encoder(self, clip_skip: int):
+        from ldm.text.encoders import CLIPTextEncoder
+
+        if clip_skip not in self.encoders:
+            pipe = self.pipe
+            self.encoders[clip_skip] = CLIPTextEncoder(pipe.text_model, pipe.tokenizer, clip_skip)
+        return self.encoders[clip_skip]
+
+    def _num_chunks(self, text: str) -> int:
+        """75-token chunks of an A1111 prompt (1 without tokenizing when it cannot be more)."""
+        from ldm.text.prompts import prompt_chunks
+
+        encoder = self._encoder(1)
+        if len(text.encode("utf-8")) <= encoder.chunk_length and "BREAK" not in text:
+            return 1  # a CLIP token covers at least one byte
+        return len(prompt_chunks(encoder, text))
+
+    def job_chunks(self, params: dict) -> int:
+        """Chunks of the job's text context (cond and uncond are padded to the same count)."""
+        n = self.num_chunks(params["prompt"])
+        if params["guidance_scale"] > 1.0:
+            n = max(n, self.num_chunks(params["negative_prompt"]))
+        return n
+
+    def encode(self, prompts: list[str], negatives: list[str], clip_skip: int, guided: bool):
+        """(cond, uncond or None) on the pipeline's device, as ``Pipeline._encode_text``."""
+        from ldm.text.cond import Cond
+
+        texts = list(prompts) + (list(negatives) if guided else [])
+        n = max(self.num_chunks(t) for t in texts)
+        both = Cond.cat([self._one(t, clip_skip, n) for t in texts])
+        if both.mask is not None and bool(both.mask.all()):
+            both = Cond(both.context, both.pooled, None)  # no mask needed: faster attention
+        return (both[: len(prompts)], both[len(prompts) :]) if guided else (both, None)
+
+    def _one(self, text: str, clip_skip: int, num_chunks: int):
+        from ldm.text.prompts import encode_prompts
+
+        key = (text, clip_skip, num_chunks)
+        if key in self.conds:
+            self.conds.move_to_end(key)
+            self.reused += 1
+            return self.conds[key]
+        cond = encode_prompts(self._encoder(clip_skip), [text], min_chunks=num_chunks)
+        self.conds[key] = cond.to(self.pipe.device, self.pipe.dtype)
+        self.encoded += 1
+        if len(self.conds) > self.capacity:
+            self.conds.popitem(last=False)
+        return self.conds[key]
+
+
+def batches(
+    jobs: Iterable[Job], batch_size: int, chunks: Callable[[dict], int]
+) -> Iterator[list[Job]]:
+    """Group jobs with equal shared settings into batches of ``batch_size``, in stream order."""
+    groups: OrderedDict = OrderedDict()
+    for job in jobs:
+        key = tuple(job.params.get(k) for k in SHARED) + (chunks(job.params),)
+        group = groups.setdefault(key, [])
+        group.append(job)
+        if len(group) == batch_size:
+            yield groups.pop(key)
+        elif len(groups) > MAX_OPEN_GROUPS:
+            yield groups.popitem(last=False)[1]  # the oldest partial batch, deterministically
+    yield from groups.values()
+
+
+def job_name(job: Job) -> str:
+    return image_name(job.index, job.params["prompt"], job.params["seed"])
+
+
+def run_batches(
+    pipe,
+    jobs: Callable[[], Iterable[Job]],
+    outdir: str | Path,
+    *,
+    batch_size: int = 4,
+    rank: int = 0,
+    world: int = 1,
+    on_plan: Callable[[int, int], None] | None = None,
+    on_image: Callable[[Event], None] | None = None,
+) -> Summary:
+    """Make this process's images that are not finished yet; ``jobs()`` streams the valid jobs.
+
+    ``on_plan(total, already_done)`` is called once before the first image, ``on_image`` after
+    each image. Failures (NaN, out of memory) are recorded in the manifest and the run goes on.
+    """
+    outdir = Path(outdir)
+    cache = TextCache(pipe)
+    cache.install()
+    summary = Summary()
+
+    # 1. which of this process's batches have work (before any image: conflicts stop the run)
+    entries = manifest.read(outdir)
+    plan: dict[int, list[str]] = {}
+    for k, batch in enumerate(batches(jobs(), batch_size, cache.job_chunks)):
+        if k % world != rank:
+            continue
+        states = [
+            manifest.status(
+                job_name(j), j.params, inside(outdir, job_name(j)), entries.get(job_name(j)),
+                pipe.model_hash,
+            )  # fmt: skip
+            for j in batch
+        ]
+        summary.total += len(batch)
+        summary.skipped += states.count("done")
+        if any(s != "done" for s in states):
+            plan[k] = states
+    del entries
+    if on_plan:
+        on_plan(summary.total, summary.skipped)
+
+    # 2. run the batches with work, writing only the missing images
+    start = time.perf_counter()
+    with manifest.Writer(outdir) as writer:
+        for k, batch in enumerate(batches(jobs(), batch_size, cache.job_chunks)):
+            if k in plan:
+                _run_batch(pipe, batch, plan.pop(k), outdir, writer, summary, rank, on_image)
+    summary.seconds = time.perf_counter() - start
+    summary.encoded, summary.reused = cache.encoded, cache.reused
+    return summary
+
+
+def _run_batch(pipe, batch, states, outdir, writer, summary, rank, on_image) -> None:
+    for job, state in zip(batch, states):
+        if state == "adopt":
+            name = job_name(job)
+            sha = manifest.file_sha256(inside(outdir, name))
+            writer.append(_entry(job, name, rank, status="ok", sha256=sha, seconds=None))
+            summary.adopted += 1
+            if on_image:
+                on_image(Event(job, name, "adopted"))
+    need = [i for i, s in enumerate(states) if s == "todo"]
+    if not need:
+        return
+    for i, result, seconds in _generate(pipe, batch, need):
+        job, name = batch[i], job_name(batch[i])
+        if isinstance(result, str):
+            writer.append(_entry(job, name, rank, status="failed", error=result, seconds=seconds))
+            summary.failed += 1
+            summary.failures.append((name, result))
+            event = Event(job, name, "failed", result)
+        else:
+            path = inside(outdir, name)
+            _save(result, path)
+            sha = manifest.file_sha256(path)  # after the rename: the line follows the file
+            writer.append(_entry(job, name, rank, status="ok", sha256=sha, seconds=seconds))
+            summary.made += 1
+            event = Event(job, name, "ok")
+        if on_image:
+            on_image(event)
+
+
+def _generate(pipe, batch: list[Job], need: list[int]) -> Iterator[tuple[int, object, float]]:
+    """(index in batch, Generated or failure reason, seconds per image) for the needed images.
+
+    The whole batch is always run (its composition decides the bytes); if it fails, each needed
+    image is tried alone, as an uninterrupted run would have done.
+    """
+    try:
+        start = time.perf_counter()
+        results = _call(pipe, batch)
+        seconds = (time.perf_counter() - start) / len(batch)
+        yield from ((i, results[i], seconds) for i in need)
+        return
+    except (LdmError, RuntimeError, ValueError) as e:
+        if len(batch) == 1:
+            yield need[0], _reason(e), time.perf_counter() - start
+            return
+    for i in need:
+        start = time.perf_counter()
+        try:
+            result = _call(pipe, [batch[i]])[0]
+        except (LdmError, RuntimeError, ValueError) as e:
+            result = _reason(e)
+        yield i, result, time.perf_counter() - start
+
+
+def _call(pipe, batch: list[Job]) -> list:
+    shared = {k: batch[0].params.get(k) for k in SHARED if k in batch[0].params}
+    return pipe(
+        [j.params["prompt"] for j in batch],
+        [j.params["seed"] for j in batch],
+        negative_prompt=[j.params["negative_prompt"] for j in batch],
+        **shared,
+    )
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}"[:500]
+
+
+def _save(generated, path: Path) -> None:
+    from ldm.cli.txt2img import _infotext  # TODO(lead): make public (see the batch report)
+    from ldm.infotext import save_png
+
+    save_png(generated.image, path, _infotext(generated.record), generated.record)
+
+
+def _entry(job: Job, name: str, rank: int, **fields) -> dict:
+    return dict(
+        name=name, path=name, job=dict(index=job.index, line=job.line, entry=job.entry),
+        params=job.params, rank=rank, **fields,
+    )  # fmt: skip
