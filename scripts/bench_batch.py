@@ -76,8 +76,11 @@ def main() -> None:
         print(f"note: {model} is not a diffusers folder: using the tiny RANDOM model instead")
         model = tiny_random_folder()
     # a few repeated prompts, as an asset list has (the text-embedding cache is part of ldm batch)
-    prompts = [f"a {c} {s}" for c, s in zip(["red", "blue", "green", "red"] * 8,
-                                             ["circle", "square", "triangle", "circle"] * 8)]  # fmt: skip
+    colors, shapes = (
+        ["red", "blue", "green", "red"] * 8,
+        ["circle", "square", "triangle", "circle"] * 8,
+    )
+    prompts = [f"a {c} {s}" for c, s in zip(colors, shapes)]
     prompts = prompts[: args.images]
     print(f"model {model}, {args.images} images, {args.steps} steps, DPM++ 2M, CPU "
           f"({torch.get_num_threads()} threads)")  # fmt: skip

@@ -4,7 +4,7 @@ Times the forward pass and a train step (forward + backward + AdamW) of an SD 1.
 U-Net (32x32 latents, batch 2, 77-token context), prints ldm/diffusers time ratios and the
 forward's achieved FLOP/s as a fraction of a large fp32 matmul measured in the same process.
 
-    python scripts/bench_models.py            # the real SD 1.5 shape (needs ~16 GB RAM)
+    python scripts/bench_models.py            # real SD 1.5 shape (~14 GB free RAM)
     python scripts/bench_models.py --quick    # reduced widths, a few seconds per step
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -34,8 +35,8 @@ SD15_UNET = dict(
 QUICK_UNET = dict(SD15_UNET, block_out_channels=(64, 128, 256, 256))
 
 
-def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call; calls interleaved so shared-CPU load drifts hit all alike."""
+def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call; calls interleaved so shared-CPU load drifts hit all alike."""
     for fn in fns.values():
         fn()  # warm-up (allocations, oneDNN primitive caches, optimizer state)
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -44,7 +45,11 @@ def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    return {name: statistics.median(ts) for name, ts in timings(fns, repeats).items()}
 
 
 def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:
@@ -79,6 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     parser.add_argument("--no-train", action="store_true", help="skip the train-step timing")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
 
     from diffusers import UNet2DConditionModel as DiffusersUNet
 
@@ -114,6 +120,18 @@ def main() -> None:
         f"forward     ldm {fwd['ldm']:.3f}s  diffusers {fwd['diffusers']:.3f}s  ratio {ratio:.3f}"
     )
 
+    # for transparency: diffusers given the same channels_last weight layout as ldm uses
+    ref.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fns = {"ldm": lambda: ours(*inputs), "diffusers": lambda: ref(*inputs)}
+        fwd_cl = median_time(fns, args.repeats)
+    ref.to(memory_format=torch.contiguous_format)
+    ratio = fwd_cl["ldm"] / fwd_cl["diffusers"]
+    print(
+        f"forward vs diffusers in channels_last: ldm {fwd_cl['ldm']:.3f}s  "
+        f"diffusers {fwd_cl['diffusers']:.3f}s  ratio {ratio:.3f}"
+    )
+
     flops = forward_flops(ours, inputs)
     achieved, peak = flops / fwd["ldm"], 2 * n**3 / fwd["mm"]
     print(f"forward {flops / 1e9:.1f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s; fp32 {n}^2 matmul ")
@@ -125,7 +143,7 @@ def main() -> None:
         # one model + AdamW state at a time (SD 1.5: 3.4 GB weights + 10 GB grads and moments)
         del ref
         gc.collect()
-        train = median_time({"ldm": make_train_step(ours, inputs, target)}, args.repeats)
+        train = timings({"ldm": make_train_step(ours, inputs, target)}, args.repeats)
         state = ours.state_dict()
         del ours
         gc.collect()
@@ -133,10 +151,14 @@ def main() -> None:
         ref.load_state_dict(state, strict=True)
         del state
         gc.collect()
-        train.update(median_time({"diffusers": make_train_step(ref, inputs, target)}, args.repeats))
-        ratio = train["ldm"] / train["diffusers"]
-        ldm_s, ref_s = train["ldm"], train["diffusers"]
-        print(f"train step  ldm {ldm_s:.3f}s  diffusers {ref_s:.3f}s  ratio {ratio:.3f}")
+        train.update(timings({"diffusers": make_train_step(ref, inputs, target)}, args.repeats))
+        med = {k: statistics.median(v) for k, v in train.items()}
+        low = {k: min(v) for k, v in train.items()}
+        print(
+            f"train step  ldm {med['ldm']:.3f}s  diffusers {med['diffusers']:.3f}s  "
+            f"ratio {med['ldm'] / med['diffusers']:.3f} (median; min ratio "
+            f"{low['ldm'] / low['diffusers']:.3f}; timed one after the other, not interleaved)"
+        )
 
 
 if __name__ == "__main__":

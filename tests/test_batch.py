@@ -54,7 +54,12 @@ def test_text_file_a1111_options(tmp_path):
         "--prompt x --sampler_name 'DPM++ 2M Karras' --n_iter 2\n"
     )
     a, b, c, d = jobs_of(f)
-    assert (a.line, a.params["prompt"], a.params["seed"], a.params["height"]) == (3, "a red cube", 0, 64)
+    assert (a.line, a.params["prompt"], a.params["seed"], a.params["height"]) == (
+        3,
+        "a red cube",
+        0,
+        64,
+    )
     assert b.line == 4 and b.params == dict(
         prompt="a blue ball, shiny", negative_prompt="blurry", seed=5, steps=30,
         guidance_scale=7.0, guidance_rescale=0.0, sampler="euler_ancestral", schedule="default",
@@ -134,7 +139,7 @@ def test_a_large_file_is_streamed_in_bounded_memory(tmp_path):
     f = tmp_path / "big.txt"
     with open(f, "w") as out:
         for i in range(10_000):
-            out.write(f"--prompt \"prompt number {i}\" --seed {i}\n" if i != 4_000 else "--x\n")
+            out.write(f'--prompt "prompt number {i}" --seed {i}\n' if i != 4_000 else "--x\n")
     tracemalloc.start()
     num_jobs, invalid, num_invalid = validate(f, SPEC)
     _, peak = tracemalloc.get_traced_memory()
@@ -151,7 +156,10 @@ def test_batches_group_only_compatible_jobs(tmp_path):
     # pretend "long" needs two 75-token chunks: it must not share a batch with short prompts
     out = list(batches(jobs, 2, lambda p: 2 if p["prompt"] == "long" else 1))
     assert [[j.params["prompt"] for j in b] for b in out] == [
-        ["a", "c"], ["b", "e"], ["d", "f"], ["long"]
+        ["a", "c"],
+        ["b", "e"],
+        ["d", "f"],
+        ["long"],
     ]
 
 
@@ -183,7 +191,7 @@ def test_batch_writes_pngs_manifest_and_resumes(tiny_sd1, tmp_path, capsys):
     from ldm.infotext import parse_infotext, read_png_metadata
 
     f = tmp_path / "p.txt"
-    f.write_text("a red cube\n--prompt \"a blue ball\" --seed 5 --cfg_scale 5\na red cube\n")
+    f.write_text('a red cube\n--prompt "a blue ball" --seed 5 --cfg_scale 5\na red cube\n')
     out = tmp_path / "out"
     assert run_cli(tiny_sd1, f, out, "--n-per-prompt", "2", "--grid") == 0
     files = pngs(out)
@@ -197,7 +205,11 @@ def test_batch_writes_pngs_manifest_and_resumes(tiny_sd1, tmp_path, capsys):
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(e["name"] for e in lines) == sorted(files)
     for e in lines:
-        assert e["status"] == "ok" and e["seconds"] > 0 and e["params"]["prompt"] in e["name"].replace("-", " ")
+        assert (
+            e["status"] == "ok"
+            and e["seconds"] > 0
+            and e["params"]["prompt"] in e["name"].replace("-", " ")
+        )
         assert e["sha256"] == manifest.file_sha256(out / e["path"])
     assert len(list((out / "grids").glob("*.png"))) == 3
     err = capsys.readouterr().err

@@ -66,7 +66,9 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(tiny_sd1, tmp_path, refer
         # kill once this run has made an image or two: mid-batch, mid-write or mid-append
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            if (out / manifest.MANIFEST).exists() and len(manifest.read(out)) >= before + 1 + attempt:
+            if (out / manifest.MANIFEST).exists() and len(
+                manifest.read(out)
+            ) >= before + 1 + attempt:
                 time.sleep(0.05 * attempt)
                 break
             time.sleep(0.02)

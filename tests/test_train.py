@@ -92,3 +92,18 @@ def test_nonfinite_loss_stops_without_checkpoint(tmp_path):
     for ck in (tmp_path / "checkpoints").glob("step-*"):
         for f in ck.glob("*.safetensors"):
             assert all(torch.isfinite(v).all() for v in load_file(str(f)).values())
+
+
+def test_validation_mid_stage_keeps_training(tmp_path):
+    """A validation grid mid-stage must not freeze the parts being trained."""
+    from ldm.config import load_config
+    from ldm.train.config import TrainConfig
+    from ldm.train.loop import train
+
+    cfg = load_config(
+        TrainConfig, TINY,
+        [f"output_dir={tmp_path}", "stages.0.steps=1", "stages.1.steps=3", "validate_every=1",
+         "validation_prompts=[a red circle]", "validation_steps=1"],
+    )  # fmt: skip
+    train(cfg, progress=False)
+    assert len(list((tmp_path / "samples").glob("diffusion-*.png"))) == 3

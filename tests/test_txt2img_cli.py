@@ -89,7 +89,7 @@ def test_img2img_and_outpaint(tiny_sd1, tmp_path, capsys):
                           "--outdir", tmp_path / "out")  # fmt: skip
     assert rc == 0, err
     assert Image.open(paths[0]).size == (24, 18)
-    assert read_png_metadata(paths[0])[1]["mode"] == "inpaint"
+    assert read_png_metadata(paths[0])[1]["mode"] == "outpaint"
 
 
 @pytest.fixture

@@ -306,7 +306,10 @@ def _entry_params(raw: dict, spec: JobSpec) -> tuple[dict, int]:
     params.update({k: v for k, v in own.items() if v is not None or k == "eta"})
     if not isinstance(params.get("prompt"), str):
         raise ValueError("no prompt")
-    if len(params["prompt"]) > MAX_PROMPT_CHARS or len(params["negative_prompt"]) > MAX_PROMPT_CHARS:
+    if (
+        len(params["prompt"]) > MAX_PROMPT_CHARS
+        or len(params["negative_prompt"]) > MAX_PROMPT_CHARS
+    ):
         raise ValueError(f"prompt longer than {MAX_PROMPT_CHARS} characters")
     n_iter, batch = params.pop("n_iter", None), params.pop("batch_size", None)
     if n_iter is None and batch is None:

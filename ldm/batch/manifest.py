@@ -50,11 +50,20 @@ def repair(outdir: str | Path) -> None:
     if not path.exists() or path.stat().st_size == 0:
         return
     with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
+        end = f.seek(0, os.SEEK_END)
+        f.seek(end - 1)
         if f.read(1) == b"\n":
             return
-        data = f.seek(0) or f.read()
-        f.truncate(data.rfind(b"\n") + 1)
+        cut, stop = 0, end  # cut: the end of the last complete line, searched backwards
+        while stop > 0:
+            start = max(0, stop - (1 << 20))
+            f.seek(start)
+            newline = f.read(stop - start).rfind(b"\n")
+            if newline >= 0:
+                cut = start + newline + 1
+                break
+            stop = start
+        f.truncate(cut)
         os.fsync(f.fileno())
 
 
@@ -100,7 +109,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def status(name: str, params: dict, path: Path, entry: dict | None, model_hash: str) -> str:
-    """"done", "adopt" or "todo" for one job; LdmError if its name holds another job's file."""
+    """ "done", "adopt" or "todo" for one job; LdmError if its name holds another job's file."""
     if entry is not None and entry.get("params") != params:
         raise LdmError(
             f"{path}: the manifest lists this name for other parameters (line or flags changed "

@@ -176,7 +176,10 @@ def run_batches(
             continue
         states = [
             manifest.status(
-                job_name(j), j.params, inside(outdir, job_name(j)), entries.get(job_name(j)),
+                job_name(j),
+                j.params,
+                inside(outdir, job_name(j)),
+                entries.get(job_name(j)),
                 pipe.model_hash,
             )  # fmt: skip
             for j in batch

@@ -32,8 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", required=True, metavar="FILE", help="text, .jsonl or .csv")
     g.add_argument("--seeds", help="seeds for every prompt without its own, e.g. 1,2,3")
     g.add_argument("--n-per-prompt", type=int, help="images per prompt: seeds s, s+1, ... (1)")
-    g.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="cross product of values, e.g. guidance_scale=5,7.5 (repeatable)")  # fmt: skip
+    g.add_argument(
+        "--sweep", action="append", default=[], metavar="KEY=V1,V2",
+        help="cross product of values, e.g. guidance_scale=5,7.5 (repeatable)",
+    )  # fmt: skip
     g.add_argument("--skip-invalid", action="store_true", help="skip invalid lines, say so, go on")
     g = p.add_argument_group("model and device")
     g.add_argument("--model", help="diffusers folder or .safetensors/.ckpt (default: demo model)")
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
 
     # 4. summary (and grids, once every process is done)
-    _print_summary(summary, rank, world, num_jobs)
+    _print_summary(summary, rank, world)
     _barrier(state)
     if main and args.grid:
         from ldm.batch.grid import write_grids
@@ -211,11 +213,11 @@ class _Bar:
             self.bar.close()
 
 
-def _print_summary(s, rank: int, world: int, num_jobs: int) -> None:
+def _print_summary(s, rank: int, world: int) -> None:
     who = f"rank {rank}: " if world > 1 else ""
     print(
         f"ldm batch: {who}{s.made} made, {s.skipped} already done, {s.adopted} recovered, "
-        f"{s.failed} failed of {s.total}{'' if world > 1 else ''} in {s.seconds:.1f} s "
+        f"{s.failed} failed of {s.total} in {s.seconds:.1f} s "
         f"({s.images_per_s:.2f} images/s); text encodings: {s.encoded} computed, "
         f"{s.reused} reused",
         file=sys.stderr,

@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 cuda, fp32 cpu")
     g.add_argument("--clip-skip", type=int, help="use the output of the n-th last CLIP layer (1)")
-    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="(reserved)")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", default=[],
+                   help="merge a LoRA (diffusers/PEFT or kohya file) with an optional scale; repeatable")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, help="sampler steps (20)")
     g.add_argument("--guidance-scale", "--scale", type=float, help="CFG scale; <= 1 is off (7.5)")
@@ -101,6 +102,12 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(settings["model"], device=args.device, dtype=args.dtype)
     if pipe.notice:
         print(f"ldm: note: {pipe.notice}", file=sys.stderr)
+    for spec in args.lora:
+        from ldm.formats.lora import parse_lora_arg
+
+        report = pipe.apply_lora(*parse_lora_arg(spec))
+        if report.warning():
+            print(f"ldm: warning: {report.warning()}", file=sys.stderr)
     if args.attention_slicing:
         pipe.enable_attention_slicing()
     if args.vae_tiling:
@@ -113,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         settings["height"], settings["width"] = init_image.height, init_image.width
 
     results = _generate(pipe, args, settings, init_image, mask, seed_is_random)
+    if args.outpaint:
+        for result in results:
+            result.record.update(mode="outpaint", outpaint=args.outpaint)
     paths = _save_all(results, Path(args.outdir), args)
     for path in paths:
         print(path)
@@ -123,14 +133,14 @@ def _settings(args: argparse.Namespace) -> dict:
     """Defaults, then the record of --from-png, then the flags given explicitly."""
     settings = dict(DEFAULTS)
     if args.from_png:
-        settings.update(_from_png(args.from_png))
+        settings.update(_from_png(args.from_png, args.init_image))
     for key in DEFAULTS:
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
     return settings
 
 
-def _from_png(path: str) -> dict:
+def _from_png(path: str, init_image: str | None) -> dict:
     from ldm.infotext import parse_infotext, read_png_metadata
 
     if not Path(path).is_file():
@@ -140,6 +150,8 @@ def _from_png(path: str) -> dict:
         record = parse_infotext(infotext)
     if not record:
         raise LdmError(f"--from-png {path}: the PNG has no ldm record or A1111 parameters")
+    if record.get("mode", "txt2img") != "txt2img" and not init_image:
+        raise LdmError(f"--from-png {path}: made by {record['mode']}; give its --init-image too")
     out = {flag: record[key] for key, flag in FROM_RECORD.items() if record.get(key) is not None}
     model_path = record.get("model_path")
     if model_path and Path(model_path).exists():
@@ -170,8 +182,12 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
         raise LdmError(f"{'--mask' if args.mask else '--outpaint'} needs --init-image")
     if args.mask and args.outpaint:
         raise LdmError("--mask and --outpaint cannot be combined (outpaint makes its own mask)")
-    if args.lora:
-        raise LdmError("--lora is not available in this version of ldm txt2img yet")
+    from ldm.formats.lora import parse_lora_arg
+
+    for spec in args.lora:
+        path, _ = parse_lora_arg(spec)
+        if not Path(path).is_file():
+            raise LdmError(f"--lora {spec}: no such file")
 
 
 def _generate(pipe, args, s: dict, init_image, mask, seed_is_random: bool) -> list:

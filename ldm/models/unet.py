@@ -311,44 +311,28 @@ class UNet2DConditionModel(nn.Module):
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(c.down_block_types):
-            cross = kind.startswith("CrossAttn")
-            spec = _BlockSpec(
-                chs[max(i - 1, 0)],
-                chs[i],
-                0,
-                layers[i],
-                cross,
-                heads[i],
+            spec = _BlockSpec(chs[max(i - 1, 0)], chs[i], layers=layers[i], heads=heads[i])
+            spec.cross, spec.depth, spec.context_dim = (
+                kind.startswith("CrossAttn"),
                 depth[i],
                 ctx[i],
-                i < n - 1,
             )
+            spec.sample = i < n - 1  # no downsampling after the last block
             self.down_blocks.append(DownBlock(spec, c, temb_ch))
 
-        self.mid_block = MidBlock(
-            _BlockSpec(chs[-1], chs[-1], heads=heads[-1], depth=depth[-1], context_dim=ctx[-1]),
-            c,
-            temb_ch,
-        )
+        spec = _BlockSpec(chs[-1], chs[-1], heads=heads[-1], depth=depth[-1], context_dim=ctx[-1])
+        self.mid_block = MidBlock(spec, c, temb_ch)
 
+        # up path mirrors the down path; each up block has one resnet more (it eats the skips)
         up_depth = c.reverse_transformer_layers_per_block or tuple(reversed(depth))
+        up_depth = _per_block(up_depth, n, "reverse_transformer_layers_per_block")
         rchs, rheads, rlayers, rctx = (tuple(reversed(x)) for x in (chs, heads, layers, ctx))
         self.up_blocks = nn.ModuleList()
         for i, kind in enumerate(c.up_block_types):
-            cross = kind.startswith("CrossAttn")
-            in_ch = rchs[min(i + 1, n - 1)]
-            prev = rchs[max(i - 1, 0)]
-            spec = _BlockSpec(
-                in_ch,
-                rchs[i],
-                prev,
-                rlayers[i] + 1,
-                cross,
-                rheads[i],
-                _per_block(up_depth, n, "reverse_transformer_layers_per_block")[i],
-                rctx[i],
-                i < n - 1,
-            )
+            spec = _BlockSpec(rchs[min(i + 1, n - 1)], rchs[i], prev_ch=rchs[max(i - 1, 0)])
+            spec.layers, spec.heads, spec.depth = rlayers[i] + 1, rheads[i], up_depth[i]
+            spec.cross, spec.context_dim = kind.startswith("CrossAttn"), rctx[i]
+            spec.sample = i < n - 1
             self.up_blocks.append(UpBlock(spec, c, temb_ch))
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chs[0], eps=c.norm_eps)

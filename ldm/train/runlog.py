@@ -86,6 +86,8 @@ class RunLog:
         from ldm.train.grid import image_grid
 
         device = next(parts.unet.parameters()).device
+        modules = [parts.vae, parts.unet, parts.text_encoder]
+        trainable = [(p, p.requires_grad) for m in modules for p in m.parameters()]
         backups = {}
         for n, e in emas.items():  # sample with the EMA weights, then put the raw ones back
             module = getattr(parts, n)
@@ -110,6 +112,8 @@ class RunLog:
         finally:
             for n, sd in backups.items():
                 getattr(parts, n).load_state_dict(sd)
+            for p, flag in trainable:  # the pipeline freezes what it is given
+                p.requires_grad_(flag)
             for n in stage.train:
                 getattr(parts, n).train()
         path = self.run_dir / "samples" / f"{stage.name}-{global_step:08d}.png"
