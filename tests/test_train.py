@@ -107,3 +107,28 @@ def test_validation_mid_stage_keeps_training(tmp_path):
     )  # fmt: skip
     train(cfg, progress=False)
     assert len(list((tmp_path / "samples").glob("diffusion-*.png"))) == 3
+
+
+def test_lora_finetune_on_an_image_folder(tiny_sd1, tmp_path):
+    """LoRA stage on an exported image-caption folder: both LoRA files, a loadable export."""
+    from ldm.config import load_config
+    from ldm.data.shapes import export
+    from ldm.formats.diffusers_folder import load_folder
+    from ldm.formats.lora import apply_lora
+    from ldm.train.config import TrainConfig
+    from ldm.train.loop import train
+
+    data = export(tmp_path / "data", 8)
+    cfg = load_config(
+        TrainConfig, ROOT / "configs" / "train" / "lora-pink.yaml",
+        [f"output_dir={tmp_path / 'run'}", f"model.pretrained={tiny_sd1}", f"data.source={data}",
+         "stages.0.steps=3", "stages.0.batch_size=2", "data.resolution=32", "checkpoint_every=2"],
+    )  # fmt: skip
+    final = train(cfg, progress=False)
+    lora_dir = tmp_path / "run" / "lora-pink"
+    files = sorted(p.name for p in lora_dir.iterdir())
+    assert files == ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+    parts = load_folder(final)  # merged export: plain diffusers names
+    report = apply_lora(load_folder(tiny_sd1), lora_dir / "pytorch_lora_weights.safetensors")
+    assert report.matched and not report.unmatched
+    assert parts.unet.state_dict().keys() == load_folder(tiny_sd1).unet.state_dict().keys()

@@ -243,14 +243,18 @@ def sample_scene(rng: np.random.Generator, prompt: Prompt) -> Scene:
     return Scene(prompt, objs)
 
 
-def render(scene: Scene) -> np.ndarray:
-    """Draw a scene: (64, 64, 3) uint8, 4x supersampled then box-filtered (anti-aliased)."""
+def render(scene: Scene, palette: Mapping[str, tuple[int, int, int]] = PALETTE) -> np.ndarray:
+    """Draw a scene: (64, 64, 3) uint8, 4x supersampled then box-filtered (anti-aliased).
+
+    ``palette`` maps colour names to sRGB; a wider one renders concepts outside the world (the
+    LoRA fine-tuning demonstration teaches the demo model a new colour this way).
+    """
     k = SUPERSAMPLE
     img = Image.new("RGB", (SIZE * k, SIZE * k), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         x0, y0, x1, y1 = o.x * k, o.y * k, (o.x + o.size) * k - 1, (o.y + o.size) * k - 1
-        fill = PALETTE[o.colour]
+        fill = palette[o.colour]
         if o.shape == "square":
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         elif o.shape == "circle":

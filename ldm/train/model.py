@@ -22,7 +22,7 @@ def load_start_model(cfg: TrainConfig):
         from ldm.models.build import build_model, load_model_config
 
         return build_model(load_model_config(src.config), seed=cfg.seed)
-    from ldm.formats.load import load_model
+    from ldm.formats.diffusers_folder import load_model
 
     return load_model(src.pretrained, device="cpu", dtype=torch.float32)
 
