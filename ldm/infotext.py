@@ -251,3 +251,10 @@ def read_png_metadata(path: str | Path) -> tuple[str | None, dict | None]:
         except json.JSONDecodeError as e:
             raise LdmError(f"{path}: the 'ldm' record is not valid JSON ({e})") from None
     return infotext, record
+
+
+def infotext_from_record(record: dict) -> str:
+    """The A1111 ``parameters`` text of a pipeline record (A1111 names where they differ)."""
+    params = dict(record, version=f"ldm {record.get('ldm_version', '')}".strip())
+    params["denoising_strength"] = record.get("strength")
+    return format_infotext(params)

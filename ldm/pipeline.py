@@ -191,7 +191,7 @@ class Pipeline:
         latent_shape = (1, self.vae.latent_channels, height // self.factor, width // self.factor)
 
         # 2. text -> cond (and uncond for guidance; <= 1 skips the unconditioned pass)
-        cond, uncond = self._encode_text(prompts, negatives, clip_skip, guidance_scale > 1.0)
+        cond, uncond = self.encode_text(prompts, negatives, clip_skip, guidance_scale > 1.0)
 
         # 3. sigmas: the full schedule, cut at `strength` when starting from an image
         sigmas = get_sigmas(schedule, steps, self.schedule, sampler=sampler_name).to(self.device)
@@ -263,8 +263,11 @@ class Pipeline:
         ]
 
     # ---- steps of the call --------------------------------------------------------------------
-    def _encode_text(self, prompts, negatives, clip_skip, guided):
-        """A1111 prompts (emphasis, 75-token chunks) -> (cond, uncond or None) on the device."""
+    def encode_text(self, prompts, negatives, clip_skip, guided):
+        """A1111 prompts (emphasis, 75-token chunks) -> (cond, uncond or None) on the device.
+
+        Public so that callers can memoise it (ldm batch encodes each distinct prompt once).
+        """
         from ldm.text.encoders import CLIPTextEncoder
         from ldm.text.prompts import encode_cond_uncond, encode_prompts
 

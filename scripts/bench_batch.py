@@ -33,7 +33,10 @@ def bench_ldm(model: Path, prompts: list[str], steps: int, batch_size: int, outd
     def jobs():
         return (j for j in iter_jobs(prompt_file, spec) if isinstance(j, Job))
 
-    run_batches(pipe, jobs, outdir / f"warmup{batch_size}", batch_size=batch_size)  # warm-up
+    warm = outdir / "warmup.txt"
+    warm.write_text(prompts[0] + "\n")
+    warm_jobs = [j for j in iter_jobs(warm, spec) if isinstance(j, Job)]
+    run_batches(pipe, lambda: warm_jobs, outdir / f"warmup{batch_size}", batch_size=1)  # warm-up
     start = time.perf_counter()
     summary = run_batches(pipe, jobs, outdir / f"bs{batch_size}", batch_size=batch_size)
     assert summary.made == len(prompts), summary

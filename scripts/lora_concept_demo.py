@@ -41,7 +41,8 @@ def make_folder(out: Path, n: int, seed: int = 0) -> Path:
             scene, objects=tuple(dataclasses.replace(o, colour="pink") for o in scene.objects)
         )
         name = f"{i:05d}.png"
-        atomic_save(out / name, lambda p, a=render(scene, palette): Image.fromarray(a).save(p, "PNG"))
+        image = Image.fromarray(render(scene, palette))
+        atomic_save(out / name, lambda p, im=image: im.save(p, "PNG"))
         lines.append(json.dumps({"file_name": name, "text": f"a pink {shape}"}))
     atomic_write_text(out / "metadata.jsonl", "\n".join(lines) + "\n")
     return out
@@ -90,7 +91,7 @@ def main() -> int:
     before = pink_score(generate(model, None, args.per_shape))
     print(f"pink score before LoRA: {before:.3f}", flush=True)
     subprocess.run(
-        [sys.executable, "-m", "ldm", "train", "--config", str(ROOT / "configs/train/lora-pink.yaml"),
+        [sys.executable, "-m", "ldm", "train", "--config", str(ROOT / "configs/train/lora-pink.yaml"),  # noqa: E501
          f"output_dir={out / 'train'}", f"model.pretrained={model}", f"data.source={data}",
          f"stages.0.steps={args.steps}", "--no-progress"],
         check=True,

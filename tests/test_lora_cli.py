@@ -50,7 +50,9 @@ def test_lora_flag_both_formats_and_scale(tiny_sd1, tmp_path, capsys):
     sd["lora_unet_no_such_block_to_q.lora_down.weight"] = torch.zeros(4, 32)
     sd["lora_unet_no_such_block_to_q.lora_up.weight"] = torch.zeros(32, 4)
     save_file(sd, str(tmp_path / "extra.safetensors"))
-    _, err = _txt2img(capsys, tiny_sd1, tmp_path / "e", "--lora", str(tmp_path / "extra.safetensors"))
+    _, err = _txt2img(
+        capsys, tiny_sd1, tmp_path / "e", "--lora", str(tmp_path / "extra.safetensors")
+    )
     assert "matched nothing" in err and "no_such_block" in err
 
 

@@ -61,7 +61,7 @@ class Summary:
 class TextCache:
     """Each distinct prompt and negative prompt is encoded once (LRU-bounded), per clip skip.
 
-    Stands in for the pipeline's ``_encode_text``: texts are encoded one at a time, padded to the
+    Stands in for the pipeline's ``encode_text``: texts are encoded one at a time, padded to the
     batch's chunk count, so a text's embedding does not depend on what it was batched with.
     """
 
@@ -74,7 +74,7 @@ class TextCache:
 
     def install(self) -> None:
         # TODO(lead): replace with a public Pipeline hook (see the batch report)
-        self.pipe._encode_text = self.encode
+        self.pipe.encode_text = self.encode
 
     def _encoder(self, clip_skip: int):
         from ldm.text.encoders import CLIPTextEncoder
@@ -101,7 +101,7 @@ class TextCache:
         return n
 
     def encode(self, prompts: list[str], negatives: list[str], clip_skip: int, guided: bool):
-        """(cond, uncond or None) on the pipeline's device, as ``Pipeline._encode_text``."""
+        """(cond, uncond or None) on the pipeline's device, as ``Pipeline.encode_text``."""
         from ldm.text.cond import Cond
 
         texts = list(prompts) + (list(negatives) if guided else [])
@@ -194,6 +194,7 @@ def run_batches(
 
     # 2. run the batches with work, writing only the missing images
     start = time.perf_counter()
+    outdir.mkdir(parents=True, exist_ok=True)
     with manifest.Writer(outdir) as writer:
         for k, batch in enumerate(batches(jobs(), batch_size, cache.job_chunks)):
             if k in plan:
@@ -274,10 +275,9 @@ def _reason(e: Exception) -> str:
 
 
 def _save(generated, path: Path) -> None:
-    from ldm.cli.txt2img import _infotext  # TODO(lead): make public (see the batch report)
-    from ldm.infotext import save_png
+    from ldm.infotext import infotext_from_record, save_png
 
-    save_png(generated.image, path, _infotext(generated.record), generated.record)
+    save_png(generated.image, path, infotext_from_record(generated.record), generated.record)
 
 
 def _entry(job: Job, name: str, rank: int, **fields) -> dict:

@@ -118,6 +118,6 @@ def _generate(args: argparse.Namespace) -> tuple[list, list[dict]]:
 
 def _save(out, path: Path) -> None:
     """PNG with the pipeline's A1111 infotext and ldm record (``ldm eval --images`` reads it)."""
-    from ldm.infotext import format_infotext, save_png
+    from ldm.infotext import infotext_from_record, save_png
 
-    save_png(out.image, path, format_infotext(out.record), out.record)
+    save_png(out.image, path, infotext_from_record(out.record), out.record)

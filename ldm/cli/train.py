@@ -6,9 +6,13 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="training YAML (e.g. configs/train/shapes-demo.yaml)")
+    p.add_argument(
+        "--config", required=True, help="training YAML (e.g. configs/train/shapes-demo.yaml)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the run's latest checkpoint"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -56,8 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 cuda, fp32 cpu")
     g.add_argument("--clip-skip", type=int, help="use the output of the n-th last CLIP layer (1)")
-    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", default=[],
-                   help="merge a LoRA (diffusers/PEFT or kohya file) with an optional scale; repeatable")
+    g.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        default=[],
+        help="merge a LoRA (diffusers/PEFT or kohya file) with an optional scale; repeatable",
+    )
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, help="sampler steps (20)")
     g.add_argument("--guidance-scale", "--scale", type=float, help="CFG scale; <= 1 is off (7.5)")
@@ -226,31 +231,23 @@ def _generate(pipe, args, s: dict, init_image, mask, seed_is_random: bool) -> li
 
 
 def _save_all(results: list, outdir: Path, args) -> list[Path]:
-    from ldm.infotext import save_png
+    from ldm.grid import image_grid
+    from ldm.infotext import infotext_from_record, save_png
 
     paths = []
     for result in results:
         record = result.record
         name = f"{record['seed']}-{_slug(record['prompt'])}.png"
         path = _free_path(outdir, name)
-        save_png(result.image, path, _infotext(record), record)
+        save_png(result.image, path, infotext_from_record(record), record)
         paths.append(path)
     if args.grid and len(results) > 1:
-        grid = _grid([r.image for r in results], cols=args.n_samples)
+        grid = image_grid([r.image for r in results], args.n_samples, pad=0)
         record = dict(results[0].record, grid_seeds=[r.record["seed"] for r in results])
         path = _free_path(outdir, f"grid-{_slug(record['prompt'])}.png")
-        save_png(grid, path, _infotext(results[0].record), record)
+        save_png(grid, path, infotext_from_record(results[0].record), record)
         paths.append(path)
     return paths
-
-
-def _infotext(record: dict) -> str:
-    """The A1111 ``parameters`` text of a record (its names where they differ from ours)."""
-    from ldm.infotext import format_infotext
-
-    params = dict(record, version=f"ldm {record['ldm_version']}")
-    params["denoising_strength"] = record.get("strength")
-    return format_infotext(params)
 
 
 def _slug(prompt: str, length: int = 40) -> str:
@@ -266,14 +263,3 @@ def _free_path(outdir: Path, name: str) -> Path:
     while (path := outdir / f"{index:05d}-{name}").exists():
         index += 1
     return path
-
-
-def _grid(images: list, cols: int):
-    from PIL import Image
-
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid

@@ -15,7 +15,9 @@ from ldm.train.config import DataConfig
 
 def _to_pixels(images: list) -> torch.Tensor:
     """uint8 HWC images -> (B, 3, H, W) float in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+    arr = np.stack(
+        [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
+    )
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 

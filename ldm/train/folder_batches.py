@@ -27,7 +27,9 @@ class FolderBatches:
             buckets = BucketManager(data.resolution, lo, hi, no_upscale=data.bucket_no_upscale)
         skip_log = None
         if run_dir is not None:
-            skip_log = Path(run_dir) / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl")
+            skip_log = Path(run_dir) / (
+                "skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl"
+            )
         self.iterator = BatchIterator(
             source, batch_size * world, seed=seed, resolution=data.resolution, buckets=buckets,
             random_crop=not data.center_crop, flip=data.random_flip, num_shards=world,
@@ -53,7 +55,11 @@ class FolderBatches:
         return batch["pixels"], batch["captions"]
 
     def cached(self, step: int):
-        raise LdmError("latent caching of folder datasets is not supported yet; set cache_latents: false")
+        raise LdmError(
+            "latent caching of folder datasets is not supported yet; set cache_latents: false"
+        )
 
     def cache_latents(self, vae) -> None:
-        raise LdmError("latent caching of folder datasets is not supported yet; set cache_latents: false")
+        raise LdmError(
+            "latent caching of folder datasets is not supported yet; set cache_latents: false"
+        )

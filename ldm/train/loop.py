@@ -126,7 +126,9 @@ def train(
             load_part_weights(parts, weights)
             optimizer.load_state_dict(optimizer_state)
             for n, e in emas.items():
-                e.load_state_dict({"num_updates": start["ema_updates"], "shadow": weights[f"ema-{n}"]})
+                e.load_state_dict(
+                    {"num_updates": start["ema_updates"], "shadow": weights[f"ema-{n}"]}
+                )
         # the VAE trains through a round-trip module so that DDP sees one forward call
         wrapped = {n: accelerator.prepare(AutoencoderRoundTrip(m) if n == "vae" else m)
                    for n, m in trained.items()}  # fmt: skip
@@ -146,15 +148,23 @@ def train(
             # --- forward / backward over gradient-accumulation micro-batches -------------
             total, metrics = 0.0, {}
             for micro in range(stage.gradient_accumulation):
-                g = step_generator(cfg.seed, stage_index, step * stage.gradient_accumulation + micro, rank)
+                g = step_generator(
+                    cfg.seed, stage_index, step * stage.gradient_accumulation + micro, rank
+                )
                 index = step * stage.gradient_accumulation + micro
                 with accelerator.autocast():
                     if "vae" in trained:
                         pixels, _ = data.images(index)
                         pixels = pixels.to(device)
-                        eps = torch.randn((pixels.shape[0], parts.vae.latent_channels,
-                                           pixels.shape[2] // parts.vae.factor,
-                                           pixels.shape[3] // parts.vae.factor), generator=g)
+                        eps = torch.randn(
+                            (
+                                pixels.shape[0],
+                                parts.vae.latent_channels,
+                                pixels.shape[2] // parts.vae.factor,
+                                pixels.shape[3] // parts.vae.factor,
+                            ),
+                            generator=g,
+                        )
                         recon, mean, logvar = wrapped["vae"](pixels, eps.to(device))
                         loss, metrics = autoencoder_loss(
                             recon, pixels, mean, logvar, stage.loss.kl_weight
@@ -266,7 +276,9 @@ def diffusion_loss_for_step(
     drop = torch.rand(len(captions), generator=g) < data.config.caption_dropout
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     encoder = wrapped.get("text_encoder")
-    context = text_context(parts, encoder or parts.text_encoder, captions, device, encoder is not None)
+    context = text_context(
+        parts, encoder or parts.text_encoder, captions, device, encoder is not None
+    )
     b = latents.shape[0]
     t = torch.randint(0, len(schedule.alphas_cumprod), (b,), generator=g)
     noise = offset_noise(tuple(latents.shape), g, stage.loss.noise_offset).to(device)
@@ -294,7 +306,10 @@ class AutoencoderRoundTrip(torch.nn.Module):
 @torch.no_grad()
 def calibrate_latent_scale(parts, data, device, log, batches: int = 4) -> None:
     """Set the VAE's scaling_factor to 1 / std of its latents (Rombach et al. 2022, App. G)."""
-    zs = [parts.vae.encode_dist(data.images(10_000_000 + i)[0].to(device)).sample() for i in range(batches)]
+    zs = [
+        parts.vae.encode_dist(data.images(10_000_000 + i)[0].to(device)).sample()
+        for i in range(batches)
+    ]
     std = torch.cat(zs).float().std().item()
     parts.vae.config.scaling_factor = 1.0 / std
     log.info(f"latent scaling factor set to {1.0 / std:.5f} (latent std {std:.4f})")

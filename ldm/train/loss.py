@@ -18,7 +18,7 @@ def add_noise(
 def diffusion_target(
     x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor, kind: str
 ) -> torch.Tensor:
-    """What the network predicts: eps, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
+    """The network's target: eps, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
@@ -51,9 +51,7 @@ def diffusion_loss(
     return (per_sample.mean(dim=(1, 2, 3)) * weight).mean()
 
 
-def offset_noise(
-    shape: tuple[int, ...], generator: torch.Generator, offset: float
-) -> torch.Tensor:
+def offset_noise(shape: tuple[int, ...], generator: torch.Generator, offset: float) -> torch.Tensor:
     """Gaussian noise plus a per-channel constant (Guttenberg 2023 "noise offset")."""
     noise = torch.randn(shape, generator=generator)
     if offset:
@@ -62,7 +60,11 @@ def offset_noise(
 
 
 def autoencoder_loss(
-    recon: torch.Tensor, pixels: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, kl_weight: float
+    recon: torch.Tensor,
+    pixels: torch.Tensor,
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    kl_weight: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """L1 + L2 reconstruction plus kl_weight * KL(q(z|x) || N(0, I)) (Kingma & Welling 2014).
 

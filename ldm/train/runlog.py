@@ -65,7 +65,9 @@ class RunLog:
         if self._csv is None:
             new = not path.exists()
             self._csv_file = open(path, "a", newline="", encoding="utf-8")
-            self._csv = csv.DictWriter(self._csv_file, fieldnames=["global_step", *row], extrasaction="ignore")
+            self._csv = csv.DictWriter(
+                self._csv_file, fieldnames=["global_step", *row], extrasaction="ignore"
+            )
             if new:
                 self._csv.writeheader()
         self._csv.writerow({"global_step": global_step, **row})
@@ -81,9 +83,9 @@ class RunLog:
     @torch.no_grad()
     def validate(self, parts, cfg, stage, global_step: int, emas: dict, data) -> Path | None:
         """A grid at fixed prompts and seeds (diffusion stages) or reconstructions (VAE)."""
+        from ldm.grid import image_grid
         from ldm.infotext import save_png
         from ldm.pipeline import Pipeline
-        from ldm.train.grid import image_grid
 
         device = next(parts.unet.parameters()).device
         modules = [parts.vae, parts.unet, parts.text_encoder]
@@ -103,7 +105,8 @@ class RunLog:
             elif cfg.validation_prompts:
                 res = data.config.resolution
                 pipe = Pipeline(parts, device, torch.float32)
-                outs = pipe(cfg.validation_prompts, [cfg.validation_seed] * len(cfg.validation_prompts),
+                prompts = cfg.validation_prompts
+                outs = pipe(prompts, [cfg.validation_seed] * len(prompts),
                             steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
                             height=res, width=res)  # fmt: skip
                 images, columns = [o.image for o in outs], min(8, len(outs))
