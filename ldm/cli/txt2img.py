@@ -72,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eta", type=float, help="noise amount (default: DDIM 0, ancestral/SDE 1)")
     g.add_argument("--seed", type=int, help="seed of the first image (random if omitted)")
     g.add_argument("--height", "--H", type=int, help="pixels (default: the model's size)")
+    g.add_argument("--max-size", type=int, default=4096, help="largest side in pixels (4096)")
     g.add_argument("--width", "--W", type=int, help="pixels (default: the model's size)")
     g.add_argument("--n-samples", type=int, default=1, help="images per batch (1)")
     g.add_argument("--n-iter", type=int, default=1, help="number of batches (1)")
@@ -175,6 +176,8 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
     for flag, size in (("--height", s["height"]), ("--width", s["width"])):
         if size is not None and size <= 0:
             raise LdmError(f"{flag} must be a positive number of pixels, got {size}")
+        if size is not None and size > args.max_size:
+            raise LdmError(f"{flag} {size} is larger than --max-size {args.max_size}")
     for flag, n in (("--n-samples", args.n_samples), ("--n-iter", args.n_iter)):
         if n < 1:
             raise LdmError(f"{flag} must be >= 1, got {n}")

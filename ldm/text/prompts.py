@@ -146,7 +146,11 @@ def _weighted(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111 "Original" emphasis: scale each token embedding, then restore the original mean."""
     original_mean = context.mean()
     context = context * weights.to(context.dtype).unsqueeze(-1)  # (L, D) * (L, 1)
-    return context * (original_mean / context.mean())
+    ratio = original_mean / context.mean()
+    # a mean near 0 makes the ratio explode; then keep the weighted context as it is
+    if not torch.isfinite(ratio) or ratio.abs() > 1e3:
+        return context
+    return context * ratio
 
 
 def encode_prompts(encoder, prompts: list[str], *, min_chunks: int = 1) -> Cond:
