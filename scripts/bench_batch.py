@@ -47,7 +47,9 @@ def bench_diffusers(model: Path, prompts: list[str], steps: int, outdir: Path) -
     """Images/s of a loop calling diffusers' pipeline once per image (seed i per image)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, safety_checker=None, torch_dtype=torch.float32
+    )
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
