@@ -1,8 +1,7 @@
 """Where a pipeline's model comes from: device and dtype, loading, identity, a stand-in.
 
 ``load_parts`` reads a diffusers folder or an original single file; ``model_hash`` is A1111's
-"Model hash", cached because hashing gigabytes takes seconds; ``tiny_random_folder`` is the
-random stand-in used until the bundled demo model exists.
+"Model hash", cached because hashing gigabytes takes seconds.
 """
 
 from __future__ import annotations
@@ -95,51 +94,3 @@ def _stat(f: Path) -> tuple[int, int]:
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm"
-
-
-def tiny_random_folder() -> Path:
-    """A tiny random-weight SD-shaped diffusers folder (64x64), built once in the cache."""
-    path = _cache_dir() / "tiny-random-v1"
-    if (path / "model_index.json").exists():
-        return path
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-    from diffusers import UNet2DConditionModel as DiffusersUNet
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ldm.text.tokenizer import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = DiffusersUNet(
-        sample_size=32, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32), norm_num_groups=8, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )  # fmt: skip
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )  # fmt: skip
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        skip_prk_steps=True, set_alpha_to_one=False,
-    )  # fmt: skip
-    pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text, tokenizer=build_clip_tokenizer(),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, path)  # atomic: a half-written folder never carries the final name
-    return path

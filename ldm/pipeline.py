@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +28,13 @@ from ldm.loading import (
     model_hash,
     resolve_device,
     resolve_dtype,
-    tiny_random_folder,
 )
 from ldm.modes import (
     blend_known,
     image_to_tensor,
     latent_mask,
 )
+from ldm.request import check_modes, check_numbers, prompt_lists, resolve_sampler
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -60,22 +58,19 @@ def load_pipeline(
     """Load a model (None = the bundled demo model) onto ``device`` in ``dtype``."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    fallback = None
     if model is None:
         model = DEFAULT_MODEL
-        if not (DEFAULT_MODEL / "model_index.json").exists():
-            # the demo model is trained and committed later; a random one keeps the CLI usable
-            fallback = f"the demo model {DEFAULT_MODEL} is missing: using a tiny RANDOM model"
-            warnings.warn(fallback, stacklevel=2)
-            model = tiny_random_folder()
+        if not (DEFAULT_MODEL / "model_index.json").exists():  # a broken install, not a user error
+            raise LdmError(f"the bundled demo model is missing ({DEFAULT_MODEL}): reinstall ldm "
+                           "or pass --model")  # fmt: skip
     parts = load_parts(model, device, torch_dtype)
-    return Pipeline(parts, device, torch_dtype, notice=fallback)
+    return Pipeline(parts, device, torch_dtype)
 
 
 class Pipeline:
     """A loaded model and the call that turns prompts + seeds into images with records."""
 
-    def __init__(self, parts, device: torch.device, dtype: torch.dtype, notice: str | None = None):
+    def __init__(self, parts, device: torch.device, dtype: torch.dtype):
         from ldm.sampling.schedules import NoiseSchedule
 
         self.parts = parts
@@ -85,9 +80,8 @@ class Pipeline:
         self.tokenizer = parts.tokenizer
         self.schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
         self.device, self.dtype = device, dtype
-        self.notice = notice  # set when a random stand-in replaced the requested model
         self.model_path = Path(parts.path) if parts.path is not None else None
-        self.model_name = "tiny-random" if notice else (parts.name or "model")
+        self.model_name = parts.name or "model"
         self._hash: str | None = None
         self._vae_fp32 = None  # lazily made fp32 copy for NaN retries
         self.loras: list[dict] = []  # LoRA files merged into the weights, for the records
@@ -168,8 +162,8 @@ class Pipeline:
         from ldm.sampling.schedules import get_sigmas, init_noise_scale, timestep_interp
 
         # 1. check the request before any work
-        prompts, negatives = _prompt_lists(prompts, seeds, negative_prompt)
-        sampler_name, sampler_fn, schedule = _resolve_sampler(sampler, schedule)
+        prompts, negatives = prompt_lists(prompts, seeds, negative_prompt)
+        sampler_name, sampler_fn, schedule = resolve_sampler(sampler, schedule)
         if isinstance(init_image, (str, Path)):
             from ldm.modes import load_image
 
@@ -185,8 +179,8 @@ class Pipeline:
             width = init_image.width // f * f if width is None else width
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
-        _check_numbers(steps, guidance_scale, guidance_rescale, eta, height, width, self.factor)
-        _check_numbers_2(strength, clip_skip, init_image, mask, self.is_inpainting_model)
+        check_numbers(steps, guidance_scale, guidance_rescale, eta, height, width, self.factor)
+        check_modes(strength, clip_skip, init_image, mask, self.is_inpainting_model)
         mode = "txt2img" if init_image is None else ("inpaint" if mask is not None else "img2img")
         latent_shape = (1, self.vae.latent_channels, height // self.factor, width // self.factor)
 
@@ -337,63 +331,6 @@ class Pipeline:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def _prompt_lists(prompts, seeds, negative_prompt) -> tuple[list[str], list[str]]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts, seeds = list(prompts), list(seeds)
-    if not prompts or len(prompts) != len(seeds):
-        raise LdmError(f"need one seed per prompt, got {len(prompts)} prompts, {len(seeds)} seeds")
-    if isinstance(negative_prompt, str) or negative_prompt is None:
-        negatives = [negative_prompt or ""] * len(prompts)
-    else:
-        negatives = list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise LdmError(f"need one negative prompt per prompt, got {len(negatives)}")
-    return prompts, negatives
-
-
-def _resolve_sampler(sampler: str, schedule: str):
-    """Sampler name or A1111 alias -> (canonical name, function, schedule name)."""
-    from ldm.sampling import samplers, schedules
-
-    resolved = samplers.resolve_sampler(sampler)
-    # "DPM++ 2M Karras" names a schedule too: (name, schedule) beats the default schedule
-    name, implied = resolved if isinstance(resolved, tuple) else (resolved, None)
-    if implied and schedule == "default":
-        schedule = implied
-    names = schedules.SIGMA_SCHEDULES
-    if schedule not in names:
-        raise LdmError(f"--schedule {schedule!r} is unknown; choose from {', '.join(names)}")
-    return name, samplers.SAMPLERS[name], schedule
-
-
-def _check_numbers(steps, scale, rescale, eta, height, width, factor) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise LdmError(f"--steps must be an integer >= 1, got {steps}")
-    if not math.isfinite(scale):
-        raise LdmError(f"--guidance-scale must be a finite number, got {scale}")
-    if not (math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
-        raise LdmError(f"--guidance-rescale must be in [0, 1], got {rescale}")
-    if eta is not None and not (math.isfinite(eta) and eta >= 0):
-        raise LdmError(f"--eta must be >= 0, got {eta}")
-    for flag, size in (("--height", height), ("--width", width)):
-        if not isinstance(size, int) or size <= 0:
-            raise LdmError(f"{flag} must be a positive integer, got {size}")
-        if size % factor:
-            raise LdmError(f"{flag} {size} is not a multiple of {factor} (the VAE's latent factor)")
-
-
-def _check_numbers_2(strength, clip_skip, init_image, mask, inpainting_model) -> None:
-    if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
-        raise LdmError(f"--strength must be in (0, 1], got {strength}")
-    if not isinstance(clip_skip, int) or clip_skip < 1:
-        raise LdmError(f"--clip-skip must be an integer >= 1, got {clip_skip}")
-    if mask is not None and init_image is None:
-        raise LdmError("--mask needs --init-image (the image to inpaint)")
-    if inpainting_model and mask is None:
-        raise LdmError("this is a 9-channel inpainting model: it needs --init-image and --mask")
-
-
 def _lean(cond):
     """Drop an all-True token mask: attending everywhere needs no mask, and SDPA is faster."""
     if cond.mask is not None and bool(cond.mask.all()):

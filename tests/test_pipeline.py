@@ -268,14 +268,9 @@ def test_nan_decode_is_redone_in_fp32_per_image(tiny_sd1):
     assert _array(results[1].image).std() > 5  # a real picture, not black
 
 
-def test_missing_demo_model_falls_back_to_a_random_one(monkeypatch, tmp_path):
+def test_missing_demo_model_is_a_clear_error(monkeypatch, tmp_path):
     from ldm import pipeline
 
-    if (pipeline.DEFAULT_MODEL / "model_index.json").exists():
-        pytest.skip("the demo model exists")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with pytest.warns(UserWarning, match="RANDOM"):
-        pipe = load_pipeline(None)
-    assert "RANDOM" in pipe.notice and pipe.model_name == "tiny-random"
-    (result,) = pipe(["x"], [0], steps=1, height=16, width=16)
-    assert result.record["model"] == "tiny-random"
+    monkeypatch.setattr(pipeline, "DEFAULT_MODEL", tmp_path / "shapes-demo")
+    with pytest.raises(LdmError, match="bundled demo model is missing"):
+        load_pipeline(None)

@@ -9,15 +9,14 @@ import torch
 
 from ldm.errors import CheckpointError, ConfigError
 from ldm.formats.diffusers_folder import load_folder
+from ldm.formats.original_keys import OPENCLIP, openclip_from_original
 from ldm.formats.safe_load import load_state_dict, save_state_dict
 from ldm.formats.single_file import (
-    OPENCLIP,
     detect_family,
     infer_text_config,
     infer_unet_config,
     infer_vae_config,
     load_single_file,
-    openclip_from_original,
     save_single_file,
     to_original_state_dict,
 )
@@ -218,7 +217,8 @@ def test_full_size_configs_need_no_override(family, config):
     """Real SD 1.5 / 2.1 layouts (meta tensors, no memory): every field inferred correctly."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ldm.formats.single_file import _check_guesses, remap, unet_pairs, vae_pairs
+    from ldm.formats.original_keys import remap, unet_pairs, vae_pairs
+    from ldm.formats.single_file import _check_guesses
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)

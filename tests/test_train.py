@@ -50,6 +50,35 @@ def test_train_export_and_load(tmp_path):
     assert len(list((tmp_path / "checkpoints").iterdir())) <= cfg.keep_checkpoints
 
 
+def test_bf16_nchw_training_runs_with_the_math_attention_kernel(tmp_path, monkeypatch):
+    """The demo recipe's settings: bf16 autocast, NCHW U-Net, SDPA math kernel on the CPU."""
+    import contextlib
+
+    from ldm.config import load_config
+    from ldm.formats.diffusers_folder import load_folder
+    from ldm.train import loop
+    from ldm.train.config import TrainConfig
+
+    flash_enabled = []  # the SDPA flag inside each training forward
+    original = loop.attention_kernels
+
+    @contextlib.contextmanager
+    def spy(device, mixed_precision):
+        with original(device, mixed_precision):
+            flash_enabled.append(torch.backends.cuda.flash_sdp_enabled())
+            yield
+
+    monkeypatch.setattr(loop, "attention_kernels", spy)
+    overrides = [f"output_dir={tmp_path}", *FAST, "stages.1.steps=2", "mixed_precision=bf16",
+                 "channels_last=false"]  # fmt: skip
+    cfg = load_config(TrainConfig, TINY, overrides)
+    parts = load_folder(loop.train(cfg, progress=False))
+    assert flash_enabled and not any(flash_enabled)  # the math kernel ran every step
+    assert all(torch.isfinite(p).all() for p in parts.unet.parameters())
+    with loop.attention_kernels(torch.device("cpu"), "no"):  # fp32 keeps the flash kernel
+        assert torch.backends.cuda.flash_sdp_enabled()
+
+
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     steps = ["stages.1.steps=6", "checkpoint_every=1"]
     ref = _train(tmp_path / "ref", *steps)

@@ -93,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or (state.device if state is not None else None)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
-    if pipe.notice and main:
-        print(f"ldm: note: {pipe.notice}", file=sys.stderr)
     if args.attention_slicing:
         pipe.enable_attention_slicing()
     if args.vae_tiling:

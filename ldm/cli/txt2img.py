@@ -106,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
     from ldm.pipeline import load_pipeline
 
     pipe = load_pipeline(settings["model"], device=args.device, dtype=args.dtype)
-    if pipe.notice:
-        print(f"ldm: note: {pipe.notice}", file=sys.stderr)
     for spec in args.lora:
         from ldm.formats.lora import parse_lora_arg
 
@@ -167,7 +165,7 @@ def _from_png(path: str, init_image: str | None) -> dict:
 
 def _check_flags(args: argparse.Namespace, s: dict) -> None:
     """Cheap checks before the model loads (the pipeline checks the rest before writing)."""
-    from ldm.pipeline import _resolve_sampler
+    from ldm.request import resolve_sampler
 
     if not s["prompt"] and s["prompt"] != "":
         raise LdmError("--prompt is required (or --from-png IMAGE)")
@@ -183,7 +181,7 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
             raise LdmError(f"{flag} must be >= 1, got {n}")
     if not math.isfinite(s["guidance_scale"]):
         raise LdmError(f"--guidance-scale must be a finite number, got {s['guidance_scale']}")
-    _resolve_sampler(s["sampler"], s["schedule"])
+    resolve_sampler(s["sampler"], s["schedule"])
     if s["model"] is not None and not Path(s["model"]).exists():
         raise LdmError(f"--model {s['model']}: no such file or folder")
     if (args.mask or args.outpaint) and not args.init_image:

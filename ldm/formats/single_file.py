@@ -4,10 +4,10 @@ One file holds every part under a prefix: ``model.diffusion_model.`` (U-Net, Com
 ``openaimodel.UNetModel`` names), ``first_stage_model.`` (KL autoencoder), and
 ``cond_stage_model.transformer.`` (OpenAI CLIP, SD 1.x) or ``cond_stage_model.model.`` (OpenCLIP,
 SD 2.x). Both directions use one table of (diffusers prefix, original prefix) pairs built from
-the architecture, so load and export cannot drift apart; tests check the table against diffusers'
-own converters. What the keys cannot tell (head counts, v-prediction, image size) comes from the
-real SD 1.5 / SD 2.1 configs or an explicit ``config=`` / ``prediction_type=``, and every guess is
-recorded in ``ModelParts.inferred``.
+the architecture (ldm.formats.original_keys), so load and export cannot drift apart; tests
+check the table against diffusers' own converters. What the keys cannot tell (head counts,
+v-prediction, image size) comes from the real SD 1.5 / SD 2.1 configs or an explicit
+``config=`` / ``prediction_type=``, and every guess is recorded in ``ModelParts.inferred``.
 """
 
 from __future__ import annotations
@@ -31,10 +31,20 @@ from ldm.formats.diffusers_folder import (
     read_json,
     resolve_dtype,
 )
+from ldm.formats.original_keys import (
+    CLIP,
+    OPENCLIP,
+    UNET,
+    VAE,
+    clip_to_original,
+    openclip_from_original,
+    openclip_to_original,
+    remap,
+    unet_pairs,
+    vae_attn_shapes,
+    vae_pairs,
+)
 from ldm.formats.safe_load import load_state_dict, read_safetensors_header, save_state_dict
-
-UNET, VAE = "model.diffusion_model.", "first_stage_model."
-CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
@@ -53,173 +63,6 @@ FAMILIES = {  # what the keys cannot say: the real SD 1.5 and SD 2.1 (768, v) co
         scheduler=dict(SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction"),
     ),
 }
-RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
-          ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"),
-          ("conv_shortcut", "skip_connection")]  # fmt: skip
-VAE_RESNET = [("conv_shortcut", "nin_shortcut")]
-VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
-            ("to_out.0", "proj_out")]  # fmt: skip
-CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-              ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
-              ("mlp.fc2", "mlp.c_proj")]  # fmt: skip
-
-
-# ---------------------------------------------------------------- key tables and remapping
-
-
-def _levels(config: dict) -> tuple[int, list[int], list[bool]]:
-    n = len(config["block_out_channels"])
-    lpb = config["layers_per_block"]
-    lpb = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
-    cross = [t.startswith("CrossAttn") for t in config["down_block_types"]]
-    return n, lpb, cross
-
-
-def unet_pairs(config: dict) -> list[tuple[str, str, list]]:
-    """(diffusers prefix, original prefix, inner renames) for every U-Net module."""
-    n, lpb, cross = _levels(config)
-    pairs = [("time_embedding.linear_1", "time_embed.0", []),
-             ("time_embedding.linear_2", "time_embed.2", []), ("conv_in", "input_blocks.0.0", []),
-             ("conv_norm_out", "out.0", []), ("conv_out", "out.2", []),
-             ("mid_block.resnets.0", "middle_block.0", RESNET),
-             ("mid_block.attentions.0", "middle_block.1", []),
-             ("mid_block.resnets.1", "middle_block.2", RESNET)]  # fmt: skip
-    idx = 1  # input_blocks: one entry per resnet (+ its attention) and per downsampler
-    for i in range(n):
-        for j in range(lpb[i]):
-            pairs.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{idx}.0", RESNET))
-            if cross[i]:
-                pairs.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{idx}.1", []))
-            idx += 1
-        if i < n - 1:
-            pairs.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{idx}.0.op", []))
-            idx += 1
-    idx = 0  # output_blocks: [resnet, attention?, upsampler?] per entry, deepest level first
-    for i in range(n):
-        level = n - 1 - i
-        for j in range(lpb[level] + 1):
-            pairs.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{idx}.0", RESNET))
-            if cross[level]:
-                pairs.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{idx}.1", []))
-            if j == lpb[level] and i < n - 1:
-                up = f"output_blocks.{idx}.{2 if cross[level] else 1}.conv"
-                pairs.append((f"up_blocks.{i}.upsamplers.0.conv", up, []))
-            idx += 1
-    return pairs
-
-
-def vae_pairs(config: dict) -> list[tuple[str, str, list]]:
-    """(diffusers prefix, original prefix, inner renames) for every autoencoder module."""
-    n = len(config["block_out_channels"])
-    ends = (("conv_in", "conv_in"), ("conv_out", "conv_out"), ("conv_norm_out", "norm_out"))
-    pairs = [(f"{p}.{a}", f"{p}.{b}", []) for p in ("encoder", "decoder") for a, b in ends]
-    pairs += [("quant_conv", "quant_conv", []), ("post_quant_conv", "post_quant_conv", [])]
-    for p in ("encoder", "decoder"):
-        pairs += [(f"{p}.mid_block.resnets.0", f"{p}.mid.block_1", VAE_RESNET),
-                  (f"{p}.mid_block.resnets.1", f"{p}.mid.block_2", VAE_RESNET),
-                  (f"{p}.mid_block.attentions.0", f"{p}.mid.attn_1", VAE_ATTN)]  # fmt: skip
-    for i in range(n):
-        pairs.append((f"encoder.down_blocks.{i}.resnets", f"encoder.down.{i}.block", VAE_RESNET))
-        pairs.append(
-            (f"encoder.down_blocks.{i}.downsamplers.0", f"encoder.down.{i}.downsample", [])
-        )
-        # the original decoder numbers its levels from the highest resolution, diffusers reverses
-        up = f"decoder.up.{n - 1 - i}"
-        pairs.append((f"decoder.up_blocks.{i}.resnets", f"{up}.block", VAE_RESNET))
-        pairs.append((f"decoder.up_blocks.{i}.upsamplers.0", f"{up}.upsample", []))
-    return pairs
-
-
-def remap(state_dict: dict, pairs: list, to_original: bool, what: str) -> dict:
-    """Rename keys through the prefix table (longest prefix wins); unknown keys are errors."""
-    src, dst = (0, 1) if to_original else (1, 0)
-    table = {p[src]: (p[dst], [(r[src], r[dst]) for r in p[2]]) for p in pairs}
-    out = {}
-    for key, tensor in state_dict.items():
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            head = ".".join(parts[:cut])
-            if head in table:
-                new_head, inner = table[head]
-                rest = ".".join(parts[cut:])
-                for old, new in inner:  # e.g. resnets: norm1 <-> in_layers.0
-                    if rest.startswith(old + "."):
-                        rest = new + rest[len(old) :]
-                        break
-                out[f"{new_head}.{rest}"] = tensor
-                break
-        else:
-            raise CheckpointError(f"{what}: weight {key!r} has no counterpart in the other layout")
-    return out
-
-
-def _vae_attn_shapes(state_dict: dict, to_original: bool) -> dict:
-    """The original mid-block attention uses 1x1 convs for q/k/v/proj_out; diffusers, linears."""
-    pattern = re.compile(r"(en|de)coder\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
-    out = {}
-    for key, t in state_dict.items():
-        if pattern.search(key):
-            t = t[:, :, None, None] if to_original and t.ndim == 2 else t
-            t = t.flatten(1) if not to_original and t.ndim == 4 else t
-        out[key] = t
-    return out
-
-
-def clip_to_original(text_state: dict) -> dict:
-    """CLIPTextModel -> ``cond_stage_model.transformer.text_model.*`` (A1111/CompVis SD 1.x)."""
-    return {CLIP + "text_model." + k.removeprefix("text_model."): v for k, v in text_state.items()}
-
-
-def openclip_to_original(text_state: dict) -> dict:
-    """CLIPTextModel (gelu) -> OpenCLIP text tower ``cond_stage_model.model.*`` (SD 2.x)."""
-    sd = {k.removeprefix("text_model."): v for k, v in text_state.items()}
-    out = {
-        OPENCLIP + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-        OPENCLIP + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
-        OPENCLIP + "ln_final.weight": sd.pop("final_layer_norm.weight"),
-        OPENCLIP + "ln_final.bias": sd.pop("final_layer_norm.bias"),
-    }
-    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
-    for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"{OPENCLIP}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):  # q, k, v stacked into one in_proj (nn.MultiheadAttention)
-            qkv = [sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
-        for key in [k for k in sd if k.startswith(src)]:
-            rest = key[len(src) :]
-            for new, old in CLIP_LAYER:
-                rest = rest.replace(new + ".", old + ".") if rest.startswith(new + ".") else rest
-            out[dst + rest] = sd.pop(key)
-    if sd:
-        raise CheckpointError(f"text encoder: weights with no OpenCLIP counterpart: {list(sd)[:3]}")
-    return out
-
-
-def openclip_from_original(state_dict: dict, num_layers: int) -> dict:
-    """OpenCLIP text tower -> CLIPTextModel names, keeping the first ``num_layers`` blocks."""
-    sd = {k[len(OPENCLIP) :]: v for k, v in state_dict.items() if k.startswith(OPENCLIP)}
-    out = {
-        "embeddings.token_embedding.weight": sd["token_embedding.weight"],
-        "embeddings.position_embedding.weight": sd["positional_embedding"],
-        "final_layer_norm.weight": sd["ln_final.weight"],
-        "final_layer_norm.bias": sd["ln_final.bias"],
-    }
-    for key, t in sd.items():
-        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", key)
-        if not m or int(m.group(1)) >= num_layers:
-            continue
-        dst, rest = f"encoder.layers.{m.group(1)}.", m.group(2)
-        if rest.startswith("attn.in_proj_"):
-            kind = rest.removeprefix("attn.in_proj_")
-            for p, chunk in zip("qkv", t.chunk(3)):
-                out[f"{dst}self_attn.{p}_proj.{kind}"] = chunk
-            continue
-        for new, old in CLIP_LAYER:
-            rest = rest.replace(old + ".", new + ".") if rest.startswith(old + ".") else rest
-        out[dst + rest] = t
-    return out
-
-
 # ---------------------------------------------------------------- what the keys tell
 
 
@@ -431,7 +274,7 @@ def load_single_file(
     unet = build_unet(unet_config, f"{source} (unet)")
     load_into(unet, remap(unet_sd, unet_pairs(unet_config), False, source), f"{source} (unet)")
     vae = build_vae(vae_config, f"{source} (vae)")
-    vae_state = remap(_vae_attn_shapes(vae_sd, False), vae_pairs(vae_config), False, source)
+    vae_state = remap(vae_attn_shapes(vae_sd, False), vae_pairs(vae_config), False, source)
     load_into(vae, vae_state, f"{source} (vae)")
     text_encoder = build_text_encoder(text_config)
     text_sd = {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
@@ -455,7 +298,7 @@ def to_original_state_dict(parts: ModelParts, family: str | None = None) -> dict
     )
     vae = remap(parts.vae.state_dict(), vae_pairs(parts.vae.config.to_diffusers()), True, "vae")
     out = {UNET + k: v for k, v in unet.items()}
-    out.update({VAE + k: v for k, v in _vae_attn_shapes(vae, True).items()})
+    out.update({VAE + k: v for k, v in vae_attn_shapes(vae, True).items()})
     family = family or text_family(parts.text_encoder)
     text = parts.text_encoder.state_dict()
     out.update(openclip_to_original(text) if family == "sd2" else clip_to_original(text))

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.models.conv import Conv2d
+
 
 def timestep_embedding(
     timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0
@@ -64,14 +66,14 @@ class ResnetBlock2D(nn.Module):
     ):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = None
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,8 +239,13 @@ class Transformer2DModel(nn.Module):
 
     @staticmethod
     def _as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # a 1x1 conv is a matmul over channels; its (out, in, 1, 1) weight viewed as (out, in)
-        return F.linear(x, layer.weight.flatten(1), layer.bias)
+        """proj_in/proj_out on tokens (B, L, C): Linear (SD 2.x) or 1x1 Conv2d (SD 1.x)."""
+        if type(layer) in (nn.Linear, nn.Conv2d):
+            # a 1x1 conv is a matmul over channels; its (out, in, 1, 1) weight viewed as (out, in)
+            return F.linear(x, layer.weight.flatten(1), layer.bias)
+        if isinstance(getattr(layer, "base_layer", layer), nn.Conv2d):  # a wrapped conv (LoRA)
+            return layer(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        return layer(x)  # a wrapped Linear
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None = None
@@ -266,7 +273,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -279,7 +286,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.conv import Conv2d
 from ldm.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -304,7 +305,7 @@ class UNet2DConditionModel(nn.Module):
         heads = c.heads()
         temb_ch = chs[0] * 4
 
-        self.conv_in = nn.Conv2d(
+        self.conv_in = Conv2d(
             c.in_channels, chs[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2
         )
         self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
@@ -337,7 +338,7 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chs[0], eps=c.norm_eps)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(
+        self.conv_out = Conv2d(
             chs[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2
         )
         self.to(memory_format=torch.channels_last)

@@ -27,9 +27,6 @@ from ldm.train.config import LoRAConfig
 
 ADAPTER = "default"  # peft's adapter name; ldm trains one adapter at a time
 KOHYA_NAME = "lora_kohya.safetensors"
-# U-Net layers whose forward reads .weight directly (Transformer2DModel._as_linear): a peft
-# wrapper there would never run; apply_lora can still merge files that target them
-FUNCTIONAL_WEIGHTS = ("proj_in", "proj_out")
 
 
 def add_lora(module: torch.nn.Module, name: str, config: LoRAConfig) -> int:
@@ -56,14 +53,6 @@ def add_lora(module: torch.nn.Module, name: str, config: LoRAConfig) -> int:
             f"{where}: {targets} name no Linear/Conv2d layer of the {name} "
             f"({str(e).splitlines()[0][:120]})"
         ) from None
-    if name == "unet":
-        functional = [n for n in lora_layers(module) if n.endswith(FUNCTIONAL_WEIGHTS)]
-        if functional:
-            merge_lora(module)  # undo the injection before refusing
-            raise ConfigError(
-                f"{where}: {functional[0]} cannot take a trainable LoRA (ldm's spatial "
-                "transformer applies proj_in/proj_out through their weights, bypassing adapters)"
-            )
     trainable = 0
     for param_name, param in module.named_parameters():
         # the base weights stay frozen whatever requires_grad they had before

@@ -1,0 +1,78 @@
+"""A Conv2d that runs low-resolution convolutions as one matmul (im2col) on the CPU.
+
+oneDNN's CPU convolution is fast when there are many output positions and slow when there are
+few: on the project's 2-core AVX-512/AMX CPU, a 1280-channel 3x3 convolution over 2 x 8 x 8
+positions (an SD 1.5 U-Net's inner blocks at 256x256) runs at 127 GFLOP/s (fp32) and at 2 x 4 x 4
+positions at 40 GFLOP/s, against 278 and 176 GFLOP/s for the same product written as
+im2col + one GEMM; at 2 x 32 x 32 positions oneDNN wins (342 against 276). The same holds in bf16
+and in backward. So below ``MATMUL_MAX_POSITIONS`` output positions (batch x height x width) the
+convolution is the GEMM (B*Ho*Wo, k*k*Cin) @ (k*k*Cin, Cout); above it, oneDNN.
+Figures: ``python scripts/bench_conv.py``; same parameters and results as ``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MATMUL_MAX_POSITIONS = 256  # measured crossover: 2x16x16 is a tie, 2x8x8 favours the GEMM 2x
+
+
+def conv2d_as_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` (groups 1, dilation 1) as im2col + GEMM.
+
+    The patch matrix is built in (kh, kw, Cin) order from an NHWC view of x, so a channels_last
+    weight reshapes to (Cout, kh*kw*Cin) without a copy; a contiguous weight uses F.unfold's
+    (Cin, kh, kw) order instead, for the same reason. The output has channels_last strides;
+    it is returned in the input's layout.
+    """
+    b, c, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    if weight.is_contiguous():
+        cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, Cin*kh*kw, L)
+        cols = cols.transpose(1, 2).reshape(b * ho * wo, -1)
+        wmat = weight.view(cout, -1)
+    else:
+        xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding, padding, padding, padding))
+        span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+        patches = [xp[:, i : i + span_h : stride, j : j + span_w : stride]
+                   for i in range(kh) for j in range(kw)]  # fmt: skip
+        cols = torch.stack(patches, dim=3).reshape(b * ho * wo, -1)  # (B*L, kh*kw*Cin)
+        wmat = weight.permute(0, 2, 3, 1).reshape(cout, -1)  # a view for channels_last weights
+    out = cols @ wmat.t() if bias is None else torch.addmm(bias, cols, wmat.t())
+    out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)  # (B, Cout, Ho, Wo), channels_last
+    if x.is_contiguous() and not out.is_contiguous():
+        out = out.contiguous()  # keep the caller's layout
+    return out
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters) that takes the GEMM route for few output positions."""
+
+    def _matmul_ok(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or x.dim() != 4 or self.groups != 1:
+            return False
+        if self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return False
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        if sh != sw or ph != pw:
+            return False
+        ho = (x.shape[2] + 2 * ph - self.kernel_size[0]) // sh + 1
+        wo = (x.shape[3] + 2 * pw - self.kernel_size[1]) // sw + 1
+        return x.shape[0] * ho * wo <= MATMUL_MAX_POSITIONS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._matmul_ok(x):
+            weight = self.weight
+            bias = self.bias
+            if torch.is_autocast_enabled("cpu"):  # autocast does not reach a plain matmul's bias
+                dtype = torch.get_autocast_dtype("cpu")
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            return conv2d_as_matmul(x, weight, bias, self.stride[0], self.padding[0])
+        return super().forward(x)

@@ -1,0 +1,68 @@
+"""A generation request's settings, checked before any work: one clear error per bad value.
+
+The messages name the CLI flag (``--steps``, ``--guidance-scale``), since that is how most
+users set them; the Python API raises the same LdmError.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ldm.errors import LdmError
+
+
+def prompt_lists(prompts, seeds, negative_prompt) -> tuple[list[str], list[str]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts, seeds = list(prompts), list(seeds)
+    if not prompts or len(prompts) != len(seeds):
+        raise LdmError(f"need one seed per prompt, got {len(prompts)} prompts, {len(seeds)} seeds")
+    if isinstance(negative_prompt, str) or negative_prompt is None:
+        negatives = [negative_prompt or ""] * len(prompts)
+    else:
+        negatives = list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise LdmError(f"need one negative prompt per prompt, got {len(negatives)}")
+    return prompts, negatives
+
+
+def resolve_sampler(sampler: str, schedule: str):
+    """Sampler name or A1111 alias -> (canonical name, function, schedule name)."""
+    from ldm.sampling import samplers, schedules
+
+    resolved = samplers.resolve_sampler(sampler)
+    # "DPM++ 2M Karras" names a schedule too: (name, schedule) beats the default schedule
+    name, implied = resolved if isinstance(resolved, tuple) else (resolved, None)
+    if implied and schedule == "default":
+        schedule = implied
+    names = schedules.SIGMA_SCHEDULES
+    if schedule not in names:
+        raise LdmError(f"--schedule {schedule!r} is unknown; choose from {', '.join(names)}")
+    return name, samplers.SAMPLERS[name], schedule
+
+
+def check_numbers(steps, scale, rescale, eta, height, width, factor) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise LdmError(f"--steps must be an integer >= 1, got {steps}")
+    if not math.isfinite(scale):
+        raise LdmError(f"--guidance-scale must be a finite number, got {scale}")
+    if not (math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
+        raise LdmError(f"--guidance-rescale must be in [0, 1], got {rescale}")
+    if eta is not None and not (math.isfinite(eta) and eta >= 0):
+        raise LdmError(f"--eta must be >= 0, got {eta}")
+    for flag, size in (("--height", height), ("--width", width)):
+        if not isinstance(size, int) or size <= 0:
+            raise LdmError(f"{flag} must be a positive integer, got {size}")
+        if size % factor:
+            raise LdmError(f"{flag} {size} is not a multiple of {factor} (the VAE's latent factor)")
+
+
+def check_modes(strength, clip_skip, init_image, mask, inpainting_model) -> None:
+    if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+        raise LdmError(f"--strength must be in (0, 1], got {strength}")
+    if not isinstance(clip_skip, int) or clip_skip < 1:
+        raise LdmError(f"--clip-skip must be an integer >= 1, got {clip_skip}")
+    if mask is not None and init_image is None:
+        raise LdmError("--mask needs --init-image (the image to inpaint)")
+    if inpainting_model and mask is None:
+        raise LdmError("this is a 9-channel inpainting model: it needs --init-image and --mask")

@@ -1,0 +1,76 @@
+"""Time oneDNN's convolution against ldm's im2col GEMM route for U-Net-shaped convolutions.
+
+Prints GFLOP/s of ``F.conv2d`` and of ``ldm.models.conv.conv2d_as_matmul`` (forward, or forward
++ backward with ``--grad``; fp32, or bf16 with ``--bf16``) for the shapes an SD 1.5 U-Net and the
+demo model meet; the crossover sets ``ldm.models.conv.MATMUL_MAX_POSITIONS``.
+
+    python scripts/bench_conv.py [--grad] [--bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ldm.models.conv import conv2d_as_matmul
+
+SHAPES = [  # (batch, in channels, out channels, kernel, height = width)
+    (2, 320, 320, 3, 32), (2, 640, 640, 3, 16), (2, 1280, 1280, 3, 8), (2, 2560, 1280, 3, 8),
+    (2, 1280, 1280, 3, 4), (2, 2560, 1280, 3, 4), (2, 2560, 1280, 1, 4), (4, 1280, 1280, 3, 8),
+    (4, 1280, 1280, 3, 4), (64, 64, 64, 3, 16), (64, 128, 128, 3, 8), (64, 192, 192, 3, 4),
+]  # fmt: skip
+
+
+def seconds(fn, repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grad", action="store_true", help="time forward + backward")
+    parser.add_argument("--bf16", action="store_true", help="bf16 instead of fp32")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}, "
+          f"{'forward+backward' if args.grad else 'forward'}; GFLOP/s")  # fmt: skip
+    for b, cin, cout, k, hw in SHAPES:
+        cl = torch.channels_last
+        x = torch.randn(b, cin, hw, hw, dtype=dtype).contiguous(memory_format=cl)
+        w = torch.randn(cout, cin, k, k, dtype=dtype).contiguous(memory_format=cl)
+        bias = torch.randn(cout, dtype=dtype)
+        pad = k // 2
+        for t in (x, w, bias):
+            t.requires_grad_(args.grad)
+
+        def onednn(x=x, w=w, bias=bias, pad=pad):
+            out = F.conv2d(x, w, bias, padding=pad)
+            if args.grad:
+                out.sum().backward()
+
+        def gemm(x=x, w=w, bias=bias, pad=pad):
+            out = conv2d_as_matmul(x, w, bias, 1, pad)
+            if args.grad:
+                out.sum().backward()
+
+        with torch.set_grad_enabled(args.grad):
+            t1, t2 = seconds(onednn, args.repeats), seconds(gemm, args.repeats)
+        flop = 2 * b * hw * hw * cin * cout * k * k * (3 if args.grad else 1)
+        print(f"batch {b:3d}  {cin:4d}->{cout:4d}  {k}x{k}  {hw:2d}x{hw:<2d} "
+              f"(positions {b * hw * hw:5d}):  oneDNN {flop / t1 / 1e9:6.0f}  "
+              f"GEMM {flop / t2 / 1e9:6.0f}  GEMM speed-up {t1 / t2:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""ldm's Conv2d: the im2col GEMM route equals nn.Conv2d (values, gradients, layouts, autocast)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.models import conv
+from ldm.models.conv import Conv2d, conv2d_as_matmul
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,size", [(3, 1, 1, 5), (3, 2, 1, 8), (3, 2, 0, 9), (1, 1, 0, 4)]
+)
+def test_matmul_route_equals_conv2d(layout, kernel, stride, padding, size):
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 24, size, size, generator=g).contiguous(memory_format=fmt)
+    w = torch.randn(16, 24, kernel, kernel, generator=g).contiguous(memory_format=fmt)
+    b = torch.randn(16, generator=g)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ours = conv2d_as_matmul(xs, ws, bs, stride, padding)
+    ref = F.conv2d(xr, wr, br, stride=stride, padding=padding)
+    assert ours.shape == ref.shape
+    assert ours.is_contiguous(memory_format=fmt)  # the caller's layout is kept
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(ref.shape, generator=g)
+    ours.backward(grad)
+    ref.backward(grad)
+    for a, r in ((xs, xr), (ws, wr), (bs, br)):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_module_routes_by_output_positions(monkeypatch):
+    layer = Conv2d(8, 8, 3, padding=1)
+    calls = []
+    monkeypatch.setattr(conv, "conv2d_as_matmul", lambda *a: calls.append(a) or F.conv2d(
+        a[0], a[1], a[2], stride=a[3], padding=a[4]))  # fmt: skip
+    layer(torch.randn(1, 8, 16, 16))  # 256 positions: the GEMM route
+    assert len(calls) == 1
+    layer(torch.randn(2, 8, 16, 16))  # 512 positions: oneDNN
+    assert len(calls) == 1
+
+
+def test_module_under_bf16_autocast_matches_conv2d():
+    torch.manual_seed(0)
+    layer = Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = layer(x)
+        ref = F.conv2d(x, layer.weight, layer.bias, padding=1)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)
