@@ -4,7 +4,7 @@ Prints GFLOP/s of ``F.conv2d`` and of ``ldm.models.conv.conv2d_as_matmul`` (forw
 + backward with ``--grad``; fp32, or bf16 with ``--bf16``) for the shapes an SD 1.5 U-Net and the
 demo model meet; the crossover sets ``ldm.models.conv.MATMUL_MAX_POSITIONS``.
 
-    python scripts/bench_conv.py [--grad] [--bf16]
+    python scripts/bench_conv.py [--grad] [--bf16] [--tuned-malloc]
 """
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ def main() -> None:
     parser.add_argument("--grad", action="store_true", help="time forward + backward")
     parser.add_argument("--bf16", action="store_true", help="bf16 instead of fp32")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/runtime.py)"
+    )
     args = parser.parse_args()
+    if args.tuned_malloc:
+        from ldm.runtime import tune_cpu_allocator
+
+        print(f"glibc malloc tuned (ldm/runtime.py): {tune_cpu_allocator()}")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}, "
           f"{'forward+backward' if args.grad else 'forward'}; GFLOP/s")  # fmt: skip

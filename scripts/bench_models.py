@@ -81,8 +81,11 @@ def make_train_step(model: torch.nn.Module, args: tuple, target: torch.Tensor) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced widths (64..256)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
     parser.add_argument("--no-train", action="store_true", help="skip the train-step timing")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="train steps under glibc's defaults"
+    )
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
 
@@ -140,6 +143,11 @@ def main() -> None:
     )
 
     if not args.no_train:
+        if not args.default_malloc:  # as `ldm train` runs; both models train under it
+            from ldm.runtime import tune_cpu_allocator
+
+            tuned = tune_cpu_allocator()
+            print(f"glibc malloc tuned for the train steps (ldm/runtime.py): {tuned}")
         # one model + AdamW state at a time (SD 1.5: 3.4 GB weights + 10 GB grads and moments)
         del ref
         gc.collect()

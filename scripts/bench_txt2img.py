@@ -97,11 +97,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/runtime.py)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.size, args.steps, args.repeats = 128, 5, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tuned_malloc:  # one process: ldm and diffusers both run under this setting
+        from ldm.runtime import tune_cpu_allocator
+
+        print(f"glibc malloc tuned (ldm/runtime.py): {tune_cpu_allocator()}")
 
     from ldm.pipeline import Pipeline
 

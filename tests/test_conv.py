@@ -32,21 +32,23 @@ def test_matmul_route_equals_conv2d(layout, kernel, stride, padding, size):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_module_routes_by_output_positions(monkeypatch):
-    layer = Conv2d(8, 8, 3, padding=1)
+def test_module_routes_by_positions_per_image_and_channels(monkeypatch):
     calls = []
     monkeypatch.setattr(conv, "conv2d_as_matmul", lambda *a: calls.append(a) or F.conv2d(
         a[0], a[1], a[2], stride=a[3], padding=a[4]))  # fmt: skip
-    layer(torch.randn(1, 8, 16, 16))  # 256 positions: the GEMM route
-    assert len(calls) == 1
-    layer(torch.randn(2, 8, 16, 16))  # 512 positions: oneDNN
-    assert len(calls) == 1
+    wide, narrow = Conv2d(512, 8, 3, padding=1), Conv2d(64, 8, 3, padding=1)
+    for batch in (1, 2, 16):  # the route never depends on the batch size
+        wide(torch.randn(batch, 512, 8, 8))  # 64 positions per image, 512 channels: GEMM
+    assert len(calls) == 3
+    wide(torch.randn(1, 512, 16, 16))  # 256 positions per image: oneDNN
+    narrow(torch.randn(1, 64, 4, 4))  # few channels: oneDNN
+    assert len(calls) == 3
 
 
 def test_module_under_bf16_autocast_matches_conv2d():
     torch.manual_seed(0)
-    layer = Conv2d(16, 16, 3, padding=1)
-    x = torch.randn(2, 16, 4, 4)
+    layer = Conv2d(512, 16, 3, padding=1)
+    x = torch.randn(2, 512, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = layer(x)
         ref = F.conv2d(x, layer.weight, layer.bias, padding=1)

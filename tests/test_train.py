@@ -48,6 +48,10 @@ def test_train_export_and_load(tmp_path):
     assert (tmp_path / "metrics.csv").read_text().count("\n") >= 6
     assert (tmp_path / "config.yaml").is_file()
     assert len(list((tmp_path / "checkpoints").iterdir())) <= cfg.keep_checkpoints
+    from ldm.errors import LdmError
+
+    with pytest.raises(LdmError, match="final: already exists"):  # refused before any step
+        train(cfg, progress=False)
 
 
 def test_bf16_nchw_training_runs_with_the_math_attention_kernel(tmp_path, monkeypatch):
@@ -72,7 +76,14 @@ def test_bf16_nchw_training_runs_with_the_math_attention_kernel(tmp_path, monkey
     overrides = [f"output_dir={tmp_path}", *FAST, "stages.1.steps=2", "mixed_precision=bf16",
                  "channels_last=false"]  # fmt: skip
     cfg = load_config(TrainConfig, TINY, overrides)
-    parts = load_folder(loop.train(cfg, progress=False))
+    from accelerate.state import AcceleratorState
+
+    # accelerate's state is process-wide: earlier and later in-process runs use "no"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        parts = load_folder(loop.train(cfg, progress=False))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert flash_enabled and not any(flash_enabled)  # the math kernel ran every step
     assert all(torch.isfinite(p).all() for p in parts.unet.parameters())
     with loop.attention_kernels(torch.device("cpu"), "no"):  # fp32 keeps the flash kernel

@@ -18,8 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ldm.config import load_config
+    from ldm.runtime import tune_cpu_allocator
     from ldm.train.config import TrainConfig
     from ldm.train.loop import train
+
+    tune_cpu_allocator()  # training only: it made sampling slower (docs/benchmarks.md)
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     final = train(cfg, resume=args.resume, progress=not args.no_progress)

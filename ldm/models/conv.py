@@ -4,9 +4,12 @@ oneDNN's CPU convolution is fast when there are many output positions and slow w
 few: on the project's 2-core AVX-512/AMX CPU, a 1280-channel 3x3 convolution over 2 x 8 x 8
 positions (an SD 1.5 U-Net's inner blocks at 256x256) runs at 127 GFLOP/s (fp32) and at 2 x 4 x 4
 positions at 40 GFLOP/s, against 278 and 176 GFLOP/s for the same product written as
-im2col + one GEMM; at 2 x 32 x 32 positions oneDNN wins (342 against 276). The same holds in bf16
-and in backward. So below ``MATMUL_MAX_POSITIONS`` output positions (batch x height x width) the
-convolution is the GEMM (B*Ho*Wo, k*k*Cin) @ (k*k*Cin, Cout); above it, oneDNN.
+im2col + one GEMM; at 2 x 32 x 32 positions oneDNN wins (342 against 276), and with few channels
+it wins at any size (64 x 4 x 4 positions, 192 channels: 350 against 254). The same holds in bf16
+and in backward. So a convolution with at most ``MATMUL_MAX_POSITIONS`` output positions per image
+and at least ``MATMUL_MIN_CHANNELS`` input channels is the GEMM (B*Ho*Wo, k*k*Cin) @
+(k*k*Cin, Cout); any other, oneDNN. The rule looks at one image, never at the batch size, so the
+route (and the last bits of the result) cannot depend on how images were batched.
 Figures: ``python scripts/bench_conv.py``; same parameters and results as ``nn.Conv2d``.
 """
 
@@ -16,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MATMUL_MAX_POSITIONS = 256  # measured crossover: 2x16x16 is a tie, 2x8x8 favours the GEMM 2x
+MATMUL_MAX_POSITIONS = 64  # per image: 8x8 (2x faster at batch 2); 16x16 at batch 2 is a tie
+MATMUL_MIN_CHANNELS = 512  # the U-Net levels that are slow in oneDNN have 1280
 
 
 def conv2d_as_matmul(
@@ -64,7 +68,7 @@ class Conv2d(nn.Conv2d):
             return False
         ho = (x.shape[2] + 2 * ph - self.kernel_size[0]) // sh + 1
         wo = (x.shape[3] + 2 * pw - self.kernel_size[1]) // sw + 1
-        return x.shape[0] * ho * wo <= MATMUL_MAX_POSITIONS
+        return ho * wo <= MATMUL_MAX_POSITIONS and self.in_channels >= MATMUL_MIN_CHANNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._matmul_ok(x):

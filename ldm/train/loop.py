@@ -106,6 +106,8 @@ def train(
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     run_dir = Path(cfg.output_dir)
+    if (run_dir / "final").exists():  # the export would refuse it: say so before training
+        raise LdmError(f"{run_dir / 'final'}: already exists (choose a new output_dir)")
     log = RunLog(run_dir, enabled=accelerator.is_main_process)
     log.save_config(cfg)
     parts = load_start_model(cfg)
