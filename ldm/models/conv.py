@@ -74,7 +74,7 @@ class Conv2d(nn.Conv2d):
         if self._matmul_ok(x):
             weight = self.weight
             bias = self.bias
-            if torch.is_autocast_enabled("cpu"):  # autocast does not reach a plain matmul's bias
+            if torch.is_autocast_enabled("cpu"):  # cast first: im2col then moves bf16, not fp32
                 dtype = torch.get_autocast_dtype("cpu")
                 x, weight = x.to(dtype), weight.to(dtype)
                 bias = None if bias is None else bias.to(dtype)

@@ -240,12 +240,12 @@ class Transformer2DModel(nn.Module):
     @staticmethod
     def _as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """proj_in/proj_out on tokens (B, L, C): Linear (SD 2.x) or 1x1 Conv2d (SD 1.x)."""
-        if type(layer) in (nn.Linear, nn.Conv2d):
+        if isinstance(layer, nn.Conv2d):
             # a 1x1 conv is a matmul over channels; its (out, in, 1, 1) weight viewed as (out, in)
             return F.linear(x, layer.weight.flatten(1), layer.bias)
-        if isinstance(getattr(layer, "base_layer", layer), nn.Conv2d):  # a wrapped conv (LoRA)
+        if isinstance(getattr(layer, "base_layer", None), nn.Conv2d):  # a LoRA-wrapped conv
             return layer(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
-        return layer(x)  # a wrapped Linear
+        return layer(x)  # a Linear, plain or wrapped
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None = None
