@@ -3,13 +3,13 @@
 glibc's malloc serves every allocation above a (dynamic, at most 32 MiB) threshold with a fresh
 ``mmap`` and returns it with ``munmap`` on free, so a tensor of that size costs page faults and
 kernel zeroing on every use. A U-Net train step allocates gigabytes of such tensors (weight
-gradients, im2col patches, activations): on the project's 2-core CPU an SD 1.5-shaped train
-step took 11.3 s with glibc's defaults and 6.2-6.5 s with mmap off and trimming disabled
-(diffusers' step: 12.8 s -> 6.9 s; ``scripts/bench_models.py``). The price is that freed memory stays with the
+gradients, im2col patches, activations): on the project's 2-core CPU an SD 1.5-shaped train step
+took 11.3 s with glibc's defaults and 6.2-6.5 s with mmap off and trimming disabled (diffusers'
+step: 12.8 s -> 6.9 s; ``scripts/bench_models.py``). The price is that freed memory stays with the
 process (its RSS keeps its peak) instead of going back to the system, which is how jemalloc and
-tcmalloc, the allocators usually recommended for PyTorch on CPU, behave too. For sampling it
-did not pay: the SD 1.5 txt2img benchmark went from 33.8 s to 36.8 s with it (diffusers' from
-43.4 s to 39.7 s), so txt2img, batch and eval keep glibc's defaults.
+tcmalloc, the allocators usually recommended for PyTorch on CPU, behave too. For sampling it did not
+pay: the SD 1.5 txt2img benchmark went from 33.8 s to 36.8 s with it (diffusers' from 43.4 s to 39.7
+s), so txt2img, batch and eval keep glibc's defaults.
 """
 
 from __future__ import annotations
