@@ -164,6 +164,10 @@ def test_saved_folder_loads_in_diffusers(tiny_sd1, tmp_path):
         assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
         ids = parts.tokenizer(["a red cube"], padding="max_length", return_tensors="pt").input_ids
         assert torch.equal(parts.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
+    ref_ids = pipe.tokenizer(["a red cube"], padding="max_length", return_tensors="pt").input_ids
+    assert torch.equal(ref_ids, ids)
+    tokenizer_json = out / "tokenizer" / "tokenizer.json"  # written without indentation
+    assert not tokenizer_json.exists() or tokenizer_json.read_text().count("\n") == 1
     ref_vae = dict(pipe.vae.state_dict())
     assert all(torch.equal(v, ref_vae[k]) for k, v in parts.vae.state_dict().items())
     assert pipe.scheduler.config.steps_offset == 1

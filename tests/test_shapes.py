@@ -30,7 +30,7 @@ def test_colours_are_exact_srgb_and_background_flat():
         assert (img[:, :10] == S.BACKGROUND).all() and (img[:, 26:] == S.BACKGROUND).all()
 
 
-@pytest.mark.parametrize("shape", S.SHAPES)
+@pytest.mark.parametrize("shape", [*S.SHAPES, "diamond"])
 def test_rendered_shape_fills_its_box(shape):
     """Ink only inside the box, touching all four sides; coverage area as the geometry says."""
     x, y, s = 9, 14, 24
@@ -38,7 +38,7 @@ def test_rendered_shape_fills_its_box(shape):
     cover = (210 - img[..., 0]) / (210 - 25)  # black on grey: coverage per pixel, exact
     ys, xs = np.nonzero(cover > 0.01)
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (x, x + s - 1, y, y + s - 1)
-    expected = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[shape]
+    expected = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5, "diamond": 0.5}[shape]
     assert cover.sum() / s**2 == pytest.approx(expected, abs=0.03)
     top, bottom = cover[y : y + s // 2].sum(), cover[y + s // 2 : y + s].sum()
     assert (top / bottom < 0.4) if shape == "triangle" else (top == pytest.approx(bottom, 0.02))

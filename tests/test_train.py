@@ -160,15 +160,48 @@ def test_lora_finetune_on_an_image_folder(tiny_sd1, tmp_path):
 
     data = export(tmp_path / "data", 8)
     cfg = load_config(
-        TrainConfig, ROOT / "configs" / "train" / "lora-pink.yaml",
+        TrainConfig, ROOT / "configs" / "train" / "lora-diamond.yaml",
         [f"output_dir={tmp_path / 'run'}", f"model.pretrained={tiny_sd1}", f"data.source={data}",
          "stages.0.steps=3", "stages.0.batch_size=2", "data.resolution=32", "checkpoint_every=2"],
     )  # fmt: skip
     final = train(cfg, progress=False)
-    lora_dir = tmp_path / "run" / "lora-pink"
+    lora_dir = tmp_path / "run" / "lora-diamond"
     files = sorted(p.name for p in lora_dir.iterdir())
     assert files == ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
     parts = load_folder(final)  # merged export: plain diffusers names
     report = apply_lora(load_folder(tiny_sd1), lora_dir / "pytorch_lora_weights.safetensors")
     assert report.matched and not report.unmatched
     assert parts.unet.state_dict().keys() == load_folder(tiny_sd1).unet.state_dict().keys()
+
+
+def test_shapes_mix_reaches_the_training_batches():
+    """data.shapes_mix weights the caption families the trainer sees ("position=1": only those)."""
+    from ldm.data.shapes import parse_prompt
+    from ldm.train.batches import ShapesBatches
+    from ldm.train.config import DataConfig
+
+    batches = ShapesBatches(DataConfig(shapes_mix="position=1", shapes_size_words=0.0), 8)
+    _, captions = batches.images(3)
+    assert {parse_prompt(c).task for c in captions} == {"position"}
+    with pytest.raises(Exception, match="unknown task 'place'"):
+        ShapesBatches(DataConfig(shapes_mix="place=1"), 8)
+
+
+def test_lora_demo_detector_tells_diamonds_from_the_world(tmp_path):
+    """scripts/lora_concept_demo.py: its training folder is all diamonds, world shapes are not."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import lora_concept_demo as demo
+    finally:
+        sys.path.pop(0)
+    from PIL import Image
+
+    from ldm.data.shapes import SHAPES, render_prompt
+
+    folder = demo.make_folder(tmp_path / "diamonds", 16)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and all(line.endswith(' diamond"}') for line in lines)
+    diamonds = [Image.open(folder / f"{i:05d}.png") for i in range(16)]
+    assert demo.diamond_score(diamonds) == 1.0
+    world = [render_prompt(f"a {s}", 0, i)[0] for s in SHAPES for i in range(8)]
+    assert demo.diamond_score(world) == 0.0

@@ -246,8 +246,9 @@ def sample_scene(rng: np.random.Generator, prompt: Prompt) -> Scene:
 def render(scene: Scene, palette: Mapping[str, tuple[int, int, int]] = PALETTE) -> np.ndarray:
     """Draw a scene: (64, 64, 3) uint8, 4x supersampled then box-filtered (anti-aliased).
 
-    ``palette`` maps colour names to sRGB; a wider one renders concepts outside the world (the
-    LoRA fine-tuning demonstration teaches the demo model a new colour this way).
+    ``palette`` maps colour names to sRGB; a wider one renders colours outside the world, and the
+    shape "diamond" (never sampled by the grammar) is drawn too: concepts the demo model has not
+    seen, for the LoRA fine-tuning demonstration.
     """
     k = SUPERSAMPLE
     img = Image.new("RGB", (SIZE * k, SIZE * k), BACKGROUND)
@@ -259,6 +260,12 @@ def render(scene: Scene, palette: Mapping[str, tuple[int, int, int]] = PALETTE) 
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         elif o.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif o.shape == "diamond":  # outside the world: a square on its corner (LoRA demo)
+            # |dx| + |dy| <= r at pixel centres: PIL's polygon fill is 2% heavier on one side
+            half = o.size * k / 2
+            c = np.arange(o.size * k) + 0.5 - half
+            mask = np.abs(c)[None, :] + np.abs(c)[:, None] <= half
+            img.paste(fill, (x0, y0, x1 + 1, y1 + 1), Image.fromarray(mask.astype(np.uint8) * 255))
         else:  # upright isosceles triangle filling its box: base at the bottom, apex up
             draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
     return np.asarray(img.reduce(k))

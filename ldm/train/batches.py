@@ -28,7 +28,10 @@ class ShapesBatches:
         from ldm.data.shapes import ShapesDataset
 
         self.dataset = ShapesDataset(
-            seed=data.shapes_seed, size_words_prob=data.shapes_size_words, as_array=True
+            seed=data.shapes_seed,
+            mix=data.shapes_mix,
+            size_words_prob=data.shapes_size_words,
+            as_array=True,
         )
         self.batch_size = batch_size  # per process
         self.rank, self.world = rank, world

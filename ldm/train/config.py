@@ -30,6 +30,7 @@ class DataConfig:
     max_image_pixels: int = 64_000_000
     shapes_seed: int = 0
     shapes_size_words: float = 0.3  # probability of size words in shapes captions
+    shapes_mix: str | None = None  # task weights, "position=2,colors=0.5" (None: uniform)
     cache_latents: bool = False  # precompute VAE posterior mean/std (requires a frozen VAE)
     cache_size: int = 0  # shapes world: number of distinct images to cache (0 = stream)
 
