@@ -53,6 +53,8 @@ class LossConfig:
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the model's
     min_snr_gamma: float | None = 5.0  # Hang et al. 2023; None disables
     noise_offset: float = 0.0
+    multires_noise_iterations: int = 0  # kohya's pyramid noise; 0 disables
+    multires_noise_discount: float = 0.3
     kl_weight: float = 1e-6  # autoencoder stage only
     skip_nonfinite: bool = True  # skip a step whose loss is NaN/Inf (else stop the run)
     max_nonfinite: int = 10  # consecutive non-finite steps before the run stops

@@ -300,7 +300,11 @@ def diffusion_loss_for_step(
     )
     b = latents.shape[0]
     t = torch.randint(0, len(schedule.alphas_cumprod), (b,), generator=g)
-    noise = offset_noise(tuple(latents.shape), g, stage.loss.noise_offset).to(device)
+    loss_cfg = stage.loss
+    noise = offset_noise(
+        tuple(latents.shape), g, loss_cfg.noise_offset,
+        loss_cfg.multires_noise_iterations, loss_cfg.multires_noise_discount,
+    ).to(device)  # fmt: skip
     ac = schedule.alphas_cumprod
     x_t = add_noise(latents.float(), noise, ac, t).to(latents.dtype)
     pred = wrapped["unet"](x_t, t.to(device), context)

@@ -51,11 +51,37 @@ def diffusion_loss(
     return (per_sample.mean(dim=(1, 2, 3)) * weight).mean()
 
 
-def offset_noise(shape: tuple[int, ...], generator: torch.Generator, offset: float) -> torch.Tensor:
-    """Gaussian noise plus a per-channel constant (Guttenberg 2023 "noise offset")."""
+def offset_noise(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    offset: float,
+    multires_iterations: int = 0,
+    multires_discount: float = 0.3,
+) -> torch.Tensor:
+    """Gaussian noise plus a per-channel constant (Guttenberg 2023 "noise offset"), optionally
+    plus upsampled coarser noise ("multi-resolution" / pyramid noise, Whitaker 2023; kohya's
+    ``multires_noise_iterations`` / ``multires_noise_discount``).
+
+    Pyramid noise: level i adds noise drawn at 1/r^i of the size (r uniform in [2, 4)),
+    bilinearly upsampled and scaled by discount^i, stopping at 1x1; each sample is then
+    rescaled to unit std, so x_t keeps the schedule's variance while its low frequencies carry
+    more noise than white noise does.
+    """
     noise = torch.randn(shape, generator=generator)
     if offset:
         noise = noise + offset * torch.randn(shape[:2] + (1, 1), generator=generator)
+    if multires_iterations:
+        h, w = shape[-2:]
+        for i in range(1, multires_iterations + 1):
+            r = 2 + 2 * float(torch.rand((), generator=generator))
+            hi, wi = max(1, int(h / r**i)), max(1, int(w / r**i))
+            coarse = torch.randn(shape[:2] + (hi, wi), generator=generator)
+            noise = noise + multires_discount**i * F.interpolate(
+                coarse, size=(h, w), mode="bilinear", align_corners=False
+            )
+            if hi == 1 or wi == 1:
+                break
+        noise = noise / noise.flatten(1).std(dim=1).view(-1, *([1] * (len(shape) - 1)))
     return noise
 
 
