@@ -87,6 +87,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="base model (default: the bundled demo model)")
     args = p.parse_args()
     from ldm.data.shapes import COLOURS, eval_prompts
+    from ldm.io import atomic_write_text
     from ldm.pipeline import DEFAULT_MODEL, load_pipeline
 
     out = Path(args.out)
@@ -112,7 +113,7 @@ def main() -> int:
     summary = {"diamond_before": before[0], "diamond_after": after[0], "world_before": before[1],
                "world_after": after[1], "steps": args.steps, "images": args.images, "n": args.n,
                "lora": str(lora)}  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return 0
 
 

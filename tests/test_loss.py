@@ -3,11 +3,11 @@
 import torch
 import torch.nn.functional as F
 
-from ldm.train.loss import offset_noise
+from ldm.train.loss import training_noise
 
 
 def _noise(seed: int, **kw) -> torch.Tensor:
-    return offset_noise((16, 4, 16, 16), torch.Generator().manual_seed(seed), **kw)
+    return training_noise((16, 4, 16, 16), torch.Generator().manual_seed(seed), **kw)
 
 
 def test_plain_noise_is_untouched_when_the_options_are_off():

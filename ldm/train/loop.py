@@ -26,7 +26,7 @@ from ldm.train.loss import (
     diffusion_loss,
     diffusion_target,
     min_snr_weight,
-    offset_noise,
+    training_noise,
 )
 from ldm.train.runlog import RunLog
 
@@ -300,10 +300,10 @@ def diffusion_loss_for_step(
     )
     b = latents.shape[0]
     t = torch.randint(0, len(schedule.alphas_cumprod), (b,), generator=g)
-    loss_cfg = stage.loss
-    noise = offset_noise(
-        tuple(latents.shape), g, loss_cfg.noise_offset,
-        loss_cfg.multires_noise_iterations, loss_cfg.multires_noise_discount,
+    cfg = stage.loss
+    noise = training_noise(
+        tuple(latents.shape), g, cfg.noise_offset,
+        cfg.multires_noise_iterations, cfg.multires_noise_discount,
     ).to(device)  # fmt: skip
     ac = schedule.alphas_cumprod
     x_t = add_noise(latents.float(), noise, ac, t).to(latents.dtype)

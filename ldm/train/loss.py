@@ -1,5 +1,5 @@
-"""Training objectives: the diffusion loss (eps / v targets, min-SNR weighting, noise offset)
-and the autoencoder loss (reconstruction + small KL)."""
+"""Training objectives: the diffusion loss (eps / v targets, min-SNR weighting, training noise
+with offset and pyramid terms) and the autoencoder loss (reconstruction + small KL)."""
 
 from __future__ import annotations
 
@@ -51,16 +51,16 @@ def diffusion_loss(
     return (per_sample.mean(dim=(1, 2, 3)) * weight).mean()
 
 
-def offset_noise(
+def training_noise(
     shape: tuple[int, ...],
     generator: torch.Generator,
     offset: float,
     multires_iterations: int = 0,
     multires_discount: float = 0.3,
 ) -> torch.Tensor:
-    """Gaussian noise plus a per-channel constant (Guttenberg 2023 "noise offset"), optionally
-    plus upsampled coarser noise ("multi-resolution" / pyramid noise, Whitaker 2023; kohya's
-    ``multires_noise_iterations`` / ``multires_noise_discount``).
+    """The training noise: Gaussian, plus optionally a per-channel constant (Guttenberg 2023
+    "noise offset") and upsampled coarser noise ("multi-resolution" / pyramid noise, Whitaker
+    2023; kohya's ``multires_noise_iterations`` / ``multires_noise_discount``).
 
     Pyramid noise: level i adds noise drawn at 1/r^i of the size (r uniform in [2, 4)),
     bilinearly upsampled and scaled by discount^i, stopping at 1x1; each sample is then
