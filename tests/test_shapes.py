@@ -57,10 +57,12 @@ def _apart(a: S.Obj, b: S.Obj) -> bool:
     return max(gap_x, gap_y) >= S.MIN_GAP
 
 
-def test_world_invariants_over_many_scenes():
+@pytest.mark.parametrize("layout", S.LAYOUTS)
+def test_world_invariants_over_many_scenes(layout):
+    """Both layouts draw valid scenes of the world: a tidy scene is also a possible random one."""
     tasks = set()
     for i in range(400):
-        _, caption, scene = S.generate(0, i, size_words_prob=0.5)
+        _, caption, scene = S.generate(0, i, size_words_prob=0.5, layout=layout)
         p, objs = scene.prompt, scene.objects
         tasks.add(p.task)
         bare = " ".join(w for w in caption.split() if w not in ("small", "large"))
@@ -86,6 +88,33 @@ def test_world_invariants_over_many_scenes():
                     shape = next(s for s in S.SHAPES if s in phrase)
                     assert all(lo <= o.size <= hi for o in objs if o.shape == shape)
     assert tasks == set(S.TASKS)
+
+
+def test_tidy_layout_puts_objects_in_caption_order_cells():
+    half = S.SIZE / 2
+    seen = set()
+    for i in range(300):
+        _, _, scene = S.generate(5, i, layout="tidy")
+        p, centres = scene.prompt, [o.center for o in scene.objects]
+        n = len(centres)
+        seen.add(p.relation or n)
+        if p.relation in ("left of", "right of") or (not p.relation and n == 2):
+            (ax, _), (bx, _) = centres  # caption order is reading order: first left
+            assert (ax < half < bx) if p.relation != "right of" else (bx < half < ax)
+        elif p.relation:
+            (_, ay), (_, by) = centres
+            assert (ay < half < by) if p.relation == "above" else (by < half < ay)
+        elif n == 4:  # one per quadrant, in reading order
+            assert [(x > half, y > half) for x, y in centres] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+        elif n == 3:  # two on top, one below in the middle
+            assert centres[0][1] < half and centres[1][1] < half < centres[2][1]
+            assert centres[0][0] < half < centres[1][0]
+    assert seen == {1, 2, 3, 4, *S.RELATIONS}
+    # single objects are placed anywhere, as in the world's own layout
+    xs = {S.generate(5, i, mix="single_object=1", layout="tidy")[2].objects[0].x for i in range(40)}
+    assert len(xs) > 15
+    with pytest.raises(LdmError, match="unknown shapes layout 'grid'"):
+        S.ShapesDataset(layout="grid")
 
 
 def test_mix_weights_and_errors():
@@ -166,6 +195,10 @@ def test_cli_export_and_prompts(tmp_path, capsys):
 
     assert main(["shapes", "export", str(tmp_path / "d"), "--n", "3", "--no-progress"]) == 0
     assert len((tmp_path / "d" / "metadata.jsonl").read_text().splitlines()) == 3
+    assert main(["shapes", "export", str(tmp_path / "t"), "--n", "2", "--layout", "tidy"]) == 0
+    tidy = [S.generate(0, i, layout="tidy")[0] for i in range(2)]
+    assert all(np.array_equal(np.asarray(Image.open(tmp_path / "t" / f"{i:06d}.png")), tidy[i])
+               for i in range(2))  # fmt: skip
     assert main(["shapes", "export", str(tmp_path / "e"), "--n", "0"]) == 2
     assert "--n must be at least 1" in capsys.readouterr().err
     assert main(["shapes", "prompts", "--per-task", "2"]) == 0

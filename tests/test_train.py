@@ -187,6 +187,24 @@ def test_shapes_mix_reaches_the_training_batches():
         ShapesBatches(DataConfig(shapes_mix="place=1"), 8)
 
 
+def test_shapes_layout_reaches_the_training_batches():
+    """data.shapes_layout: "tidy" batches are the tidy world's images, "random" the world's own."""
+    from ldm.data.shapes import generate
+    from ldm.train.batches import ShapesBatches
+    from ldm.train.config import DataConfig
+
+    for layout in ("random", "tidy"):
+        batches = ShapesBatches(DataConfig(shapes_layout=layout, shapes_size_words=0.0), 4)
+        pixels, captions = batches.images(2)  # step 2: indices 8..11
+        for j, i in enumerate(range(8, 12)):
+            image, caption, _ = generate(0, i, layout=layout)
+            assert caption == captions[j]
+            expected = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+            assert torch.equal(pixels[j], expected)
+    with pytest.raises(Exception, match="unknown shapes layout 'grid'"):
+        ShapesBatches(DataConfig(shapes_layout="grid"), 8)
+
+
 def test_lora_demo_detector_tells_diamonds_from_the_world(tmp_path):
     """scripts/lora_concept_demo.py: its training folder is all diamonds, world shapes are not."""
     sys.path.insert(0, str(ROOT / "scripts"))

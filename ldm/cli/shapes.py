@@ -1,9 +1,10 @@
 """``ldm shapes``: the shapes world on disk.
 
-``ldm shapes export DIR --n N [--seed S] [--mix single_object=2,counting=1] [--size-words P]``
-writes an image-caption folder (``000000.png`` ... + ``metadata.jsonl``) that any trainer reads;
-``ldm shapes prompts [--out FILE]`` prints or writes the evaluation prompts (the shipped
-``configs/eval/shapes-prompts.txt`` is ``ldm shapes prompts --out`` with the defaults).
+``ldm shapes export DIR --n N [--seed S] [--mix single_object=2,counting=1] [--size-words P]
+[--layout random|tidy]`` writes an image-caption folder (``000000.png`` ... + ``metadata.jsonl``)
+that any trainer reads; ``ldm shapes prompts [--out FILE]`` prints or writes the evaluation
+prompts (the shipped ``configs/eval/shapes-prompts.txt`` is ``ldm shapes prompts --out`` with the
+defaults).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--size-words", type=float, default=0.0, metavar="P",
         help="probability of adding a (true) size word to a phrase (0)",
+    )  # fmt: skip
+    e.add_argument(
+        "--layout", choices=("random", "tidy"), default="random",
+        help="random: anywhere the rules allow (the world's); tidy: caption-given cells (random)",
     )  # fmt: skip
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     q = sub.add_parser("prompts", help="the evaluation prompts (50 per task)")
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = export(
             args.dir, args.n, seed=args.seed, mix=args.mix, size_words_prob=args.size_words,
-            progress=lambda i, n: bar.update(1),
+            layout=args.layout, progress=lambda i, n: bar.update(1),
         )  # fmt: skip
     finally:
         bar.close()

@@ -200,11 +200,46 @@ def _relation_ok(a: np.ndarray, b: np.ndarray, relation: str) -> np.ndarray:
     return (along >= MIN_OFFSET) & (np.abs(across) < MIN_OFFSET)
 
 
-def _layout(rng: np.random.Generator, sizes: list[int], relation: str | None) -> list | None:
+# "tidy" layouts: each object is placed uniformly inside a cell (x0, y0, x1, y1) that its task
+# and its place in the caption give; the 1-px inset keeps boxes in neighbouring cells MIN_GAP apart.
+_H = SIZE // 2
+_LEFT, _RIGHT, _TOP, _BOTTOM = (
+    (0, 0, _H, SIZE),
+    (_H, 0, SIZE, SIZE),
+    (0, 0, SIZE, _H),
+    (0, _H, SIZE, SIZE),
+)
+_QUADRANTS = [(0, 0, _H, _H), (_H, 0, SIZE, _H), (0, _H, _H, SIZE), (_H, _H, SIZE, SIZE)]
+_TIDY_CELLS = {
+    "left of": [_LEFT, _RIGHT], "right of": [_RIGHT, _LEFT],
+    "above": [_TOP, _BOTTOM], "below": [_BOTTOM, _TOP],
+    2: [_LEFT, _RIGHT], 3: [_QUADRANTS[0], _QUADRANTS[1], (_H // 2, _H, SIZE - _H // 2, SIZE)],
+    4: _QUADRANTS,
+}  # fmt: skip
+LAYOUTS = ("random", "tidy")
+
+
+def _cells(prompt: Prompt, layout: str) -> list | None:
+    """Per-object cells of a tidy layout (None: anywhere in the image)."""
+    if layout not in LAYOUTS:
+        raise LdmError(f"unknown shapes layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    n = sum(item.count for item in prompt.items)
+    if layout == "random" or n == 1:
+        return None
+    return _TIDY_CELLS[prompt.relation or n]  # in caption order: left to right, top to bottom
+
+
+def _layout(
+    rng: np.random.Generator, sizes: list[int], relation: str | None, cells: list | None = None
+) -> list | None:
     """Place boxes one by one (64 vectorised candidates each); None if one does not fit."""
     placed: list[tuple[int, int, int]] = []
-    for s in sizes:
-        xy = rng.integers(0, SIZE - s + 1, size=(64, 2))
+    for i, s in enumerate(sizes):
+        if cells is None:
+            xy = rng.integers(0, SIZE - s + 1, size=(64, 2))
+        else:
+            x0, y0, x1, y1 = cells[i]
+            xy = rng.integers((x0 + 1, y0 + 1), (x1 - s, y1 - s), size=(64, 2), endpoint=True)
         ok = np.ones(len(xy), dtype=bool)
         for px, py, ps in placed:  # bounding boxes at least MIN_GAP apart on some axis
             apart_x = (xy[:, 0] + s + MIN_GAP <= px) | (px + ps + MIN_GAP <= xy[:, 0])
@@ -225,8 +260,15 @@ def _size_word(size: int) -> str | None:
     return "small" if size <= SMALL[1] else "large" if size >= LARGE[0] else None
 
 
-def sample_scene(rng: np.random.Generator, prompt: Prompt) -> Scene:
-    """Objects satisfying ``prompt``: sizes 12-28, unnamed colours uniform, boxes apart."""
+def sample_scene(rng: np.random.Generator, prompt: Prompt, layout: str = "random") -> Scene:
+    """Objects satisfying ``prompt``: sizes 12-28, unnamed colours uniform, boxes apart.
+
+    ``layout="random"`` places boxes anywhere the rules allow (the world's own distribution, which
+    evaluation uses); ``"tidy"`` puts each object in a cell given by its task and caption order
+    (two objects: left, right; "above": top, bottom; four: the quadrants), a training
+    distribution whose layouts the caption determines. Every tidy scene is a valid random one.
+    """
+    cells = _cells(prompt, layout)
     shapes, colours = [], []
     for item in prompt.items:
         for _ in range(item.count):
@@ -235,7 +277,7 @@ def sample_scene(rng: np.random.Generator, prompt: Prompt) -> Scene:
     max_size = MAX_SIZE
     while True:  # crowded draws (four large objects) retry with smaller sizes
         sizes = [int(v) for v in rng.integers(MIN_SIZE, max_size + 1, size=len(shapes))]
-        boxes = _layout(rng, sizes, prompt.relation)
+        boxes = _layout(rng, sizes, prompt.relation, cells)
         if boxes is not None:
             break
         max_size = max(MIN_SIZE, max_size - 2)
@@ -294,13 +336,17 @@ def parse_mix(mix: str | Mapping[str, float] | None) -> dict[str, float]:
 
 
 def generate(
-    seed: int, index: int, mix: Mapping[str, float] | None = None, size_words_prob: float = 0.0
+    seed: int,
+    index: int,
+    mix: Mapping[str, float] | None = None,
+    size_words_prob: float = 0.0,
+    layout: str = "random",
 ) -> tuple[np.ndarray, str, Scene]:
     """Image (64, 64, 3) uint8, caption and scene for (seed, index); deterministic."""
     rng = np.random.default_rng([seed, index])
     weights = np.array(list(parse_mix(mix).values()))
     task = TASKS[int(rng.choice(len(TASKS), p=weights / weights.sum()))]
-    scene = sample_scene(rng, _random_prompt(rng, task))
+    scene = sample_scene(rng, _random_prompt(rng, task), layout)
     sizes: list[str | None] = []
     for item in scene.prompt.items:  # a size word only when it is true of every object named
         objs = [o for o in scene.objects if o.shape == item.shape]
@@ -326,14 +372,16 @@ class ShapesDataset:
         mix: str | Mapping[str, float] | None = None,  # task weights; None = uniform
         size_words_prob: float = 0.0,  # chance that a true size word is added to a phrase
         as_array: bool = False,  # items as (64, 64, 3) uint8 arrays instead of PIL images
+        layout: str = "random",  # "random" (the world's) or "tidy" (see sample_scene)
     ):
         if not 0.0 <= size_words_prob <= 1.0:
             raise LdmError(f"size_words_prob must be in [0, 1], got {size_words_prob}")
+        _cells(Prompt("single_object", (Item("circle"),)), layout)  # an unknown layout fails now
         self.seed, self.mix, self.size_words_prob = seed, parse_mix(mix), size_words_prob
-        self.as_array = as_array
+        self.as_array, self.layout = as_array, layout
 
     def sample(self, index: int) -> tuple[np.ndarray, str, Scene]:
-        return generate(self.seed, index, self.mix, self.size_words_prob)
+        return generate(self.seed, index, self.mix, self.size_words_prob, self.layout)
 
     def __getitem__(self, index: int) -> tuple[Image.Image | np.ndarray, str]:
         if index < 0:
@@ -361,6 +409,7 @@ def export(
     mix: str | Mapping[str, float] | None = None,
     size_words_prob: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
+    layout: str = "random",
 ) -> Path:
     """Write an image-caption folder: ``{i:06d}.png`` + ``metadata.jsonl``; returns its path."""
     if n < 1:
@@ -368,7 +417,7 @@ def export(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LdmError(f"{out}: exists and is not a directory")
-    ds = ShapesDataset(seed, mix, size_words_prob, as_array=True)
+    ds = ShapesDataset(seed, mix, size_words_prob, as_array=True, layout=layout)
     lines = []
     for i in range(n):
         image, caption = ds[i]

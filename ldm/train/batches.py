@@ -32,6 +32,7 @@ class ShapesBatches:
             mix=data.shapes_mix,
             size_words_prob=data.shapes_size_words,
             as_array=True,
+            layout=data.shapes_layout,
         )
         self.batch_size = batch_size  # per process
         self.rank, self.world = rank, world

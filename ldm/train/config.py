@@ -31,6 +31,7 @@ class DataConfig:
     shapes_seed: int = 0
     shapes_size_words: float = 0.3  # probability of size words in shapes captions
     shapes_mix: str | None = None  # task weights, "position=2,colors=0.5" (None: uniform)
+    shapes_layout: str = "random"  # "random" (the world's) or "tidy": caption-given cells
     cache_latents: bool = False  # precompute VAE posterior mean/std (requires a frozen VAE)
     cache_size: int = 0  # shapes world: number of distinct images to cache (0 = stream)
 
