@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ldm.data.shapes_layout import LAYOUTS, MIN_GAP, MIN_OFFSET, SIZE, place  # noqa: F401 (re-exported)
+from ldm.data.shapes_layout import cells as layout_cells
 from ldm.errors import LdmError
 from ldm.io import atomic_save, atomic_write_text
 
 # --- the world (fixed: any judge can score any model of it) -------------------------------------
-SIZE = 64  # image side in pixels
+# SIZE, MIN_GAP and MIN_OFFSET (the placement rules) live in ldm/data/shapes_layout.py
 BACKGROUND = (210, 210, 210)
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -39,8 +41,6 @@ COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
 MIN_SIZE, MAX_SIZE = 12, 28  # bounding-box side in pixels
 SMALL, LARGE = (12, 16), (22, 28)  # inclusive ranges named by the size words
-MIN_GAP = 2  # objects' bounding boxes are at least this far apart
-MIN_OFFSET = 16  # position task: centre offset along the named axis (and < this across it)
 NUMBERS = {"two": 2, "three": 3, "four": 4}
 RELATIONS = ("left of", "right of", "above", "below")
 # GenEval's task tags, in the order of the six caption families
@@ -191,71 +191,6 @@ def _random_prompt(rng: np.random.Generator, task: str) -> Prompt:
     return options[int(rng.integers(len(options)))]
 
 
-def _relation_ok(a: np.ndarray, b: np.ndarray, relation: str) -> np.ndarray:
-    """Centre offsets (N, 2) of a and b satisfy "a <relation> b" as the world defines it."""
-    dx, dy = (b - a).T  # image y grows downwards
-    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx)}.get(
-        relation, (-dy, dx)
-    )
-    return (along >= MIN_OFFSET) & (np.abs(across) < MIN_OFFSET)
-
-
-# "tidy" layouts: each object is placed uniformly inside a cell (x0, y0, x1, y1) that its task
-# and its place in the caption give; the 1-px inset keeps boxes in neighbouring cells MIN_GAP apart.
-_H = SIZE // 2
-_LEFT, _RIGHT, _TOP, _BOTTOM = (
-    (0, 0, _H, SIZE),
-    (_H, 0, SIZE, SIZE),
-    (0, 0, SIZE, _H),
-    (0, _H, SIZE, SIZE),
-)
-_QUADRANTS = [(0, 0, _H, _H), (_H, 0, SIZE, _H), (0, _H, _H, SIZE), (_H, _H, SIZE, SIZE)]
-_TIDY_CELLS = {
-    "left of": [_LEFT, _RIGHT], "right of": [_RIGHT, _LEFT],
-    "above": [_TOP, _BOTTOM], "below": [_BOTTOM, _TOP],
-    2: [_LEFT, _RIGHT], 3: [_QUADRANTS[0], _QUADRANTS[1], (_H // 2, _H, SIZE - _H // 2, SIZE)],
-    4: _QUADRANTS,
-}  # fmt: skip
-LAYOUTS = ("random", "tidy")
-
-
-def _cells(prompt: Prompt, layout: str) -> list | None:
-    """Per-object cells of a tidy layout (None: anywhere in the image)."""
-    if layout not in LAYOUTS:
-        raise LdmError(f"unknown shapes layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
-    n = sum(item.count for item in prompt.items)
-    if layout == "random" or n == 1:
-        return None
-    return _TIDY_CELLS[prompt.relation or n]  # in caption order: left to right, top to bottom
-
-
-def _layout(
-    rng: np.random.Generator, sizes: list[int], relation: str | None, cells: list | None = None
-) -> list | None:
-    """Place boxes one by one (64 vectorised candidates each); None if one does not fit."""
-    placed: list[tuple[int, int, int]] = []
-    for i, s in enumerate(sizes):
-        if cells is None:
-            xy = rng.integers(0, SIZE - s + 1, size=(64, 2))
-        else:
-            x0, y0, x1, y1 = cells[i]
-            xy = rng.integers((x0 + 1, y0 + 1), (x1 - s, y1 - s), size=(64, 2), endpoint=True)
-        ok = np.ones(len(xy), dtype=bool)
-        for px, py, ps in placed:  # bounding boxes at least MIN_GAP apart on some axis
-            apart_x = (xy[:, 0] + s + MIN_GAP <= px) | (px + ps + MIN_GAP <= xy[:, 0])
-            apart_y = (xy[:, 1] + s + MIN_GAP <= py) | (py + ps + MIN_GAP <= xy[:, 1])
-            ok &= apart_x | apart_y
-        if relation and placed:
-            px, py, ps = placed[0]
-            first = np.array([[px + ps / 2, py + ps / 2]])
-            ok &= _relation_ok(first, xy + s / 2, relation)
-        if not ok.any():
-            return None
-        x, y = xy[int(np.argmax(ok))]
-        placed.append((int(x), int(y), s))
-    return placed
-
-
 def _size_word(size: int) -> str | None:
     return "small" if size <= SMALL[1] else "large" if size >= LARGE[0] else None
 
@@ -268,7 +203,7 @@ def sample_scene(rng: np.random.Generator, prompt: Prompt, layout: str = "random
     (two objects: left, right; "above": top, bottom; four: the quadrants), a training
     distribution whose layouts the caption determines. Every tidy scene is a valid random one.
     """
-    cells = _cells(prompt, layout)
+    cells = layout_cells(prompt, layout)
     shapes, colours = [], []
     for item in prompt.items:
         for _ in range(item.count):
@@ -277,7 +212,7 @@ def sample_scene(rng: np.random.Generator, prompt: Prompt, layout: str = "random
     max_size = MAX_SIZE
     while True:  # crowded draws (four large objects) retry with smaller sizes
         sizes = [int(v) for v in rng.integers(MIN_SIZE, max_size + 1, size=len(shapes))]
-        boxes = _layout(rng, sizes, prompt.relation, cells)
+        boxes = place(rng, sizes, prompt.relation, cells)
         if boxes is not None:
             break
         max_size = max(MIN_SIZE, max_size - 2)
@@ -376,7 +311,7 @@ class ShapesDataset:
     ):
         if not 0.0 <= size_words_prob <= 1.0:
             raise LdmError(f"size_words_prob must be in [0, 1], got {size_words_prob}")
-        _cells(Prompt("single_object", (Item("circle"),)), layout)  # an unknown layout fails now
+        layout_cells(Prompt("single_object", (Item("circle"),)), layout)  # unknown: fail now
         self.seed, self.mix, self.size_words_prob = seed, parse_mix(mix), size_words_prob
         self.as_array, self.layout = as_array, layout
 
