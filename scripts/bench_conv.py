@@ -2,9 +2,11 @@
 
 Prints GFLOP/s of ``F.conv2d`` and of ``ldm.models.conv.conv2d_as_matmul`` (forward, or forward
 + backward with ``--grad``; fp32, or bf16 with ``--bf16``) for the shapes an SD 1.5 U-Net and the
-demo model meet; the crossover sets ``ldm.models.conv.MATMUL_MAX_POSITIONS``.
+demo model meet; the crossover sets ``ldm.models.conv``'s routing rule. ``--linear`` instead
+times x @ W.T against the weight-first (W @ x.T).T of ``ldm.models.matmul`` for few rows, cycling
+through 40 distinct 1280 x 11520 weights (1.9 GB) so that, as in a U-Net forward, none is cached.
 
-    python scripts/bench_conv.py [--grad] [--bf16] [--tuned-malloc]
+    python scripts/bench_conv.py [--grad] [--bf16] [--tuned-malloc] [--linear]
 """
 
 from __future__ import annotations
@@ -21,8 +23,23 @@ from ldm.models.conv import conv2d_as_matmul
 SHAPES = [  # (batch, in channels, out channels, kernel, height = width)
     (2, 320, 320, 3, 32), (2, 640, 640, 3, 16), (2, 1280, 1280, 3, 8), (2, 2560, 1280, 3, 8),
     (2, 1280, 1280, 3, 4), (2, 2560, 1280, 3, 4), (2, 2560, 1280, 1, 4), (4, 1280, 1280, 3, 8),
-    (4, 1280, 1280, 3, 4), (64, 64, 64, 3, 16), (64, 128, 128, 3, 8), (64, 192, 192, 3, 4),
+    (4, 1280, 1280, 3, 4), (2, 1280, 1280, 3, 16), (2, 1920, 640, 3, 16), (2, 960, 640, 3, 16),
+    (64, 64, 64, 3, 16), (64, 128, 128, 3, 8), (64, 192, 192, 3, 4),
 ]  # fmt: skip
+
+
+def bench_linear(repeats: int) -> None:
+    """GFLOP/s of x @ W.T and (W @ x.T).T with cold weights, for 32..512 rows."""
+    weights = [torch.randn(1280, 11520) for _ in range(40)]
+    for rows in (32, 64, 128, 256, 512):
+        x = torch.randn(rows, 11520)
+        rates = {}
+        orders = {"x-first": lambda w, x=x: x @ w.t(), "weight-first": lambda w, x=x: w @ x.t()}
+        for name, fn in orders.items():
+            t = min(seconds(lambda fn=fn: [fn(w) for w in weights], 1) for _ in range(repeats))
+            rates[name] = 2 * rows * 11520 * 1280 * len(weights) / t / 1e9
+        print(f"{rows:4d} rows x 11520 -> 1280, 40 cold weights:  x-first {rates['x-first']:4.0f}  "
+              f"weight-first {rates['weight-first']:4.0f} GFLOP/s")  # fmt: skip
 
 
 def seconds(fn, repeats: int) -> float:
@@ -41,6 +58,7 @@ def main() -> None:
     parser.add_argument("--grad", action="store_true", help="time forward + backward")
     parser.add_argument("--bf16", action="store_true", help="bf16 instead of fp32")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--linear", action="store_true", help="weight-first matmul, cold weights")
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/runtime.py)"
     )
@@ -49,6 +67,9 @@ def main() -> None:
         from ldm.runtime import tune_cpu_allocator
 
         print(f"glibc malloc tuned (ldm/runtime.py): {tune_cpu_allocator()}")
+    if args.linear:
+        bench_linear(min(args.repeats, 3))
+        return
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}, "
           f"{'forward+backward' if args.grad else 'forward'}; GFLOP/s")  # fmt: skip

@@ -4,15 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.models import conv
+from ldm.models import conv, matmul
 from ldm.models.conv import Conv2d, conv2d_as_matmul
 
 
+@pytest.mark.parametrize("order", ["x-first", "weight-first"])  # weight-first needs a big weight
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize(
-    "kernel,stride,padding,size", [(3, 1, 1, 5), (3, 2, 1, 8), (3, 2, 0, 9), (1, 1, 0, 4)]
+    "kernel,stride,padding,size",
+    [(3, 1, 1, 5), (3, 2, 1, 8), (3, 2, 0, 9), (1, 1, 0, 4), (3, 1, 1, 9)],  # 81 positions: x-first
 )
-def test_matmul_route_equals_conv2d(layout, kernel, stride, padding, size):
+def test_matmul_route_equals_conv2d(order, layout, kernel, stride, padding, size, monkeypatch):
+    if order == "weight-first":
+        monkeypatch.setattr(matmul, "WEIGHT_FIRST_MIN_ELEMENTS", 0)
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(2, 24, size, size, generator=g).contiguous(memory_format=fmt)
@@ -43,6 +47,10 @@ def test_module_routes_by_positions_per_image_and_channels(monkeypatch):
     wide(torch.randn(1, 512, 16, 16))  # 256 positions per image: oneDNN
     narrow(torch.randn(1, 64, 4, 4))  # few channels: oneDNN
     assert len(calls) == 3
+    Conv2d(1024, 8, 3, padding=1)(torch.randn(1, 1024, 16, 16))  # 4 channels per position: GEMM
+    assert len(calls) == 4
+    Conv2d(960, 8, 3, padding=1)(torch.randn(1, 960, 16, 16))  # fewer: oneDNN
+    assert len(calls) == 4
 
 
 def test_module_under_bf16_autocast_matches_conv2d():

@@ -6,10 +6,14 @@ positions (an SD 1.5 U-Net's inner blocks at 256x256) runs at 127 GFLOP/s (fp32)
 positions at 40 GFLOP/s, against 278 and 176 GFLOP/s for the same product written as
 im2col + one GEMM; at 2 x 32 x 32 positions oneDNN wins (342 against 276), and with few channels
 it wins at any size (64 x 4 x 4 positions, 192 channels: 350 against 254). The same holds in bf16
-and in backward. So a convolution with at most ``MATMUL_MAX_POSITIONS`` output positions per image
-and at least ``MATMUL_MIN_CHANNELS`` input channels is the GEMM (B*Ho*Wo, k*k*Cin) @
-(k*k*Cin, Cout); any other, oneDNN. The rule looks at one image, never at the batch size, so the
-route (and the last bits of the result) cannot depend on how images were batched.
+and in backward. At 16 x 16 the GEMM still wins when the reduction is long (1280 -> 1280 channels
+at batch 2: 286 against 215; 1920 -> 640: 226 against 190) and loses below ~1000 input channels
+(960 -> 640: 265 against 274). So a convolution is the GEMM (B*Ho*Wo, k*k*Cin) @ (k*k*Cin, Cout)
+when its input has at least ``MATMUL_MIN_CHANNELS`` channels and at least
+``MATMUL_CHANNELS_PER_POSITION`` per output position of one image (1024 at 16 x 16, 256 at
+8 x 8); any other, oneDNN. With few positions the GEMM runs weight-first (``ldm.models.matmul``).
+The rule looks at one image, never at the batch size, so the route (and the last bits of the
+result) cannot depend on how images were batched.
 Figures: ``python scripts/bench_conv.py``; same parameters and results as ``nn.Conv2d``.
 """
 
@@ -19,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MATMUL_MAX_POSITIONS = 64  # per image: 8x8 (2x faster at batch 2); 16x16 at batch 2 is a tie
+from ldm.models.matmul import addmm_weight_first, weight_first
+
+MATMUL_CHANNELS_PER_POSITION = 4  # input channels per output position of one image
 MATMUL_MIN_CHANNELS = 512  # the U-Net levels that are slow in oneDNN have 1280
 
 
@@ -30,8 +36,8 @@ def conv2d_as_matmul(
 
     The patch matrix is built in (kh, kw, Cin) order from an NHWC view of x, so a channels_last
     weight reshapes to (Cout, kh*kw*Cin) without a copy; a contiguous weight uses F.unfold's
-    (Cin, kh, kw) order instead, for the same reason. The output has channels_last strides;
-    it is returned in the input's layout.
+    (Cin, kh, kw) order instead, for the same reason. The output is returned in the input's
+    layout (contiguous or channels_last).
     """
     b, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
@@ -48,11 +54,13 @@ def conv2d_as_matmul(
                    for i in range(kh) for j in range(kw)]  # fmt: skip
         cols = torch.stack(patches, dim=3).reshape(b * ho * wo, -1)  # (B*L, kh*kw*Cin)
         wmat = weight.permute(0, 2, 3, 1).reshape(cout, -1)  # a view for channels_last weights
-    out = cols @ wmat.t() if bias is None else torch.addmm(bias, cols, wmat.t())
-    out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)  # (B, Cout, Ho, Wo), channels_last
-    if x.is_contiguous() and not out.is_contiguous():
-        out = out.contiguous()  # keep the caller's layout
-    return out
+    if weight_first(ho * wo, wmat):
+        out = addmm_weight_first(cols, wmat, bias)  # (B*L, Cout) with transposed strides
+    else:
+        out = cols @ wmat.t() if bias is None else torch.addmm(bias, cols, wmat.t())
+    out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)  # (B, Cout, Ho, Wo)
+    layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    return out.contiguous(memory_format=layout)  # the caller's layout (a no-op when it has it)
 
 
 class Conv2d(nn.Conv2d):
@@ -68,7 +76,7 @@ class Conv2d(nn.Conv2d):
             return False
         ho = (x.shape[2] + 2 * ph - self.kernel_size[0]) // sh + 1
         wo = (x.shape[3] + 2 * pw - self.kernel_size[1]) // sw + 1
-        return ho * wo <= MATMUL_MAX_POSITIONS and self.in_channels >= MATMUL_MIN_CHANNELS
+        return self.in_channels >= max(MATMUL_MIN_CHANNELS, MATMUL_CHANNELS_PER_POSITION * ho * wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._matmul_ok(x):

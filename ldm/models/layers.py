@@ -6,7 +6,9 @@ Vaswani et al. 2017, Shazeer 2020), down/up sampling and the sinusoidal timestep
 Every module keeps diffusers' attribute names so a diffusers state dict loads with strict=True.
 
 Speed notes: tensors may flow in channels_last layout; there a (B, C, H, W) -> (B, H*W, C) view is
-free, so 1x1 convolutions in the transformer run as a plain matmul on the token layout.
+free, so 1x1 convolutions in the transformer run as a plain matmul on the token layout. Linear
+layers are ``ldm.models.matmul.Linear`` (same parameters as ``nn.Linear``), weight-first on the
+CPU for few tokens per image; token tensors may then carry transposed strides.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.conv import Conv2d
+from ldm.models.matmul import Linear, linear
 
 
 def timestep_embedding(
@@ -43,9 +46,9 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, time_embed_dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_1 = Linear(in_channels, time_embed_dim)
         self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+        self.linear_2 = Linear(time_embed_dim, time_embed_dim)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(emb)))
@@ -67,7 +70,7 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
@@ -123,10 +126,10 @@ class Attention(nn.Module):
         self.group_norm = None
         if norm_num_groups is not None:
             self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps)
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+        self.to_q = Linear(query_dim, inner, bias=bias)
+        self.to_k = Linear(context_dim, inner, bias=bias)
+        self.to_v = Linear(context_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner, query_dim), nn.Dropout(dropout)])
 
     def attend(
         self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None
@@ -153,7 +156,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -166,7 +169,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, dropout: float = 0.0, mult: int = 4):
         super().__init__()
         self.net = nn.ModuleList(
-            [GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)]
+            [GEGLU(dim, dim * mult), nn.Dropout(dropout), Linear(dim * mult, dim)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,8 +227,8 @@ class Transformer2DModel(nn.Module):
         inner = heads * dim_head
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
         if use_linear_projection:
-            self.proj_in = nn.Linear(in_channels, inner)
-            self.proj_out = nn.Linear(inner, in_channels)
+            self.proj_in = Linear(in_channels, inner)
+            self.proj_out = Linear(inner, in_channels)
         else:
             self.proj_in = nn.Conv2d(in_channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, in_channels, 1)
@@ -242,7 +245,7 @@ class Transformer2DModel(nn.Module):
         """proj_in/proj_out on tokens (B, L, C): Linear (SD 2.x) or 1x1 Conv2d (SD 1.x)."""
         if isinstance(layer, nn.Conv2d):
             # a 1x1 conv is a matmul over channels; its (out, in, 1, 1) weight viewed as (out, in)
-            return F.linear(x, layer.weight.flatten(1), layer.bias)
+            return linear(x, layer.weight.flatten(1), layer.bias)
         if isinstance(getattr(layer, "base_layer", None), nn.Conv2d):  # a LoRA-wrapped conv
             return layer(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
         return layer(x)  # a Linear, plain or wrapped
