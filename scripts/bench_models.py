@@ -117,7 +117,8 @@ def main() -> None:
         print(f"max |ldm - diffusers| on the forward: {diff:.2e}")
         # the matmul is timed interleaved with the forwards, under the same machine load
         fns = {"ldm": lambda: ours(*inputs), "diffusers": lambda: ref(*inputs), "mm": lambda: a @ b}
-        fwd = median_time(fns, args.repeats)
+        rounds = timings(fns, args.repeats)
+        fwd = {name: statistics.median(ts) for name, ts in rounds.items()}
     ratio = fwd["ldm"] / fwd["diffusers"]
     print(
         f"forward     ldm {fwd['ldm']:.3f}s  diffusers {fwd['diffusers']:.3f}s  ratio {ratio:.3f}"
@@ -141,6 +142,11 @@ def main() -> None:
     print(
         f"{peak / 1e9:.1f} GFLOP/s; ldm forward at {100 * achieved / peak:.0f}% of the matmul rate"
     )
+    # the machine's speed drifts (other tenants share its memory bandwidth and L3): the same
+    # ratio within each round of the interleaved timings shows how much
+    per_round = sorted(t_mm / t for t, t_mm in zip(rounds["ldm"], rounds["mm"], strict=True))
+    per_round = [100 * flops * r / (2 * n**3) for r in per_round]
+    print(f"per round: {', '.join(f'{u:.0f}%' for u in per_round)}")
 
     if not args.no_train:
         if not args.default_malloc:  # as `ldm train` runs; both models train under it

@@ -7,8 +7,8 @@ positions at 40 GFLOP/s, against 278 and 176 GFLOP/s for the same product writte
 im2col + one GEMM; at 2 x 32 x 32 positions oneDNN wins (342 against 276), and with few channels
 it wins at any size (64 x 4 x 4 positions, 192 channels: 350 against 254). The same holds in bf16
 and in backward. At 16 x 16 the GEMM still wins when the reduction is long (1280 -> 1280 channels
-at batch 2: 286 against 215; 1920 -> 640: 226 against 190) and loses below ~1000 input channels
-(960 -> 640: 265 against 274). So a convolution is the GEMM (B*Ho*Wo, k*k*Cin) @ (k*k*Cin, Cout)
+at batch 2: 262 against 194; 1920 -> 640: 209 against 182) and loses below ~1000 input channels
+(960 -> 640: 243 against 256). So a convolution is the GEMM (B*Ho*Wo, k*k*Cin) @ (k*k*Cin, Cout)
 when its input has at least ``MATMUL_MIN_CHANNELS`` channels and at least
 ``MATMUL_CHANNELS_PER_POSITION`` per output position of one image (1024 at 16 x 16, 256 at
 8 x 8); any other, oneDNN. With few positions the GEMM runs weight-first (``ldm.models.matmul``).
