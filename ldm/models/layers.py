@@ -7,8 +7,8 @@ Every module keeps diffusers' attribute names so a diffusers state dict loads wi
 
 Speed notes: tensors may flow in channels_last layout; there a (B, C, H, W) -> (B, H*W, C) view is
 free, so 1x1 convolutions in the transformer run as a plain matmul on the token layout. Linear
-layers are ``ldm.models.matmul.Linear`` (same parameters as ``nn.Linear``), weight-first on the
-CPU for few tokens per image; token tensors may then carry transposed strides.
+layers are ``ldm.models.matmul.Linear`` (same parameters as ``nn.Linear``): on the CPU, with few
+tokens per image and a large weight, the product runs with the weight as the left operand.
 """
 
 from __future__ import annotations
