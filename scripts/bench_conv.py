@@ -29,14 +29,14 @@ SHAPES = [  # (batch, in channels, out channels, kernel, height = width)
 
 
 def bench_linear(repeats: int) -> None:
-    """GFLOP/s of x @ W.T and (W @ x.T).T with cold weights, for 32..512 rows."""
+    """GFLOP/s of x @ W.T and (W @ x.T).T with cold weights, for 32..512 rows (median)."""
     weights = [torch.randn(1280, 11520) for _ in range(40)]
     for rows in (32, 64, 128, 256, 512):
         x = torch.randn(rows, 11520)
         rates = {}
         orders = {"x-first": lambda w, x=x: x @ w.t(), "weight-first": lambda w, x=x: w @ x.t()}
         for name, fn in orders.items():
-            t = min(seconds(lambda fn=fn: [fn(w) for w in weights], 1) for _ in range(repeats))
+            t = seconds(lambda fn=fn: [fn(w) for w in weights], repeats)
             rates[name] = 2 * rows * 11520 * 1280 * len(weights) / t / 1e9
         print(f"{rows:4d} rows x 11520 -> 1280, 40 cold weights:  x-first {rates['x-first']:4.0f}  "
               f"weight-first {rates['weight-first']:4.0f} GFLOP/s")  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldm.data.shapes_layout import LAYOUTS, MIN_GAP, MIN_OFFSET, SIZE, place  # noqa: F401 (re-exported)
+from ldm.data.shapes_layout import LAYOUTS, MIN_GAP, MIN_OFFSET, SIZE, check_layout, place  # noqa: F401 (re-exported)
 from ldm.data.shapes_layout import cells as layout_cells
 from ldm.errors import LdmError
 from ldm.io import atomic_save, atomic_write_text
@@ -311,9 +311,8 @@ class ShapesDataset:
     ):
         if not 0.0 <= size_words_prob <= 1.0:
             raise LdmError(f"size_words_prob must be in [0, 1], got {size_words_prob}")
-        layout_cells(Prompt("single_object", (Item("circle"),)), layout)  # unknown: fail now
         self.seed, self.mix, self.size_words_prob = seed, parse_mix(mix), size_words_prob
-        self.as_array, self.layout = as_array, layout
+        self.as_array, self.layout = as_array, check_layout(layout)  # an unknown one fails now
 
     def sample(self, index: int) -> tuple[np.ndarray, str, Scene]:
         return generate(self.seed, index, self.mix, self.size_words_prob, self.layout)

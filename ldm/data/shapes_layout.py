@@ -51,10 +51,16 @@ _TIDY_CELLS = {
 LAYOUTS = ("random", "tidy")
 
 
-def cells(prompt: Prompt, layout: str) -> list | None:
-    """Per-object cells of a tidy layout (None: anywhere in the image)."""
+def check_layout(layout: str) -> str:
+    """``layout`` itself if it is one of ``LAYOUTS``; a clear error otherwise."""
     if layout not in LAYOUTS:
         raise LdmError(f"unknown shapes layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    return layout
+
+
+def cells(prompt: Prompt, layout: str) -> list | None:
+    """Per-object cells of a tidy layout (None: anywhere in the image)."""
+    check_layout(layout)
     n = sum(item.count for item in prompt.items)
     if layout == "random" or n == 1:
         return None

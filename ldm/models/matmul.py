@@ -7,8 +7,8 @@ in cache. MKL streams the weight faster when it is the *left* operand, so on the
 the same product as ``(W @ x.T + b).T`` and copies the (small) result back to row-major.
 Measured on the project's 2-core CPU with 40 distinct 1280 x 11520 weights
 in turn (so none is cached), fp32 GFLOP/s, rows x-first -> weight-first:
-32 rows 101 -> 152, 64 rows 146 -> 178, 128 rows 210 -> 228, 256 rows 236 -> 240, 512 rows
-256 -> 260 (``python scripts/bench_conv.py --linear``). With a cached weight the two orders tie
+32 rows 116 -> 165, 64 rows 174 -> 184, 128 rows 209 -> 228, 256 rows 241 -> 258, 512 rows
+279 -> 287 (``python scripts/bench_conv.py --linear``). With a cached weight the two orders tie
 from 256 rows on, and small weights lose: the demo model's train step (128-wide layers, 4096
 rows) was 11 % slower weight-first, its batch-8 forward 18 %. So the weight-first order is taken
 for at most ``WEIGHT_FIRST_MAX_ROWS`` rows *per image* and weights of at least
