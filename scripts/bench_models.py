@@ -6,6 +6,12 @@ forward's achieved FLOP/s as a fraction of a large fp32 matmul measured in the s
 
     python scripts/bench_models.py            # real SD 1.5 shape (~14 GB free RAM)
     python scripts/bench_models.py --quick    # reduced widths, a few seconds per step
+    python scripts/bench_models.py --no-train --floor --compile   # where the forward's time goes
+
+``--floor`` replays the forward's own matmul, convolution and attention kernels alone, in order,
+on the same tensors: the time the forward would take if everything else (norms, activations,
+adds, copies, Python) cost nothing. ``--compile`` also times ldm's forward under
+``torch.compile`` (inductor fuses those elementwise ops; a few minutes of compiling first).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 SD15_UNET = dict(
@@ -65,6 +72,42 @@ def forward_flops(model: torch.nn.Module, args: tuple) -> int:
     return counter.get_total_flops()
 
 
+COMPUTE_KERNELS = (
+    "aten.addmm.default",
+    "aten.mm.default",
+    "aten.bmm.default",
+    "aten.convolution.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+)
+
+
+class KernelRecorder(TorchDispatchMode):
+    """Records the compute-kernel calls (op, arguments) of what runs under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if str(func) in COMPUTE_KERNELS:
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def kernel_replay(model: torch.nn.Module, args: tuple) -> Callable[[], None]:
+    """A function that runs only ``model(*args)``'s compute kernels, in order, on its tensors."""
+    with torch.no_grad(), KernelRecorder() as recorder:
+        model(*args)
+    calls = recorder.calls  # holds the forward's activations (a few hundred MB for SD 1.5)
+
+    def replay() -> None:
+        for func, call_args, kwargs in calls:
+            func(*call_args, **kwargs)
+
+    return replay
+
+
 def make_train_step(model: torch.nn.Module, args: tuple, target: torch.Tensor) -> Callable:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
@@ -83,6 +126,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="reduced widths (64..256)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
     parser.add_argument("--no-train", action="store_true", help="skip the train-step timing")
+    parser.add_argument("--floor", action="store_true", help="time the forward's kernels alone")
+    parser.add_argument("--compile", action="store_true", help="time a torch.compile'd forward")
     parser.add_argument(
         "--default-malloc", action="store_true", help="train steps under glibc's defaults"
     )
@@ -147,6 +192,24 @@ def main() -> None:
     per_round = sorted(t_mm / t for t, t_mm in zip(rounds["ldm"], rounds["mm"], strict=True))
     per_round = [100 * flops * r / (2 * n**3) for r in per_round]
     print(f"per round: {', '.join(f'{u:.0f}%' for u in per_round)}")
+    extra = {}
+    if args.floor:
+        extra["kernels alone"] = kernel_replay(ours, inputs)
+    if args.compile:
+        compiled = torch.compile(ours)
+        start = time.perf_counter()
+        with torch.no_grad():
+            diff = (compiled(*inputs) - ours(*inputs)).abs().max().item()
+        print(f"torch.compile: {time.perf_counter() - start:.0f}s to compile; max diff {diff:.1e}")
+        extra["torch.compile"] = lambda: compiled(*inputs)
+    if extra:  # timed again with the eager forward and the matmul, interleaved
+        with torch.no_grad():
+            fns = {"ldm": lambda: ours(*inputs), **extra, "mm": lambda: a @ b}
+            med = median_time(fns, args.repeats)
+        for name, seconds in med.items():
+            if name != "mm":
+                util = 100 * flops / seconds / (2 * n**3 / med["mm"])
+                print(f"{name:>14}: {seconds:.3f}s, {util:.0f}% of the matmul rate")
 
     if not args.no_train:
         if not args.default_malloc:  # as `ldm train` runs; both models train under it
