@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ldm.data import shapes as S
+from ldm.data import shapes_layout
 from ldm.errors import LdmError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +55,10 @@ def test_generate_is_deterministic_per_seed_and_index():
 def _apart(a: S.Obj, b: S.Obj) -> bool:
     gap_x = max(b.x - (a.x + a.size), a.x - (b.x + b.size))
     gap_y = max(b.y - (a.y + a.size), a.y - (b.y + b.size))
-    return max(gap_x, gap_y) >= S.MIN_GAP
+    return max(gap_x, gap_y) >= shapes_layout.MIN_GAP
 
 
-@pytest.mark.parametrize("layout", S.LAYOUTS)
+@pytest.mark.parametrize("layout", shapes_layout.LAYOUTS)
 def test_world_invariants_over_many_scenes(layout):
     """Both layouts draw valid scenes of the world: a tidy scene is also a possible random one."""
     tasks = set()

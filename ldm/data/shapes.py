@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldm.data.shapes_layout import LAYOUTS, MIN_GAP, MIN_OFFSET, SIZE, check_layout, place  # noqa: F401 (re-exported)
+from ldm.data.shapes_layout import SIZE, check_layout, place
 from ldm.data.shapes_layout import cells as layout_cells
 from ldm.errors import LdmError
 from ldm.io import atomic_save, atomic_write_text
