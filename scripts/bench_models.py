@@ -59,17 +59,25 @@ def median_time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {name: statistics.median(ts) for name, ts in timings(fns, repeats).items()}
 
 
-def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:
-    """FLOP/s of an (n x n) @ (n x n) fp32 matmul: the machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = median_time({"mm": lambda: torch.mm(a, b)}, repeats)["mm"]
-    return 2 * n**3 / t
+def attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """q k^T and p v of (B, heads, L, d) attention: 2 * B * heads * Lq * Lk * (d_qk + d_v)."""
+    b, heads, lq, d_qk = q_shape
+    return 2 * b * heads * lq * k_shape[2] * (d_qk + v_shape[3])
 
 
-def forward_flops(model: torch.nn.Module, args: tuple) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+# torch's FlopCounterMode has formulas for the CUDA attention kernels but none for the CPU flash
+# kernel that F.scaled_dot_product_attention runs here: without this entry it counts attention's
+# two products as zero FLOPs while their time is in the forward.
+ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+
+
+def forward_flops(model: torch.nn.Module, args: tuple) -> tuple[int, int]:
+    """FLOPs of ``model(*args)``: (all of them, those in attention's q k^T and p v products)."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as c:
         model(*args)
-    return counter.get_total_flops()
+    counts = c.get_flop_counts()["Global"]
+    attention = sum(n for op, n in counts.items() if op in ATTENTION_FLOPS)
+    return c.get_total_flops(), attention
 
 
 COMPUTE_KERNELS = (
@@ -136,6 +144,7 @@ def main() -> None:
 
     from diffusers import UNet2DConditionModel as DiffusersUNet
 
+    from ldm.models.matmul import PREFER_ONEDNN, cpu_vendor, onednn_linear
     from ldm.models.unet import UNet2DConditionModel, UNetConfig
 
     cfg = QUICK_UNET if args.quick else SD15_UNET
@@ -153,16 +162,25 @@ def main() -> None:
     inputs = (x, t, context)
     n = 4096
     a, b = torch.randn(n, n), torch.randn(n, n)
+    bt = b.t().contiguous()  # oneDNN's product takes the weight's (N, K) layout
+    # the reference is the faster of the two fp32 GEMM libraries torch has on the CPU: MKL runs
+    # at about half oneDNN's rate on AMD CPUs, so `a @ b` alone would flatter the forward there
+    matmuls = {"mm MKL": lambda: a @ b, "mm oneDNN": lambda: onednn_linear(a, bt)}
 
     shape = "reduced" if args.quick else "SD 1.5"
     print(f"U-Net {shape}-shaped, {n_params / 1e6:.0f}M params, latents {tuple(x.shape)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    print(
+        f"CPU vendor {cpu_vendor() or 'unknown'}: many-row products on "
+        f"{'oneDNN' if PREFER_ONEDNN else 'MKL'} (ldm/models/matmul.py)"
+    )
     with torch.no_grad():
         diff = (ref(*inputs).sample - ours(*inputs)).abs().max().item()
         print(f"max |ldm - diffusers| on the forward: {diff:.2e}")
         # the matmul is timed interleaved with the forwards, under the same machine load
-        fns = {"ldm": lambda: ours(*inputs), "diffusers": lambda: ref(*inputs), "mm": lambda: a @ b}
+        fns = {"ldm": lambda: ours(*inputs), "diffusers": lambda: ref(*inputs), **matmuls}
         rounds = timings(fns, args.repeats)
+        rounds["mm"] = [min(ts) for ts in zip(*(rounds[name] for name in matmuls))]
         fwd = {name: statistics.median(ts) for name, ts in rounds.items()}
     ratio = fwd["ldm"] / fwd["diffusers"]
     print(
@@ -181,12 +199,15 @@ def main() -> None:
         f"diffusers {fwd_cl['diffusers']:.3f}s  ratio {ratio:.3f}"
     )
 
-    flops = forward_flops(ours, inputs)
+    flops, attention = forward_flops(ours, inputs)
     achieved, peak = flops / fwd["ldm"], 2 * n**3 / fwd["mm"]
-    print(f"forward {flops / 1e9:.1f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s; fp32 {n}^2 matmul ")
     print(
-        f"{peak / 1e9:.1f} GFLOP/s; ldm forward at {100 * achieved / peak:.0f}% of the matmul rate"
+        f"forward {flops / 1e9:.1f} GFLOP ({attention / 1e9:.1f} of them in attention's q k^T "
+        f"and p v) -> {achieved / 1e9:.1f} GFLOP/s"
     )
+    rates = ", ".join(f"{name[3:]} {2 * n**3 / fwd[name] / 1e9:.1f}" for name in matmuls)
+    print(f"fp32 {n}^2 matmul GFLOP/s: {rates}; reference (faster per round) {peak / 1e9:.1f}")
+    print(f"ldm forward at {100 * achieved / peak:.0f}% of the matmul rate")
     # the machine's speed drifts (other tenants share its memory bandwidth and L3): the same
     # ratio within each round of the interleaved timings shows how much
     per_round = sorted(t_mm / t for t, t_mm in zip(rounds["ldm"], rounds["mm"], strict=True))
@@ -204,8 +225,10 @@ def main() -> None:
         extra["torch.compile"] = lambda: compiled(*inputs)
     if extra:  # timed again with the eager forward and the matmul, interleaved
         with torch.no_grad():
-            fns = {"ldm": lambda: ours(*inputs), **extra, "mm": lambda: a @ b}
-            med = median_time(fns, args.repeats)
+            fns = {"ldm": lambda: ours(*inputs), **extra, **matmuls}
+            times = timings(fns, args.repeats)
+        times["mm"] = [min(ts) for ts in zip(*(times.pop(name) for name in matmuls))]
+        med = {name: statistics.median(ts) for name, ts in times.items()}
         for name, seconds in med.items():
             if name != "mm":
                 util = 100 * flops / seconds / (2 * n**3 / med["mm"])

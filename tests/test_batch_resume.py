@@ -72,12 +72,14 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(tiny_sd1, tmp_path, refer
                 time.sleep(0.05 * attempt)
                 break
             time.sleep(0.02)
-        if proc.poll() is None:
+        killed = proc.poll() is None
+        if killed:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        done = check_manifest_lists_only_complete_images(out)
-        assert done < 16 or proc.returncode == 0
+        check_manifest_lists_only_complete_images(out)
+        # a kill may land after the last image, or the run may exit just before it: both fine
+        assert proc.returncode == 0 or (killed and proc.returncode == -signal.SIGKILL)
     assert kills >= 2
     assert subprocess.run(cmd, env=env(), stderr=subprocess.DEVNULL).returncode == 0
     assert check_manifest_lists_only_complete_images(out) == 16

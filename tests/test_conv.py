@@ -37,6 +37,7 @@ def test_matmul_route_equals_conv2d(order, layout, kernel, stride, padding, size
 
 
 def test_module_routes_by_positions_per_image_and_channels(monkeypatch):
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", False)  # an Intel CPU: MKL's GEMM is fast
     calls = []
     monkeypatch.setattr(conv, "conv2d_as_matmul", lambda *a: calls.append(a) or F.conv2d(
         a[0], a[1], a[2], stride=a[3], padding=a[4]))  # fmt: skip
@@ -51,6 +52,27 @@ def test_module_routes_by_positions_per_image_and_channels(monkeypatch):
     assert len(calls) == 4
     Conv2d(960, 8, 3, padding=1)(torch.randn(1, 960, 16, 16))  # fewer: oneDNN
     assert len(calls) == 4
+
+
+def test_where_onednn_is_preferred_the_gemm_route_is_8x8_and_below_and_inference_only(
+    monkeypatch,
+):
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", True)  # e.g. an AMD CPU: MKL's GEMM is slow
+    calls = []
+    monkeypatch.setattr(conv, "conv2d_as_matmul", lambda *a: calls.append(a) or F.conv2d(
+        a[0], a[1], a[2], stride=a[3], padding=a[4]))  # fmt: skip
+    wide = Conv2d(1024, 8, 3, padding=1)
+    with torch.no_grad():
+        wide(torch.randn(2, 1024, 8, 8))  # 64 positions per image: GEMM
+        wide(torch.randn(2, 1024, 4, 4))
+        assert len(calls) == 2
+        wide(torch.randn(2, 1024, 16, 16))  # 256 positions: oneDNN (GEMM on an Intel CPU)
+        assert len(calls) == 2
+    wide(torch.randn(2, 1024, 8, 8))  # under autograd: oneDNN, whose backward is faster there
+    assert len(calls) == 2
+    wide.requires_grad_(False)
+    wide(torch.randn(2, 1024, 8, 8))  # nothing to differentiate: GEMM
+    assert len(calls) == 3
 
 
 def test_module_under_bf16_autocast_matches_conv2d():

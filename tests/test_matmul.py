@@ -14,6 +14,22 @@ def any_weight_size(monkeypatch):
     monkeypatch.setattr(matmul, "WEIGHT_FIRST_MIN_ELEMENTS", 0)
 
 
+@pytest.fixture(autouse=True)
+def intel_cpu(monkeypatch):
+    """MKL for every product unless a test says otherwise (the rule on an Intel CPU)."""
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", False)
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Where oneDNN is preferred (e.g. an AMD CPU), recording its products."""
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", True)
+    calls = []
+    real = matmul.onednn_linear
+    monkeypatch.setattr(matmul, "onednn_linear", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
 @pytest.fixture
 def routes(monkeypatch):
     calls = []
@@ -22,18 +38,15 @@ def routes(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 64, 65, 200])  # weight-first up to 64 per image
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_equals_nn_linear(tokens, bias, any_weight_size, routes):
+def check_like_nn_linear(x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """ldm's Linear against nn.Linear on x: values, layout, input and parameter gradients."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    ours = Linear(24, 40, bias=bias)
-    ref = torch.nn.Linear(24, 40, bias=bias)
+    ours = Linear(x.shape[-1], 40, bias=bias)
+    ref = torch.nn.Linear(x.shape[-1], 40, bias=bias)
     ref.load_state_dict(ours.state_dict(), strict=True)  # same parameter names
-    x = torch.randn(3, tokens, 24, generator=g)
     xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_o, out_r = ours(xo), ref(xr)
-    assert len(routes) == (tokens <= matmul.WEIGHT_FIRST_MAX_ROWS)
     torch.testing.assert_close(out_o, out_r, rtol=1e-5, atol=1e-5)
     assert out_o.is_contiguous()  # the layout F.linear gives, whichever the route
     grad = torch.randn(out_r.shape, generator=g)
@@ -42,6 +55,14 @@ def test_linear_equals_nn_linear(tokens, bias, any_weight_size, routes):
     torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-5)
     for po, pr in zip(ours.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(po.grad, pr.grad, rtol=1e-4, atol=1e-4)
+    return out_o
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 64, 65, 200])  # weight-first up to 64 per image
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_equals_nn_linear(tokens, bias, any_weight_size, routes):
+    check_like_nn_linear(torch.randn(3, tokens, 24), bias)
+    assert len(routes) == (tokens <= matmul.WEIGHT_FIRST_MAX_ROWS)
 
 
 def test_weight_first_takes_strided_inputs(any_weight_size, routes):
@@ -59,8 +80,19 @@ def test_route_depends_on_tokens_per_image_and_weight_size_not_batch(routes):
     assert len(routes) == 3
     linear(torch.randn(1, 65, 1024), big)  # more tokens per image: F.linear
     linear(torch.randn(2, 16, 1024), small)  # a weight that stays in cache: F.linear
-    linear(torch.randn(2, 1024), big)  # a 2-D input (B, C), e.g. the time embedding: F.linear
     assert len(routes) == 3
+    for batch in (1, 2, 64):  # a 2-D input (B, C), e.g. the time embedding: one row per image
+        linear(torch.randn(batch, 1024), big)
+    assert len(routes) == 6
+    linear(torch.randn(2, 1024), small)
+    linear(torch.randn(1024), big)  # a single vector: F.linear
+    assert len(routes) == 6
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_one_vector_per_image_equals_nn_linear(batch, any_weight_size, routes):
+    assert check_like_nn_linear(torch.randn(batch, 24)).shape == (batch, 40)
+    assert len(routes) == 1
 
 
 def test_bf16_autocast_matches_f_linear(any_weight_size, routes):
@@ -73,3 +105,28 @@ def test_bf16_autocast_matches_f_linear(any_weight_size, routes):
     assert len(routes) == 1
     assert ours.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_onednn_linear_equals_nn_linear(layout, onednn_calls):
+    """Many rows per image go to oneDNN's 1x1 convolution: same values, gradients, layout."""
+    x = torch.randn(3, 100, 48) if layout == "contiguous" else torch.randn(3, 48, 100).mT
+    check_like_nn_linear(x)
+    assert len(onednn_calls) == 1
+    layer = Linear(48, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, low_ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert low.dtype == low_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), low_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_where_onednn_is_preferred_few_rows_stay_on_mkl(onednn_calls, routes):
+    big = torch.randn(1024, 1024)
+    with torch.no_grad():
+        linear(torch.randn(2, 65, 1024), big)  # many rows per image: oneDNN
+        linear(torch.randn(2, 64, 1024), big)  # few, big weight: MKL weight-first
+        linear(torch.randn(2, 64, 1024), big[:512])  # few, small weight: F.linear
+    assert (len(onednn_calls), len(routes)) == (1, 1)
+    # under autograd weight-first is not taken there (its backward is MKL's): F.linear
+    linear(torch.randn(2, 64, 1024, requires_grad=True), big)
+    assert (len(onednn_calls), len(routes)) == (1, 1)

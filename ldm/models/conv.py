@@ -12,6 +12,11 @@ at batch 2: 262 against 194; 1920 -> 640: 209 against 182) and loses below ~1000
 when its input has at least ``MATMUL_MIN_CHANNELS`` channels and at least
 ``MATMUL_CHANNELS_PER_POSITION`` per output position of one image (1024 at 16 x 16, 256 at
 8 x 8); any other, oneDNN. With few positions the GEMM runs weight-first (``ldm.models.matmul``).
+Where MKL is the slow library (``ldm.models.matmul.PREFER_ONEDNN``: a 2-core AMD Zen 5, where
+MKL's GEMM runs at half oneDNN's rate) the GEMM route stays below 16 x 16: there, forward,
+1280 -> 1280 at 16 x 16 ran at 176 GFLOP/s as a GEMM against 232 in oneDNN (1920 -> 640: 146
+against 226; forward + backward 0.5x), while at 8 x 8 and 4 x 4 the GEMM still won 1.3-3.9x;
+under autograd it is not taken at all there (``ldm.models.matmul.mkl_route_ok``).
 The rule looks at one image, never at the batch size, so the route (and the last bits of the
 result) cannot depend on how images were batched.
 Figures: ``python scripts/bench_conv.py``; same parameters and results as ``nn.Conv2d``.
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.models import matmul
 from ldm.models.matmul import addmm_weight_first, weight_first
 
 MATMUL_CHANNELS_PER_POSITION = 4  # input channels per output position of one image
@@ -36,14 +42,18 @@ def conv2d_as_matmul(
 
     The patch matrix is built in (kh, kw, Cin) order from an NHWC view of x, so a channels_last
     weight reshapes to (Cout, kh*kw*Cin) without a copy; a contiguous weight uses F.unfold's
-    (Cin, kh, kw) order instead, for the same reason. The output is returned in the input's
-    layout (contiguous or channels_last).
+    (Cin, kh, kw) order instead, for the same reason. A 1x1 stride-1 convolution needs no patch
+    matrix: its rows are the NHWC pixels. The output is returned in the input's layout
+    (contiguous or channels_last).
     """
     b, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
-    if weight.is_contiguous():
+    if kh == kw == 1 and stride == 1 and padding == 0:  # the patches are the pixels (NHWC)
+        cols = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view when x is channels_last
+        wmat = weight.reshape(cout, c)  # a (Cout, Cin, 1, 1) weight is both layouts at once
+    elif weight.is_contiguous():
         cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, Cin*kh*kw, L)
         cols = cols.transpose(1, 2).reshape(b * ho * wo, -1)
         wmat = weight.view(cout, -1)
@@ -76,6 +86,10 @@ class Conv2d(nn.Conv2d):
             return False
         ho = (x.shape[2] + 2 * ph - self.kernel_size[0]) // sh + 1
         wo = (x.shape[3] + 2 * pw - self.kernel_size[1]) // sw + 1
+        if matmul.PREFER_ONEDNN and ho * wo > matmul.WEIGHT_FIRST_MAX_ROWS:
+            return False  # 16 x 16 and up: oneDNN's convolution is the faster one on such CPUs
+        if not matmul.mkl_route_ok(x, self.weight):
+            return False  # training where oneDNN is preferred: the GEMM's backward is MKL's
         return self.in_channels >= max(MATMUL_MIN_CHANNELS, MATMUL_CHANNELS_PER_POSITION * ho * wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
