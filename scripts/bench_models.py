@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import statistics
 import sys
 import time
@@ -26,6 +27,8 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from ldm.models.matmul import ONEDNN_MATMUL
 
 SD15_UNET = dict(
     sample_size=64,
@@ -65,15 +68,24 @@ def attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) 
     return 2 * b * heads * lq * k_shape[2] * (d_qk + v_shape[3])
 
 
+def inner_product_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """oneDNN's inner product x (..., K) @ w (N, K)^T, counted like aten.addmm: 2 * M * K * N."""
+    return 2 * math.prod(x_shape) * w_shape[0]
+
+
 # torch's FlopCounterMode has formulas for the CUDA attention kernels but none for the CPU flash
-# kernel that F.scaled_dot_product_attention runs here: without this entry it counts attention's
-# two products as zero FLOPs while their time is in the forward.
+# kernel that F.scaled_dot_product_attention runs here, and none for oneDNN's inner product
+# (ldm.models.matmul's GEMM on non-Intel CPUs): without these entries it counts them as zero
+# FLOPs while their time is in the forward.
 ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+EXTRA_FLOPS = dict(ATTENTION_FLOPS)
+if ONEDNN_MATMUL is not None:
+    EXTRA_FLOPS[ONEDNN_MATMUL.overloadpacket] = inner_product_flops
 
 
 def forward_flops(model: torch.nn.Module, args: tuple) -> tuple[int, int]:
     """FLOPs of ``model(*args)``: (all of them, those in attention's q k^T and p v products)."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as c:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS) as c:
         model(*args)
     counts = c.get_flop_counts()["Global"]
     attention = sum(n for op, n in counts.items() if op in ATTENTION_FLOPS)
@@ -86,6 +98,7 @@ COMPUTE_KERNELS = (
     "aten.bmm.default",
     "aten.convolution.default",
     "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "mkldnn._linear_pointwise.default",
 )
 
 
@@ -171,7 +184,7 @@ def main() -> None:
     print(f"U-Net {shape}-shaped, {n_params / 1e6:.0f}M params, latents {tuple(x.shape)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
     print(
-        f"CPU vendor {cpu_vendor() or 'unknown'}: many-row products on "
+        f"CPU vendor {cpu_vendor() or 'unknown'}: ldm's products on "
         f"{'oneDNN' if PREFER_ONEDNN else 'MKL'} (ldm/models/matmul.py)"
     )
     with torch.no_grad():

@@ -22,11 +22,12 @@ def intel_cpu(monkeypatch):
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
-    """Where oneDNN is preferred (e.g. an AMD CPU), recording its products."""
+    """Where oneDNN is preferred (e.g. an AMD CPU), recording its products by op."""
     monkeypatch.setattr(matmul, "PREFER_ONEDNN", True)
-    calls = []
-    real = matmul.onednn_linear
-    monkeypatch.setattr(matmul, "onednn_linear", lambda *a: calls.append(a) or real(*a))
+    calls = {"conv": [], "inner": []}
+    conv, inner = matmul.onednn_linear, matmul.ONEDNN_MATMUL
+    monkeypatch.setattr(matmul, "onednn_linear", lambda *a: calls["conv"].append(a) or conv(*a))
+    monkeypatch.setattr(matmul, "ONEDNN_MATMUL", lambda *a: calls["inner"].append(a) or inner(*a))
     return calls
 
 
@@ -112,7 +113,7 @@ def test_onednn_linear_equals_nn_linear(layout, onednn_calls):
     """Many rows per image go to oneDNN's 1x1 convolution: same values, gradients, layout."""
     x = torch.randn(3, 100, 48) if layout == "contiguous" else torch.randn(3, 48, 100).mT
     check_like_nn_linear(x)
-    assert len(onednn_calls) == 1
+    assert len(onednn_calls["conv"]) == 1
     layer = Linear(48, 40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low, low_ref = layer(x), F.linear(x, layer.weight, layer.bias)
@@ -120,13 +121,31 @@ def test_onednn_linear_equals_nn_linear(layout, onednn_calls):
     torch.testing.assert_close(low.float(), low_ref.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_where_onednn_is_preferred_few_rows_stay_on_mkl(onednn_calls, routes):
+@pytest.mark.skipif(matmul.ONEDNN_MATMUL is None, reason="torch built without oneDNN")
+@pytest.mark.parametrize("shape", [(2, 100, 48), (2, 16, 48), (3, 48)])
+def test_onednn_inner_product_equals_f_linear(shape, onednn_calls):
+    """Without autograd every fp32 product there goes to oneDNN's inner product."""
+    torch.manual_seed(0)
+    layer = Linear(48, 40)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ours = layer(x)
+    assert len(onednn_calls["inner"]) == 1 and ours.is_contiguous()
+    torch.testing.assert_close(ours, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(matmul.ONEDNN_MATMUL is None, reason="torch built without oneDNN")
+def test_where_onednn_is_preferred_routes(onednn_calls, routes):
     big = torch.randn(1024, 1024)
     with torch.no_grad():
-        linear(torch.randn(2, 65, 1024), big)  # many rows per image: oneDNN
-        linear(torch.randn(2, 64, 1024), big)  # few, big weight: MKL weight-first
-        linear(torch.randn(2, 64, 1024), big[:512])  # few, small weight: F.linear
-    assert (len(onednn_calls), len(routes)) == (1, 1)
-    # under autograd weight-first is not taken there (its backward is MKL's): F.linear
+        linear(torch.randn(2, 65, 1024), big)  # fp32, no autograd: the inner product, any rows
+        linear(torch.randn(2, 64, 1024), big)
+        linear(torch.randn(2, 1024), big[:512])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # not fp32: the 1x1 convolution
+            linear(torch.randn(2, 65, 1024), big)
+    assert (len(onednn_calls["inner"]), len(onednn_calls["conv"]), len(routes)) == (3, 1, 0)
+    # under autograd (the inner product has no backward): many rows per image go to oneDNN's
+    # 1x1 convolution; few stay on MKL, and not weight-first (its backward measured slower)
+    linear(torch.randn(2, 65, 1024, requires_grad=True), big)
     linear(torch.randn(2, 64, 1024, requires_grad=True), big)
-    assert (len(onednn_calls), len(routes)) == (1, 1)
+    assert (len(onednn_calls["inner"]), len(onednn_calls["conv"]), len(routes)) == (3, 2, 0)

@@ -11,12 +11,14 @@ at batch 2: 262 against 194; 1920 -> 640: 209 against 182) and loses below ~1000
 (960 -> 640: 243 against 256). So a convolution is the GEMM (B*Ho*Wo, k*k*Cin) @ (k*k*Cin, Cout)
 when its input has at least ``MATMUL_MIN_CHANNELS`` channels and at least
 ``MATMUL_CHANNELS_PER_POSITION`` per output position of one image (1024 at 16 x 16, 256 at
-8 x 8); any other, oneDNN. With few positions the GEMM runs weight-first (``ldm.models.matmul``).
-Where MKL is the slow library (``ldm.models.matmul.PREFER_ONEDNN``: a 2-core AMD Zen 5, where
-MKL's GEMM runs at half oneDNN's rate) the GEMM route stays below 16 x 16: there, forward,
-1280 -> 1280 at 16 x 16 ran at 176 GFLOP/s as a GEMM against 232 in oneDNN (1920 -> 640: 146
-against 226; forward + backward 0.5x), while at 8 x 8 and 4 x 4 the GEMM still won 1.3-3.9x;
-under autograd it is not taken at all there (``ldm.models.matmul.mkl_route_ok``).
+8 x 8); any other, oneDNN. The GEMM itself is routed by ``ldm.models.matmul`` (MKL weight-first
+for few positions, oneDNN on some CPUs).
+Where MKL is the slow library (``ldm.models.matmul.PREFER_ONEDNN``, e.g. a 2-core AMD Zen 5)
+the GEMM is oneDNN's inner product, and the same rule holds: forward GFLOP/s, oneDNN convolution
+against im2col + inner product, 1280 -> 1280 at 8 x 8 114 against 358, at 4 x 4 30 against 228,
+at 16 x 16 267 against 327, 1920 -> 640 at 16 x 16 245 against 234. Under autograd the route is
+not taken there: the inner product has no backward, and im2col + MKL lost to oneDNN in forward +
+backward (0.5x at 16 x 16, 0.57x for 2560 -> 1280 at 8 x 8).
 The rule looks at one image, never at the batch size, so the route (and the last bits of the
 result) cannot depend on how images were batched.
 Figures: ``python scripts/bench_conv.py``; same parameters and results as ``nn.Conv2d``.
@@ -29,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models import matmul
-from ldm.models.matmul import addmm_weight_first, weight_first
 
 MATMUL_CHANNELS_PER_POSITION = 4  # input channels per output position of one image
 MATMUL_MIN_CHANNELS = 512  # the U-Net levels that are slow in oneDNN have 1280
@@ -64,10 +65,7 @@ def conv2d_as_matmul(
                    for i in range(kh) for j in range(kw)]  # fmt: skip
         cols = torch.stack(patches, dim=3).reshape(b * ho * wo, -1)  # (B*L, kh*kw*Cin)
         wmat = weight.permute(0, 2, 3, 1).reshape(cout, -1)  # a view for channels_last weights
-    if weight_first(ho * wo, wmat):
-        out = addmm_weight_first(cols, wmat, bias)  # (B*L, Cout) with transposed strides
-    else:
-        out = cols @ wmat.t() if bias is None else torch.addmm(bias, cols, wmat.t())
+    out = matmul.matmul_rows(cols, wmat, bias, ho * wo)  # (B*L, Cout), maybe transposed strides
     out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)  # (B, Cout, Ho, Wo)
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     return out.contiguous(memory_format=layout)  # the caller's layout (a no-op when it has it)
@@ -86,9 +84,7 @@ class Conv2d(nn.Conv2d):
             return False
         ho = (x.shape[2] + 2 * ph - self.kernel_size[0]) // sh + 1
         wo = (x.shape[3] + 2 * pw - self.kernel_size[1]) // sw + 1
-        if matmul.PREFER_ONEDNN and ho * wo > matmul.WEIGHT_FIRST_MAX_ROWS:
-            return False  # 16 x 16 and up: oneDNN's convolution is the faster one on such CPUs
-        if not matmul.mkl_route_ok(x, self.weight):
+        if matmul.PREFER_ONEDNN and matmul.needs_grad(x, self.weight):
             return False  # training where oneDNN is preferred: the GEMM's backward is MKL's
         return self.in_channels >= max(MATMUL_MIN_CHANNELS, MATMUL_CHANNELS_PER_POSITION * ho * wo)
 

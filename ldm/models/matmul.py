@@ -13,18 +13,22 @@ the demo model's train step (128-wide layers, 4096 rows) was 11 % slower weight-
 batch-8 forward 18 %. So the weight-first order is taken for at most ``WEIGHT_FIRST_MAX_ROWS``
 rows *per image* and weights of at least ``WEIGHT_FIRST_MIN_ELEMENTS``. A 2-D input (B, K), such
 as the time embedding every ResNet block projects, is one row per image: at batch 2 a cold
-1280 x 1280 weight takes 233 us weight-first against 619 us x-first (MKL's path for 2-4 rows
-streams the weight at ~9 GB/s); at batch 8 it is the other way round (606 against 503 us), at 16
-and 32 weight-first wins again.
+1280 x 1280 weight took 233 us weight-first against 619 us x-first (MKL on the Zen 5 below; its
+path for 2-4 rows streams the weight at ~9 GB/s); at batch 8 it was the other way round (606
+against 503 us), at 16 and 32 weight-first won again.
 
 oneDNN on other CPUs. ``F.linear`` on the CPU is MKL, and MKL runs its fp32 GEMM at half speed
 on AMD CPUs: on a 2-core Zen 5 (family 26) a 4096^2 product ran at 188 GFLOP/s through MKL and
-372 through oneDNN, and the SD 1.5 token linears (154-2048 rows) at 160-200 against 230-430
-(forward + backward: 175-185 against 230-390). oneDNN is reached through its convolution: a
-(M, K) @ (K, N) product is a 1x1 convolution over an NHWC view of the rows, with no copy either
-way. On Intel CPUs the two libraries were within 5 % of each other with no consistent winner, so
-MKL stays. Products with few rows per image keep MKL (weight-first or not): there oneDNN's 1x1
-convolution is the slower one on either CPU (128 x 1280 -> 10240: 120 against 151 GFLOP/s).
+372 through oneDNN. So where the CPU is not Intel's (``PREFER_ONEDNN``; on Intel CPUs the two
+were within 5 % of each other in session 7, with no consistent winner, and MKL stays), products
+go to oneDNN: without autograd to its inner product (``torch.ops.mkldnn._linear_pointwise``,
+the op inductor uses), which with cold weights ran the SD 1.5 shapes at 230-370 GFLOP/s from
+128 rows up (MKL: 120-170) and at ~200 with 32 rows (MKL weight-first: 91-110); under autograd
+that op has no backward, so many-row products run as oneDNN's 1x1 convolution over an NHWC view
+of the rows (no copy either way; forward + backward 230-390 GFLOP/s against MKL's 175-185) and
+few-row ones stay on MKL x-first, where the convolution is slower still (128 x 1280 -> 10240:
+90 against 135) and weight-first measured slower in a train step. Figures:
+docs/benchmarks.md.
 
 Like ``ldm.models.conv``, no rule looks at the batch size, so the route (and the last bits of a
 result) cannot depend on how images were batched.
@@ -56,12 +60,39 @@ def cpu_vendor() -> str:
 PREFER_ONEDNN = cpu_vendor() not in ("", "GenuineIntel")
 
 
+def _linear_pointwise():
+    """oneDNN's inner-product op (what inductor uses on the CPU), or None without oneDNN."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+ONEDNN_MATMUL = _linear_pointwise()
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``x @ weight.T + bias`` for x (M, K) as oneDNN's 1x1 convolution over an NHWC view."""
     m, k = x.shape
     rows = x.view(1, 1, m, k).permute(0, 3, 1, 2)  # (1, K, 1, M), channels_last strides
     out = F.conv2d(rows, weight.view(*weight.shape, 1, 1), bias)  # (1, N, 1, M), channels_last
     return out.permute(0, 2, 3, 1).reshape(m, weight.shape[0])  # a view: out is channels_last
+
+
+def needs_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
+def onednn_matmul_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether oneDNN's inner product can run it: fp32 on the CPU, no autocast, no autograd
+    (the op has no backward)."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (
+        ONEDNN_MATMUL is not None
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not torch.is_autocast_enabled("cpu")
+        and not needs_grad(x, weight)
+    )
 
 
 def weight_first(rows_per_image: int, weight: torch.Tensor) -> bool:
@@ -73,17 +104,6 @@ def weight_first(rows_per_image: int, weight: torch.Tensor) -> bool:
     )
 
 
-def mkl_route_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ldm's MKL routes (weight-first, the conv GEMM) may run for this product.
-
-    Not under autograd where oneDNN is preferred: their backward is MKL GEMMs at MKL's speed
-    there. On the Zen 5 an SD 1.5 train step was 9 % faster with the conv GEMM route off and 3 %
-    with weight-first off, while in the forward they are worth 31 % and 5 %.
-    """
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return not (PREFER_ONEDNN and needs_grad)
-
-
 def addmm_weight_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """``x @ weight.T + bias`` for x (M, K), weight (N, K), computed as ``(weight @ x.T + b).T``.
 
@@ -93,22 +113,38 @@ def addmm_weight_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.t()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """``F.linear`` on tokens (..., L, K) or one vector per image (B, K) (the time embedding);
-    weight-first when L is small (see the module note)."""
-    rows_per_image = x.shape[-2] if x.dim() >= 3 else 1
-    if x.dim() >= 2 and weight_first(rows_per_image, weight) and mkl_route_ok(x, weight):
-        out = addmm_weight_first(x.reshape(-1, x.shape[-1]), weight, bias)
-        # contiguous again (a small copy: few rows), so what follows sees the layout F.linear gives
-        return out.contiguous().view(*x.shape[:-1], weight.shape[0])
-    if PREFER_ONEDNN and rows_per_image > WEIGHT_FIRST_MAX_ROWS and weight.device.type == "cpu":
-        out = onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
+def matmul_rows(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows_per_image: int
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for x (M, K) by the route the module note describes.
+
+    Returns (M, N), row-major or (weight-first) with transposed strides.
+    """
+    if PREFER_ONEDNN and weight.device.type == "cpu":
+        if onednn_matmul_ok(x, weight, bias):
+            return ONEDNN_MATMUL(x, weight, bias, "none", [], "")
+        if rows_per_image > WEIGHT_FIRST_MAX_ROWS:  # under autograd: the convolution has one
+            return onednn_linear(x, weight, bias)
+        if needs_grad(x, weight):  # weight-first's backward would be MKL's: F.linear's too, but
+            return F.linear(x, weight, bias)  # it measured faster in a train step
+    if weight_first(rows_per_image, weight):
+        return addmm_weight_first(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.linear`` on tokens (..., L, K) or one vector per image (B, K) (the time embedding),
+    by the route the module note describes."""
+    if x.dim() < 2:
+        return F.linear(x, weight, bias)
+    rows_per_image = x.shape[-2] if x.dim() >= 3 else 1
+    out = matmul_rows(x.reshape(-1, x.shape[-1]), weight, bias, rows_per_image)
+    # contiguous again (weight-first: a small copy, few rows): the layout F.linear gives
+    return out.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters) that runs weight-first for few tokens per image."""
+    """``nn.Linear`` (same parameters) routed by ``linear`` (see the module note)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

@@ -391,4 +391,8 @@ class UNet2DConditionModel(nn.Module):
             size = skips[-1].shape[2:] if skips and block.upsamplers is not None else None
             h = block(h, block_skips, temb, context, bias, size)
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
+        if h.requires_grad and h.is_contiguous(memory_format=torch.channels_last):
+            # the loss's gradient arrives contiguous; in channels_last the backward convs keep the
+            # weights' layout and their weight gradients need no copy (~0.3 s per SD 1.5 step)
+            h.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
         return h.contiguous()
