@@ -149,3 +149,13 @@ def test_where_onednn_is_preferred_routes(onednn_calls, routes):
     linear(torch.randn(2, 65, 1024, requires_grad=True), big)
     linear(torch.randn(2, 64, 1024, requires_grad=True), big)
     assert (len(onednn_calls["inner"]), len(onednn_calls["conv"]), len(routes)) == (3, 2, 0)
+
+
+@pytest.mark.skipif(matmul.ONEDNN_MATMUL is None, reason="torch built without oneDNN")
+def test_a_bias_that_trains_keeps_autograd_routes(onednn_calls):
+    """The inner product has no backward: a trainable bias alone rules it out."""
+    layer = Linear(48, 40)
+    layer.weight.requires_grad_(False)
+    layer(torch.randn(2, 100, 48)).sum().backward()
+    assert len(onednn_calls["inner"]) == 0 and len(onednn_calls["conv"]) == 1
+    torch.testing.assert_close(layer.bias.grad, torch.full((40,), 200.0))

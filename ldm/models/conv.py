@@ -84,7 +84,7 @@ class Conv2d(nn.Conv2d):
             return False
         ho = (x.shape[2] + 2 * ph - self.kernel_size[0]) // sh + 1
         wo = (x.shape[3] + 2 * pw - self.kernel_size[1]) // sw + 1
-        if matmul.PREFER_ONEDNN and matmul.needs_grad(x, self.weight):
+        if matmul.PREFER_ONEDNN and matmul.needs_grad(x, self.weight, self.bias):
             return False  # training where oneDNN is preferred: the GEMM's backward is MKL's
         return self.in_channels >= max(MATMUL_MIN_CHANNELS, MATMUL_CHANNELS_PER_POSITION * ho * wo)
 

@@ -79,8 +79,9 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.permute(0, 2, 3, 1).reshape(m, weight.shape[0])  # a view: out is channels_last
 
 
-def needs_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will differentiate through a product of these (None: no bias)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def onednn_matmul_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -91,7 +92,7 @@ def onednn_matmul_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         ONEDNN_MATMUL is not None
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and not torch.is_autocast_enabled("cpu")
-        and not needs_grad(x, weight)
+        and not needs_grad(x, weight, bias)
     )
 
 
@@ -123,10 +124,10 @@ def matmul_rows(
     if PREFER_ONEDNN and weight.device.type == "cpu":
         if onednn_matmul_ok(x, weight, bias):
             return ONEDNN_MATMUL(x, weight, bias, "none", [], "")
-        if rows_per_image > WEIGHT_FIRST_MAX_ROWS:  # under autograd: the convolution has one
-            return onednn_linear(x, weight, bias)
-        if needs_grad(x, weight):  # weight-first's backward would be MKL's: F.linear's too, but
-            return F.linear(x, weight, bias)  # it measured faster in a train step
+        if rows_per_image > WEIGHT_FIRST_MAX_ROWS:  # autograd or autocast: the convolution
+            return onednn_linear(x, weight, bias)  # has a backward and takes bf16
+        if needs_grad(x, weight, bias):  # few rows under autograd: MKL x-first, which measured
+            return F.linear(x, weight, bias)  # faster than weight-first in a train step
     if weight_first(rows_per_image, weight):
         return addmm_weight_first(x, weight, bias)
     return F.linear(x, weight, bias)
