@@ -254,24 +254,31 @@ def main() -> None:
 
             tuned = tune_cpu_allocator()
             print(f"glibc malloc tuned for the train steps (ldm/runtime.py): {tuned}")
-        # one model + AdamW state at a time (SD 1.5: 3.4 GB weights + 10 GB grads and moments)
-        del ref
-        gc.collect()
-        train = timings({"ldm": make_train_step(ours, inputs, target)}, args.repeats)
+        # one model + AdamW state at a time (SD 1.5: 3.4 GB weights + 10 GB grads and moments),
+        # each rebuilt from the same weights in ABBA rounds, so the machine's drift over minutes
+        # hits both alike
         state = ours.state_dict()
-        del ours
+        config = UNetConfig.from_diffusers(dict(ref.config))
+        del ref, ours
         gc.collect()
-        ref = DiffusersUNet(**cfg).train()
-        ref.load_state_dict(state, strict=True)
-        del state
-        gc.collect()
-        train.update(timings({"diffusers": make_train_step(ref, inputs, target)}, args.repeats))
+        build = {
+            "ldm": lambda: UNet2DConditionModel(config),
+            "diffusers": lambda: DiffusersUNet(**cfg),
+        }
+        train: dict[str, list[float]] = {"ldm": [], "diffusers": []}
+        for name in ("ldm", "diffusers", "diffusers", "ldm"):
+            model = build[name]().train()
+            model.load_state_dict(state, strict=True)
+            step = make_train_step(model, inputs, target)
+            train[name] += timings({name: step}, max(1, args.repeats // 2))[name]
+            del model, step
+            gc.collect()
         med = {k: statistics.median(v) for k, v in train.items()}
         low = {k: min(v) for k, v in train.items()}
         print(
             f"train step  ldm {med['ldm']:.3f}s  diffusers {med['diffusers']:.3f}s  "
             f"ratio {med['ldm'] / med['diffusers']:.3f} (median; min ratio "
-            f"{low['ldm'] / low['diffusers']:.3f}; timed one after the other, not interleaved)"
+            f"{low['ldm'] / low['diffusers']:.3f}; {len(train['ldm'])} steps each, ABBA rounds)"
         )
 
 
