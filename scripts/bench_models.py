@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.models.matmul import ONEDNN_MATMUL
+from ldm.models.matmul import ONEDNN_MATMUL, PREFER_ONEDNN, cpu_vendor, onednn_linear
 
 SD15_UNET = dict(
     sample_size=64,
@@ -158,7 +158,6 @@ def main() -> None:
 
     from diffusers import UNet2DConditionModel as DiffusersUNet
 
-    from ldm.models.matmul import PREFER_ONEDNN, cpu_vendor, onednn_linear
     from ldm.models.unet import UNet2DConditionModel, UNetConfig
 
     cfg = QUICK_UNET if args.quick else SD15_UNET

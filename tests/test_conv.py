@@ -36,11 +36,17 @@ def test_matmul_route_equals_conv2d(order, layout, kernel, stride, padding, size
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_module_routes_by_positions_per_image_and_channels(monkeypatch):
-    monkeypatch.setattr(matmul, "PREFER_ONEDNN", False)  # an Intel CPU: MKL's GEMM is fast
+@pytest.fixture
+def calls(monkeypatch):
+    """The GEMM-route calls a Conv2d makes (computed by F.conv2d instead)."""
     calls = []
     monkeypatch.setattr(conv, "conv2d_as_matmul", lambda *a: calls.append(a) or F.conv2d(
         a[0], a[1], a[2], stride=a[3], padding=a[4]))  # fmt: skip
+    return calls
+
+
+def test_module_routes_by_positions_per_image_and_channels(monkeypatch, calls):
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", False)  # an Intel CPU: MKL's GEMM is fast
     wide, narrow = Conv2d(512, 8, 3, padding=1), Conv2d(64, 8, 3, padding=1)
     for batch in (1, 2, 16):  # the route never depends on the batch size
         wide(torch.randn(batch, 512, 8, 8))  # 64 positions per image, 512 channels: GEMM
@@ -54,11 +60,8 @@ def test_module_routes_by_positions_per_image_and_channels(monkeypatch):
     assert len(calls) == 4
 
 
-def test_where_onednn_is_preferred_the_gemm_route_is_inference_only(monkeypatch):
+def test_where_onednn_is_preferred_the_gemm_route_is_inference_only(monkeypatch, calls):
     monkeypatch.setattr(matmul, "PREFER_ONEDNN", True)  # e.g. an AMD CPU: MKL's GEMM is slow
-    calls = []
-    monkeypatch.setattr(conv, "conv2d_as_matmul", lambda *a: calls.append(a) or F.conv2d(
-        a[0], a[1], a[2], stride=a[3], padding=a[4]))  # fmt: skip
     wide = Conv2d(1024, 8, 3, padding=1)
     with torch.no_grad():
         wide(torch.randn(2, 1024, 8, 8))  # the same rule as elsewhere: GEMM
