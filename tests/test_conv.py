@@ -60,18 +60,48 @@ def test_module_routes_by_positions_per_image_and_channels(monkeypatch, calls):
     assert len(calls) == 4
 
 
-def test_where_onednn_is_preferred_the_gemm_route_is_inference_only(monkeypatch, calls):
+def test_where_onednn_is_preferred_training_takes_the_gemm_route_for_few_positions(
+    monkeypatch, calls
+):
     monkeypatch.setattr(matmul, "PREFER_ONEDNN", True)  # e.g. an AMD CPU: MKL's GEMM is slow
     wide = Conv2d(1024, 8, 3, padding=1)
     with torch.no_grad():
         wide(torch.randn(2, 1024, 8, 8))  # the same rule as elsewhere: GEMM
         wide(torch.randn(2, 1024, 16, 16))
         assert len(calls) == 2
-    wide(torch.randn(2, 1024, 8, 8))  # under autograd: oneDNN, whose backward is faster there
-    assert len(calls) == 2
-    wide.requires_grad_(False)
-    wide(torch.randn(2, 1024, 8, 8))  # nothing to differentiate: GEMM
+    # under autograd: GEMM (matmul.InnerProduct, oneDNN both ways) for up to 64 positions per
+    # image; more, or bf16, where the product's backward would be MKL's: oneDNN's convolution
+    wide(torch.randn(2, 1024, 8, 8))
     assert len(calls) == 3
+    wide(torch.randn(2, 1024, 16, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wide(torch.randn(2, 1024, 8, 8))
+    assert len(calls) == 3
+
+
+@pytest.mark.skipif(matmul.ONEDNN_MATMUL is None, reason="torch built without oneDNN")
+def test_gemm_route_trains_like_conv2d(monkeypatch):
+    """The GEMM route under autograd (where oneDNN is preferred): values and gradients."""
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", True)
+    inner, real = [], matmul.ONEDNN_MATMUL
+    monkeypatch.setattr(matmul, "ONEDNN_MATMUL", lambda *a: inner.append(a) or real(*a))
+    torch.manual_seed(0)
+    ours = Conv2d(512, 16, 3, padding=1).to(memory_format=torch.channels_last)
+    ref = torch.nn.Conv2d(512, 16, 3, padding=1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 512, 4, 4).contiguous(memory_format=torch.channels_last)
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_o, out_r = ours(xo), ref(xr)
+    torch.testing.assert_close(out_o, out_r, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out_r)
+    out_o.backward(grad)
+    out_r.backward(grad)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+    # the weight's layout is kept: no copy when the gradient is accumulated or stepped
+    assert ours.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    assert len(inner) == 2  # the inner product forward and the weight gradient
 
 
 def test_module_under_bf16_autocast_matches_conv2d():

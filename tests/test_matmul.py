@@ -144,11 +144,35 @@ def test_where_onednn_is_preferred_routes(onednn_calls, routes):
         with torch.autocast("cpu", dtype=torch.bfloat16):  # not fp32: the 1x1 convolution
             linear(torch.randn(2, 65, 1024), big)
     assert (len(onednn_calls["inner"]), len(onednn_calls["conv"]), len(routes)) == (3, 1, 0)
-    # under autograd (the inner product has no backward): many rows per image go to oneDNN's
-    # 1x1 convolution; few stay on MKL, and not weight-first (its backward measured slower)
+    # under autograd many rows per image go to oneDNN's 1x1 convolution, few to InnerProduct
+    # (the inner product with a oneDNN backward); never MKL weight-first
     linear(torch.randn(2, 65, 1024, requires_grad=True), big)
     linear(torch.randn(2, 64, 1024, requires_grad=True), big)
-    assert (len(onednn_calls["inner"]), len(onednn_calls["conv"]), len(routes)) == (3, 2, 0)
+    assert (len(onednn_calls["inner"]), len(onednn_calls["conv"]), len(routes)) == (4, 2, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 few rows under autograd: MKL
+        linear(torch.randn(2, 64, 1024, requires_grad=True), big)
+    assert (len(onednn_calls["inner"]), len(onednn_calls["conv"]), len(routes)) == (4, 2, 0)
+
+
+@pytest.mark.skipif(matmul.ONEDNN_MATMUL is None, reason="torch built without oneDNN")
+@pytest.mark.parametrize("shape", [(3, 16, 48), (2, 48), (2, 7, 48)])
+def test_inner_product_trains_like_nn_linear(shape, onednn_calls):
+    """Few rows under autograd: InnerProduct's values and all three gradients."""
+    x = torch.randn(shape) if len(shape) == 2 else torch.randn(shape).transpose(0, 1)
+    check_like_nn_linear(x)  # a strided input too: (7, 2, 48) transposed
+    check_like_nn_linear(x, bias=False)
+    # forward, then the weight gradient, per call; the input gradient is a convolution's
+    assert len(onednn_calls["inner"]) == 4 and len(onednn_calls["conv"]) == 0
+
+
+@pytest.mark.skipif(matmul.ONEDNN_MATMUL is None, reason="torch built without oneDNN")
+def test_inner_product_with_frozen_weight_computes_no_weight_gradient(onednn_calls):
+    """LoRA trains adapters beside frozen weights: only the input gradient is computed."""
+    layer = Linear(48, 40).requires_grad_(False)
+    x = torch.randn(2, 16, 48, requires_grad=True)
+    layer(x).sum().backward()
+    assert len(onednn_calls["inner"]) == 1 and layer.weight.grad is None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, 16, 48))
 
 
 @pytest.mark.skipif(matmul.ONEDNN_MATMUL is None, reason="torch built without oneDNN")

@@ -16,9 +16,12 @@ for few positions, oneDNN on some CPUs).
 Where MKL is the slow library (``ldm.models.matmul.PREFER_ONEDNN``, e.g. a 2-core AMD Zen 5)
 the GEMM is oneDNN's inner product, and the same rule holds: forward GFLOP/s, oneDNN convolution
 against im2col + inner product, 1280 -> 1280 at 8 x 8 114 against 358, at 4 x 4 30 against 228,
-at 16 x 16 267 against 327, 1920 -> 640 at 16 x 16 245 against 234. Under autograd the route is
-not taken there: the inner product has no backward, and im2col + MKL lost to oneDNN in forward +
-backward (0.5x at 16 x 16, 0.57x for 2560 -> 1280 at 8 x 8).
+at 16 x 16 267 against 327, 1920 -> 640 at 16 x 16 245 against 234. Under autograd there the
+route is taken only where its product is ``matmul.InnerProduct`` (fp32, at most 64 positions per
+image), whose backward is oneDNN's too: forward + backward GFLOP/s, oneDNN convolution against
+GEMM, 1280 -> 1280 at 8 x 8 144 against 196, at 4 x 4 49 against 105, 2560 -> 1280 at 4 x 4 50
+against 111; at 16 x 16 the convolution wins (228 against 181), as it did against im2col + MKL
+everywhere (0.57x for 2560 -> 1280 at 8 x 8).
 The rule looks at one image, never at the batch size, so the route (and the last bits of the
 result) cannot depend on how images were batched.
 Figures: ``python scripts/bench_conv.py``; same parameters and results as ``nn.Conv2d``.
@@ -85,7 +88,11 @@ class Conv2d(nn.Conv2d):
         ho = (x.shape[2] + 2 * ph - self.kernel_size[0]) // sh + 1
         wo = (x.shape[3] + 2 * pw - self.kernel_size[1]) // sw + 1
         if matmul.PREFER_ONEDNN and matmul.needs_grad(x, self.weight, self.bias):
-            return False  # training where oneDNN is preferred: the GEMM's backward is MKL's
+            # training where oneDNN is preferred: only products with a oneDNN backward
+            # (``matmul.InnerProduct``: fp32, few positions); else the convolution's is faster
+            fp32 = matmul.onednn_matmul_ok(x, self.weight, self.bias)
+            if not fp32 or ho * wo > matmul.WEIGHT_FIRST_MAX_ROWS:
+                return False
         return self.in_channels >= max(MATMUL_MIN_CHANNELS, MATMUL_CHANNELS_PER_POSITION * ho * wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

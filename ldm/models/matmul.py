@@ -23,12 +23,15 @@ on AMD CPUs: on a 2-core Zen 5 (family 26) a 4096^2 product ran at 188 GFLOP/s t
 were within 5 % of each other in session 7, with no consistent winner, and MKL stays), products
 go to oneDNN: without autograd to its inner product (``torch.ops.mkldnn._linear_pointwise``,
 the op inductor uses), which with cold weights ran the SD 1.5 shapes at 230-370 GFLOP/s from
-128 rows up (MKL: 120-170) and at ~200 with 32 rows (MKL weight-first: 91-110); under autograd
-that op has no backward, so many-row products run as oneDNN's 1x1 convolution over an NHWC view
-of the rows (no copy either way; forward + backward 230-390 GFLOP/s against MKL's 175-185) and
-few-row ones stay on MKL x-first, where the convolution is slower still (128 x 1280 -> 10240:
-90 against 135) and weight-first measured slower in a train step. Figures:
-docs/benchmarks.md.
+128 rows up (MKL: 120-170) and at ~200 with 32 rows (MKL weight-first: 91-110). That op has no
+backward, so under autograd many-row products run as oneDNN's 1x1 convolution over an NHWC view
+of the rows (no copy either way; forward + backward 230-390 GFLOP/s against MKL's 175-185), and
+few-row ones as ``InnerProduct``, an autograd Function over the inner product whose backward is
+oneDNN too: the input gradient as the 1x1 convolution's backward-data, the weight gradient as an
+inner product of the transposed rows. Per product at SD 1.5's few-row shapes (32-128 rows, cold
+weights, GFLOP/s, MKL -> oneDNN): forward 46-123 -> 170-315, input gradient 62-122 -> 73-224,
+weight gradient 74-147 -> 156-235; the convolution alone ran them at 23-198, 73-224 and 25-148.
+Figures: docs/benchmarks.md.
 
 Like ``ldm.models.conv``, no rule looks at the batch size, so the route (and the last bits of a
 result) cannot depend on how images were batched.
@@ -85,15 +88,53 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 
 def onednn_matmul_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether oneDNN's inner product can run it: fp32 on the CPU, no autocast, no autograd
-    (the op has no backward)."""
+    """Whether oneDNN's inner product can run it: fp32 on the CPU, no autocast."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (
         ONEDNN_MATMUL is not None
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and not torch.is_autocast_enabled("cpu")
-        and not needs_grad(x, weight, bias)
     )
+
+
+def _nhwc_rows(t: torch.Tensor) -> torch.Tensor:
+    """(M, C) rows as a (1, C, 1, M) channels_last view: the pixels of a 1x1 convolution."""
+    return t.view(1, 1, *t.shape).permute(0, 3, 1, 2)
+
+
+class InnerProduct(torch.autograd.Function):
+    """``x @ weight.T + bias`` for x (M, K) by oneDNN's inner product, with a oneDNN backward.
+
+    grad_x = grad @ W is the backward-data pass of the equivalent 1x1 convolution (which reads W
+    in place; the inner product would need W transposed); grad_W = grad^T @ x is an inner
+    product of the transposed rows, small copies when M is small (the only use, see
+    ``matmul_rows``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return ONEDNN_MATMUL(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = weight.view(*weight.shape, 1, 1)  # (N, K, 1, 1)
+            grad_x = torch.ops.aten.convolution_backward(  # 1x1, stride 1: (1, K, 1, M)
+                _nhwc_rows(grad), _nhwc_rows(x), w, None, [1, 1], [0, 0], [1, 1], False,
+                [0, 0], 1, [True, False, False],
+            )[0]  # fmt: skip
+            grad_x = grad_x.permute(0, 2, 3, 1).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # (N, M) rows against a (K, M) "weight": (N, K)
+            rows, cols = grad.t().contiguous(), x.t().contiguous()
+            grad_weight = ONEDNN_MATMUL(rows, cols, None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias
 
 
 def weight_first(rows_per_image: int, weight: torch.Tensor) -> bool:
@@ -122,12 +163,15 @@ def matmul_rows(
     Returns (M, N), row-major or (weight-first) with transposed strides.
     """
     if PREFER_ONEDNN and weight.device.type == "cpu":
-        if onednn_matmul_ok(x, weight, bias):
+        fp32 = onednn_matmul_ok(x, weight, bias)
+        if fp32 and not needs_grad(x, weight, bias):
             return ONEDNN_MATMUL(x, weight, bias, "none", [], "")
+        if fp32 and rows_per_image <= WEIGHT_FIRST_MAX_ROWS and weight.is_contiguous():
+            return InnerProduct.apply(x.contiguous(), weight, bias)  # training: oneDNN both ways
         if rows_per_image > WEIGHT_FIRST_MAX_ROWS:  # autograd or autocast: the convolution
             return onednn_linear(x, weight, bias)  # has a backward and takes bf16
-        if needs_grad(x, weight, bias):  # few rows under autograd: MKL x-first, which measured
-            return F.linear(x, weight, bias)  # faster than weight-first in a train step
+        if needs_grad(x, weight, bias):  # few rows, bf16 under autograd: MKL x-first, which
+            return F.linear(x, weight, bias)  # measured faster than weight-first in training
     if weight_first(rows_per_image, weight):
         return addmm_weight_first(x, weight, bias)
     return F.linear(x, weight, bias)
