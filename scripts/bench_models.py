@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.models.matmul import ONEDNN_MATMUL, PREFER_ONEDNN, cpu_vendor, onednn_linear
+from ldm.train.adamw import AdamW
 
 SD15_UNET = dict(
     sample_size=64,
@@ -130,8 +131,12 @@ def kernel_replay(model: torch.nn.Module, args: tuple) -> Callable[[], None]:
     return replay
 
 
-def make_train_step(model: torch.nn.Module, args: tuple, target: torch.Tensor) -> Callable:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+def make_train_step(
+    model: torch.nn.Module, args: tuple, target: torch.Tensor, fused: bool = True
+) -> Callable:
+    # the optimizer `ldm train` uses (torch's fused AdamW, layout-aware) for both models, or
+    # torch's default (single-tensor on the CPU) for both
+    opt = (AdamW if fused else torch.optim.AdamW)(model.parameters(), lr=1e-6)
 
     def step() -> None:
         out = model(*args)
@@ -152,6 +157,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="time a torch.compile'd forward")
     parser.add_argument(
         "--default-malloc", action="store_true", help="train steps under glibc's defaults"
+    )
+    parser.add_argument(
+        "--default-adamw", action="store_true", help="torch's default AdamW, not the fused one"
     )
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
@@ -268,7 +276,7 @@ def main() -> None:
         for name in ("ldm", "diffusers", "diffusers", "ldm"):
             model = build[name]().train()
             model.load_state_dict(state, strict=True)
-            step = make_train_step(model, inputs, target)
+            step = make_train_step(model, inputs, target, fused=not args.default_adamw)
             train[name] += timings({name: step}, max(1, args.repeats // 2))[name]
             del model, step
             gc.collect()
@@ -277,7 +285,8 @@ def main() -> None:
         print(
             f"train step  ldm {med['ldm']:.3f}s  diffusers {med['diffusers']:.3f}s  "
             f"ratio {med['ldm'] / med['diffusers']:.3f} (median; min ratio "
-            f"{low['ldm'] / low['diffusers']:.3f}; {len(train['ldm'])} steps each, ABBA rounds)"
+            f"{low['ldm'] / low['diffusers']:.3f}; {len(train['ldm'])} steps each, ABBA rounds; "
+            f"{'default' if args.default_adamw else 'fused'} AdamW)"
         )
 
 

@@ -18,6 +18,7 @@ import torch
 from ldm.errors import LdmError
 from ldm.sampling.schedules import NoiseSchedule
 from ldm.train import checkpoint as ckpt
+from ldm.train.adamw import AdamW
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.ema import EMA
 from ldm.train.loss import (
@@ -63,7 +64,7 @@ def make_optimizer(params: list[torch.nn.Parameter], stage: StageConfig) -> torc
             return bnb.optim.AdamW8bit(params, **kwargs)
         except ImportError:
             pass  # documented fallback: plain AdamW when bitsandbytes is not installed
-    return torch.optim.AdamW(params, **kwargs)
+    return AdamW(params, **kwargs)  # torch's, fused (ldm/train/adamw.py)
 
 
 def attention_kernels(device: torch.device, mixed_precision: str):
