@@ -5,8 +5,11 @@ Prints GFLOP/s of ``F.conv2d`` and of ``ldm.models.conv.conv2d_as_matmul`` (forw
 demo model meet; the crossover sets ``ldm.models.conv``'s routing rule. ``--linear`` instead
 times x @ W.T against the weight-first (W @ x.T).T of ``ldm.models.matmul`` for few rows, cycling
 through 40 distinct 1280 x 11520 weights (1.9 GB) so that, as in a U-Net forward, none is cached.
+``--products`` times the three products of a training linear (forward, grad x, grad W) each
+through MKL and through oneDNN's routes, for the few- and many-row shapes of an SD 1.5 U-Net
+(the table behind ``ldm.models.matmul.InnerProduct``).
 
-    python scripts/bench_conv.py [--grad] [--bf16] [--tuned-malloc] [--linear]
+    python scripts/bench_conv.py [--grad] [--bf16] [--tuned-malloc] [--linear] [--products]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.conv import conv2d_as_matmul
+from ldm.models.matmul import ONEDNN_MATMUL, onednn_linear
 
 SHAPES = [  # (batch, in channels, out channels, kernel, height = width)
     (2, 320, 320, 3, 32), (2, 640, 640, 3, 16), (2, 1280, 1280, 3, 8), (2, 2560, 1280, 3, 8),
@@ -42,6 +46,59 @@ def bench_linear(repeats: int) -> None:
               f"weight-first {rates['weight-first']:4.0f} GFLOP/s")  # fmt: skip
 
 
+def _conv_grads(g, x, w, mask):
+    """The 1x1 convolution's backward (``onednn_linear``'s): grad x or grad W."""
+    m, k = x.shape
+    gv, xv = (t.view(1, 1, m, -1).permute(0, 3, 1, 2) for t in (g, x))  # NHWC rows
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        gv, xv, w.view(*w.shape, 1, 1), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask
+    )
+    return gw.view(w.shape) if gx is None else gx.permute(0, 2, 3, 1).reshape(m, k)
+
+
+def inner(x, w):
+    return ONEDNN_MATMUL(x, w, None, "none", [], "")
+
+
+PRODUCTS = {  # (x (M, K), w (N, K), g (M, N)) -> the product, by route
+    "fwd MKL": lambda x, w, g: F.linear(x, w),
+    "fwd inner": lambda x, w, g: inner(x, w),
+    "fwd conv": lambda x, w, g: onednn_linear(x, w),
+    "gx MKL": lambda x, w, g: g @ w,
+    "gx MKL w-first": lambda x, w, g: (w.t() @ g.t()).t(),
+    "gx inner(W^T copy)": lambda x, w, g: inner(g, w.t().contiguous()),
+    "gx conv": lambda x, w, g: _conv_grads(g, x, w, [True, False, False]),
+    "gW MKL": lambda x, w, g: g.t() @ x,
+    "gW inner": lambda x, w, g: inner(g.t().contiguous(), x.t().contiguous()),
+    "gW conv": lambda x, w, g: _conv_grads(g, x, w, [False, True, False]),
+}
+PRODUCT_SHAPES = [  # (rows M, in K, out N): few rows (8x8 / 4x4 levels at batch 2), then many
+    (32, 11520, 1280), (32, 23040, 1280), (128, 11520, 1280), (128, 1280, 1280),
+    (128, 1280, 10240), (128, 5120, 1280), (32, 1280, 10240), (32, 5120, 1280),
+    (2048, 320, 320), (2048, 1280, 320), (512, 640, 5120), (512, 2560, 640), (154, 768, 1280),
+]  # fmt: skip
+
+
+def bench_products(repeats: int) -> None:
+    """GFLOP/s of each route for each product, 12 distinct weights cycled (median)."""
+    for m, k, n in PRODUCT_SHAPES:
+        weights = [torch.randn(n, k) for _ in range(12)]
+        x, g = torch.randn(m, k), torch.randn(m, n)
+        exact = {"fwd": x @ weights[0].t(), "gx": g @ weights[0], "gW": g.t() @ x}
+        for name, fn in PRODUCTS.items():  # every route computes the same product
+            got = fn(x, weights[0], g)
+            torch.testing.assert_close(got, exact[name.split()[0]], rtol=1e-3, atol=1e-2)
+        flop = 2 * m * k * n * len(weights)
+        rates = {}
+        for name, fn in PRODUCTS.items():
+            t = seconds(lambda fn=fn, x=x, g=g, ws=weights: [fn(x, w, g) for w in ws], repeats)
+            rates[name] = flop / t / 1e9
+        print(
+            f"{m:4d} x {k:5d} -> {n:5d}: "
+            + "  ".join(f"{name} {r:.0f}" for name, r in rates.items())
+        )
+
+
 def seconds(fn, repeats: int) -> float:
     fn()
     fn()
@@ -59,6 +116,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 instead of fp32")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--linear", action="store_true", help="weight-first matmul, cold weights")
+    parser.add_argument("--products", action="store_true", help="a training linear's products")
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/runtime.py)"
     )
@@ -69,6 +127,9 @@ def main() -> None:
         print(f"glibc malloc tuned (ldm/runtime.py): {tune_cpu_allocator()}")
     if args.linear:
         bench_linear(min(args.repeats, 3))
+        return
+    if args.products:
+        bench_products(min(args.repeats, 5))
         return
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}, "

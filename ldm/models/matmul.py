@@ -29,9 +29,9 @@ of the rows (no copy either way; forward + backward 230-390 GFLOP/s against MKL'
 few-row ones as ``InnerProduct``, an autograd Function over the inner product whose backward is
 oneDNN too: the input gradient as the 1x1 convolution's backward-data, the weight gradient as an
 inner product of the transposed rows. Per product at SD 1.5's few-row shapes (32-128 rows, cold
-weights, GFLOP/s, MKL -> oneDNN): forward 46-123 -> 170-315, input gradient 62-122 -> 73-224,
-weight gradient 74-147 -> 156-235; the convolution alone ran them at 23-198, 73-224 and 25-148.
-Figures: docs/benchmarks.md.
+weights, GFLOP/s, MKL -> oneDNN): forward 56-163 -> 172-359, input gradient 74-147 -> 84-285,
+weight gradient 92-157 -> 199-325; the convolution alone ran them at 46-245, 84-285 and 28-200
+(``python scripts/bench_conv.py --products --tuned-malloc``). Figures: docs/benchmarks.md.
 
 Like ``ldm.models.conv``, no rule looks at the batch size, so the route (and the last bits of a
 result) cannot depend on how images were batched.
@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 WEIGHT_FIRST_MAX_ROWS = 64  # tokens (or output positions) per image: an 8x8 latent
 WEIGHT_FIRST_MIN_ELEMENTS = 1 << 20  # 4 MiB in fp32, twice a core's L2: a weight read from memory
@@ -118,6 +119,7 @@ class InnerProduct(torch.autograd.Function):
         return ONEDNN_MATMUL(x, weight, bias, "none", [], "")
 
     @staticmethod
+    @once_differentiable  # the inner product has no derivative: no double backward
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
