@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from ldm.train.adamw import AdamW
+from ldm.train.adamw import AdamW, fused_ok
 
 
 def params_in_both_layouts(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -68,3 +68,15 @@ def test_state_dict_moves_between_torch_and_ldm():
     run(b, ours, steps=2)
     for pa, pb in zip(a, b, strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
+
+
+def test_param_groups_and_tensors_off_the_kernel():
+    """Param groups work; tensors the fused kernel cannot take fall back to torch's default."""
+    a, b = params_in_both_layouts()[:2]
+    opt = AdamW([{"params": [a]}, {"params": [b], "lr": 0.0}], lr=1e-2)
+    assert opt.defaults["fused"]
+    before = b.detach().clone()
+    run([a, b], opt, steps=1)
+    torch.testing.assert_close(b, before)  # lr 0 in its group: unchanged
+    assert not fused_ok([a, torch.ones(3, dtype=torch.int64)])
+    assert not fused_ok([a, torch.ones(3, device="meta")]) and not fused_ok([])

@@ -40,9 +40,10 @@ class AdamW(torch.optim.AdamW):
     Same state and state_dict as torch's, so checkpoints move between the two.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], **kwargs) -> None:
-        params = list(params)
-        super().__init__(params, fused=fused_ok(params), **kwargs)
+    def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict], **kwargs) -> None:
+        params = list(params)  # tensors, or param groups (dicts with "params")
+        tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+        super().__init__(params, fused=fused_ok(tensors), **kwargs)
 
     def _init_group(
         self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
