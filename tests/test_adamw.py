@@ -64,6 +64,7 @@ def test_state_dict_moves_between_torch_and_ldm():
         pb.data.copy_(pa.data)
     ours = AdamW(b, lr=1e-2)
     ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))  # no shared moments
+    assert all(group["fused"] for group in ours.param_groups)  # torch's said fused=None
     run(a, torch_opt, steps=2)
     run(b, ours, steps=2)
     for pa, pb in zip(a, b, strict=True):
@@ -80,3 +81,32 @@ def test_param_groups_and_tensors_off_the_kernel():
     torch.testing.assert_close(b, before)  # lr 0 in its group: unchanged
     assert not fused_ok([a, torch.ones(3, dtype=torch.int64)])
     assert not fused_ok([a, torch.ones(3, device="meta")]) and not fused_ok([])
+
+
+def test_gradients_and_moments_in_another_layout_are_aligned_first():
+    """torch 2.14's fused CPU kernel miscomputes a gradient laid out unlike its parameter."""
+    ours, ref = params_in_both_layouts(), params_in_both_layouts()
+    opt = AdamW(ours, lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    g = torch.Generator().manual_seed(2)
+    for step in range(3):
+        for po, pr in zip(ours, ref, strict=True):
+            grad = torch.randn(pr.shape, generator=g)  # contiguous, even for channels_last
+            po.grad, pr.grad = grad, grad.clone()
+        opt.step()
+        ref_opt.step()
+        if step == 0:  # moments restored in another layout, as from some checkpoints
+            state = opt.state[ours[0]]
+            state["exp_avg"] = state["exp_avg"].contiguous()
+    for po, pr in zip(ours, ref, strict=True):
+        torch.testing.assert_close(po, pr, rtol=1e-6, atol=1e-6)
+    assert opt.state[ours[0]]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_takes_what_torch_adamw_takes():
+    model = torch.nn.Linear(4, 3)
+    for params in (model.parameters(), model.named_parameters(), [{"params": model.parameters()}]):
+        opt = AdamW(params, lr=1e-2)
+        assert sum(len(group["params"]) for group in opt.param_groups) == 2
+    assert not AdamW(model.parameters(), fused=False).defaults["fused"]
+    assert AdamW(model.parameters(), foreach=True).defaults["foreach"]

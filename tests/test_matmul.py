@@ -183,3 +183,18 @@ def test_a_bias_that_trains_keeps_autograd_routes(onednn_calls):
     layer(torch.randn(2, 100, 48)).sum().backward()
     assert len(onednn_calls["inner"]) == 0 and len(onednn_calls["conv"]) == 1
     torch.testing.assert_close(layer.bias.grad, torch.full((40,), 200.0))
+
+
+@pytest.mark.skipif(matmul.ONEDNN_MATMUL is None, reason="torch built without oneDNN")
+@pytest.mark.parametrize("grad", [False, True])
+def test_inner_product_takes_a_strided_bias_and_no_rows(grad, onednn_calls):
+    """oneDNN reads a bias densely whatever its strides; an empty batch has no oneDNN backward."""
+    x, weight = torch.randn(5, 48), torch.randn(40, 48, requires_grad=grad)
+    bias = torch.randn(40, 2)[:, 0].requires_grad_(grad)  # strided, as a view of a wider tensor
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias))
+        empty = linear(torch.randn(0, 16, 48), weight, bias)
+    assert empty.shape == (0, 16, 40)
+    if grad:
+        empty.sum().backward()
+        torch.testing.assert_close(weight.grad, torch.zeros_like(weight))

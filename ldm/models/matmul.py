@@ -166,14 +166,17 @@ def matmul_rows(
     """
     if PREFER_ONEDNN and weight.device.type == "cpu":
         fp32 = onednn_matmul_ok(x, weight, bias)
+        if fp32 and bias is not None:  # the inner product reads a bias densely, whatever
+            bias = bias.contiguous()  # its strides (a no-op for a parameter)
         if fp32 and not needs_grad(x, weight, bias):
             return ONEDNN_MATMUL(x, weight, bias, "none", [], "")
-        if fp32 and rows_per_image <= WEIGHT_FIRST_MAX_ROWS and weight.is_contiguous():
+        few = 0 < x.shape[0] and rows_per_image <= WEIGHT_FIRST_MAX_ROWS  # (no rows: no backward)
+        if fp32 and few and weight.is_contiguous():
             return InnerProduct.apply(x.contiguous(), weight, bias)  # training: oneDNN both ways
         if rows_per_image > WEIGHT_FIRST_MAX_ROWS:  # autograd or autocast: the convolution
             return onednn_linear(x, weight, bias)  # has a backward and takes bf16
-        if needs_grad(x, weight, bias):  # few rows, bf16 under autograd: MKL x-first, which
-            return F.linear(x, weight, bias)  # measured faster than weight-first in training
+        if needs_grad(x, weight, bias):  # few rows under autograd, not InnerProduct's (bf16, a
+            return F.linear(x, weight, bias)  # strided weight): MKL x-first, faster there
     if weight_first(rows_per_image, weight):
         return addmm_weight_first(x, weight, bias)
     return F.linear(x, weight, bias)
