@@ -3,7 +3,9 @@
 Times the forward pass and a train step (forward + backward + AdamW) of an SD 1.5-shaped
 U-Net (32x32 latents, batch 2, 77-token context), prints ldm/diffusers time ratios and the
 forward's achieved FLOP/s as a fraction of a large fp32 matmul measured in the same process
-(the faster of MKL's and oneDNN's, interleaved with the forwards).
+(the faster of MKL's and oneDNN's, interleaved with the forwards). Both models' train steps use
+the AdamW `ldm train` uses (torch's fused kernel, ldm/train/adamw.py; ``--default-adamw``: torch's
+default for both).
 
     python scripts/bench_models.py            # real SD 1.5 shape (~14 GB free RAM)
     python scripts/bench_models.py --quick    # reduced widths, a few seconds per step

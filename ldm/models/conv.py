@@ -24,7 +24,8 @@ against 111; at 16 x 16 the convolution wins (228 against 181), as it did agains
 everywhere (0.57x for 2560 -> 1280 at 8 x 8).
 The rule looks at one image, never at the batch size, so the route (and the last bits of the
 result) cannot depend on how images were batched.
-Figures: ``python scripts/bench_conv.py``; same parameters and results as ``nn.Conv2d``.
+Figures: ``python scripts/bench_conv.py`` (training: ``--grad --tuned-malloc``); same parameters
+and results as ``nn.Conv2d``.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 torch's single-tensor AdamW (its default on the CPU) runs each update as seven elementwise
 passes, two of them allocating a weight-sized temporary; its fused kernel does one pass. On the
-project's 2-core CPU an SD 1.5-shaped U-Net's step took 1.2-1.9 s the first way and 0.36-0.57 s
-the second (``scripts/bench_models.py``). Two things in the fused CPU kernel (torch 2.14) need
-care, both about memory layout:
+project's 2-core CPU an SD 1.5-shaped U-Net's optimizer step alone took 1.2-1.9 s the first way
+and 0.36-0.57 s the second (docs/benchmarks.md). Two things in the fused CPU kernel (torch 2.14)
+need care, both about memory layout:
 - it is slow on tensors that are not contiguous: ldm's U-Net keeps its conv weights
   channels_last (``ldm.models.unet``), and a 1280 x 2560 x 3 x 3 weight's update took 0.32 s
   instead of 0.07 s. The update is elementwise, so any memory order does as long as parameter,
