@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.conv import conv2d_as_matmul
-from ldm.models.matmul import ONEDNN_MATMUL, onednn_linear
+from ldm.models.matmul import conv1x1_grad_input, inner_product, nhwc_rows, onednn_linear
 
 SHAPES = [  # (batch, in channels, out channels, kernel, height = width)
     (2, 320, 320, 3, 32), (2, 640, 640, 3, 16), (2, 1280, 1280, 3, 8), (2, 2560, 1280, 3, 8),
@@ -46,31 +46,26 @@ def bench_linear(repeats: int) -> None:
               f"weight-first {rates['weight-first']:4.0f} GFLOP/s")  # fmt: skip
 
 
-def _conv_grads(g, x, w, mask):
-    """The 1x1 convolution's backward (``onednn_linear``'s): grad x or grad W."""
-    m, k = x.shape
-    gv, xv = (t.view(1, 1, m, -1).permute(0, 3, 1, 2) for t in (g, x))  # NHWC rows
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        gv, xv, w.view(*w.shape, 1, 1), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask
-    )
-    return gw.view(w.shape) if gx is None else gx.permute(0, 2, 3, 1).reshape(m, k)
-
-
-def inner(x, w):
-    return ONEDNN_MATMUL(x, w, None, "none", [], "")
+def conv_grad_weight(g, x, w):
+    """grad W = g^T x as the backward-weight pass of ``onednn_linear``'s 1x1 convolution."""
+    gw = torch.ops.aten.convolution_backward(
+        nhwc_rows(g), nhwc_rows(x), w.view(*w.shape, 1, 1), None, [1, 1], [0, 0], [1, 1], False,
+        [0, 0], 1, [False, True, False],
+    )[1]  # fmt: skip
+    return gw.view(w.shape)
 
 
 PRODUCTS = {  # (x (M, K), w (N, K), g (M, N)) -> the product, by route
     "fwd MKL": lambda x, w, g: F.linear(x, w),
-    "fwd inner": lambda x, w, g: inner(x, w),
+    "fwd inner": lambda x, w, g: inner_product(x, w),
     "fwd conv": lambda x, w, g: onednn_linear(x, w),
     "gx MKL": lambda x, w, g: g @ w,
     "gx MKL w-first": lambda x, w, g: (w.t() @ g.t()).t(),
-    "gx inner(W^T copy)": lambda x, w, g: inner(g, w.t().contiguous()),
-    "gx conv": lambda x, w, g: _conv_grads(g, x, w, [True, False, False]),
+    "gx inner (W^T copy)": lambda x, w, g: inner_product(g, w.t().contiguous()),
+    "gx conv": lambda x, w, g: conv1x1_grad_input(g, x, w),
     "gW MKL": lambda x, w, g: g.t() @ x,
-    "gW inner": lambda x, w, g: inner(g.t().contiguous(), x.t().contiguous()),
-    "gW conv": lambda x, w, g: _conv_grads(g, x, w, [False, True, False]),
+    "gW inner": lambda x, w, g: inner_product(g.t().contiguous(), x.t().contiguous()),
+    "gW conv": lambda x, w, g: conv_grad_weight(g, x, w),
 }
 PRODUCT_SHAPES = [  # (rows M, in K, out N): few rows (8x8 / 4x4 levels at batch 2), then many
     (32, 11520, 1280), (32, 23040, 1280), (128, 11520, 1280), (128, 1280, 1280),

@@ -75,12 +75,30 @@ def _linear_pointwise():
 ONEDNN_MATMUL = _linear_pointwise()
 
 
+def nhwc_rows(t: torch.Tensor) -> torch.Tensor:
+    """(M, C) rows as a (1, C, 1, M) channels_last view: the pixels of a 1x1 convolution."""
+    return t.view(1, 1, *t.shape).permute(0, 3, 1, 2)
+
+
+def inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``x @ weight.T + bias`` for x (M, K) by oneDNN's inner product (no autograd)."""
+    return ONEDNN_MATMUL(x, weight, bias, "none", [], "")
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``x @ weight.T + bias`` for x (M, K) as oneDNN's 1x1 convolution over an NHWC view."""
-    m, k = x.shape
-    rows = x.view(1, 1, m, k).permute(0, 3, 1, 2)  # (1, K, 1, M), channels_last strides
-    out = F.conv2d(rows, weight.view(*weight.shape, 1, 1), bias)  # (1, N, 1, M), channels_last
-    return out.permute(0, 2, 3, 1).reshape(m, weight.shape[0])  # a view: out is channels_last
+    out = F.conv2d(nhwc_rows(x), weight.view(*weight.shape, 1, 1), bias)  # (1, N, 1, M), NHWC
+    return out.permute(0, 2, 3, 1).reshape(x.shape[0], weight.shape[0])  # a view
+
+
+def conv1x1_grad_input(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """``grad @ weight`` (M, K) as the backward-data pass of ``onednn_linear``'s convolution,
+    which reads the (N, K) weight in place."""
+    grad_x = torch.ops.aten.convolution_backward(  # 1x1, stride 1: (1, K, 1, M)
+        nhwc_rows(grad), nhwc_rows(x), weight.view(*weight.shape, 1, 1), None, [1, 1], [0, 0],
+        [1, 1], False, [0, 0], 1, [True, False, False],
+    )[0]  # fmt: skip
+    return grad_x.permute(0, 2, 3, 1).reshape(x.shape)
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -98,11 +116,6 @@ def onednn_matmul_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     )
 
 
-def _nhwc_rows(t: torch.Tensor) -> torch.Tensor:
-    """(M, C) rows as a (1, C, 1, M) channels_last view: the pixels of a 1x1 convolution."""
-    return t.view(1, 1, *t.shape).permute(0, 3, 1, 2)
-
-
 class InnerProduct(torch.autograd.Function):
     """``x @ weight.T + bias`` for x (M, K) by oneDNN's inner product, with a oneDNN backward.
 
@@ -116,7 +129,7 @@ class InnerProduct(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return ONEDNN_MATMUL(x, weight, bias, "none", [], "")
+        return inner_product(x, weight, bias)
 
     @staticmethod
     @once_differentiable  # the inner product has no derivative: no double backward
@@ -125,15 +138,9 @@ class InnerProduct(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = weight.view(*weight.shape, 1, 1)  # (N, K, 1, 1)
-            grad_x = torch.ops.aten.convolution_backward(  # 1x1, stride 1: (1, K, 1, M)
-                _nhwc_rows(grad), _nhwc_rows(x), w, None, [1, 1], [0, 0], [1, 1], False,
-                [0, 0], 1, [True, False, False],
-            )[0]  # fmt: skip
-            grad_x = grad_x.permute(0, 2, 3, 1).reshape(x.shape)
+            grad_x = conv1x1_grad_input(grad, x, weight)
         if ctx.needs_input_grad[1]:  # (N, M) rows against a (K, M) "weight": (N, K)
-            rows, cols = grad.t().contiguous(), x.t().contiguous()
-            grad_weight = ONEDNN_MATMUL(rows, cols, None, "none", [], "")
+            grad_weight = inner_product(grad.t().contiguous(), x.t().contiguous())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias
@@ -165,18 +172,21 @@ def matmul_rows(
     Returns (M, N), row-major or (weight-first) with transposed strides.
     """
     if PREFER_ONEDNN and weight.device.type == "cpu":
-        fp32 = onednn_matmul_ok(x, weight, bias)
-        if fp32 and bias is not None:  # the inner product reads a bias densely, whatever
-            bias = bias.contiguous()  # its strides (a no-op for a parameter)
-        if fp32 and not needs_grad(x, weight, bias):
-            return ONEDNN_MATMUL(x, weight, bias, "none", [], "")
-        few = 0 < x.shape[0] and rows_per_image <= WEIGHT_FIRST_MAX_ROWS  # (no rows: no backward)
-        if fp32 and few and weight.is_contiguous():
-            return InnerProduct.apply(x.contiguous(), weight, bias)  # training: oneDNN both ways
+        if onednn_matmul_ok(x, weight, bias):  # fp32
+            # the inner product reads a bias densely, whatever its strides (a parameter's: no-op)
+            bias = None if bias is None else bias.contiguous()
+            if not needs_grad(x, weight, bias):
+                return inner_product(x, weight, bias)
+            if (
+                0 < x.shape[0]
+                and rows_per_image <= WEIGHT_FIRST_MAX_ROWS
+                and weight.is_contiguous()
+            ):
+                return InnerProduct.apply(x.contiguous(), weight, bias)  # oneDNN both ways
         if rows_per_image > WEIGHT_FIRST_MAX_ROWS:  # autograd or autocast: the convolution
             return onednn_linear(x, weight, bias)  # has a backward and takes bf16
         if needs_grad(x, weight, bias):  # few rows under autograd, not InnerProduct's (bf16, a
-            return F.linear(x, weight, bias)  # strided weight): MKL x-first, faster there
+            return F.linear(x, weight, bias)  # strided weight, no rows): MKL x-first
     if weight_first(rows_per_image, weight):
         return addmm_weight_first(x, weight, bias)
     return F.linear(x, weight, bias)
