@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -206,11 +205,9 @@ def test_cli_export_and_prompts(tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1 + 12
 
 
-def test_generator_speed():
-    """Target >= 1000 images/s on one core (CPU time); asserted loosely for a shared CPU."""
-    n = 300
-    start = time.process_time()
-    for i in range(n):
-        S.generate(0, i)
-    rate = n / (time.process_time() - start)
-    assert rate > 300, f"{rate:.0f} images/s"
+def test_generator_loop_yields_valid_distinct_items():
+    """The loop scripts/bench_shapes.py times (its rate lives there): every item well formed."""
+    items = [S.generate(0, i) for i in range(300)]
+    assert all(im.shape == (64, 64, 3) and im.dtype == np.uint8 for im, *_ in items)
+    assert all(isinstance(caption, str) and caption for _, caption, _ in items)
+    assert len({im.tobytes() for im, *_ in items}) == 300
