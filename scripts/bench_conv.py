@@ -1,13 +1,13 @@
 """Time oneDNN's convolution against ldm's im2col GEMM route for U-Net-shaped convolutions.
 
-Prints GFLOP/s of ``F.conv2d`` and of ``ldm.models.conv.conv2d_as_matmul`` (forward, or forward
+Prints GFLOP/s of ``F.conv2d`` and of ``ldm.accel.conv.conv2d_as_matmul`` (forward, or forward
 + backward with ``--grad``; fp32, or bf16 with ``--bf16``) for the shapes an SD 1.5 U-Net and the
-demo model meet; the crossover sets ``ldm.models.conv``'s routing rule. ``--linear`` instead
-times x @ W.T against the weight-first (W @ x.T).T of ``ldm.models.matmul`` for few rows, cycling
+demo model meet; the crossover sets ``ldm.accel.conv``'s routing rule. ``--linear`` instead
+times x @ W.T against the weight-first (W @ x.T).T of ``ldm.accel.matmul`` for few rows, cycling
 through 40 distinct 1280 x 11520 weights (1.9 GB) so that, as in a U-Net forward, none is cached.
 ``--products`` times the three products of a training linear (forward, grad x, grad W) each
 through MKL and through oneDNN's routes, for the few- and many-row shapes of an SD 1.5 U-Net
-(the table behind ``ldm.models.matmul.InnerProduct``).
+(the table behind ``ldm.accel.matmul.InnerProduct``).
 
     python scripts/bench_conv.py [--grad] [--bf16] [--tuned-malloc] [--linear] [--products]
 """
@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ldm.models.conv import conv2d_as_matmul
-from ldm.models.matmul import conv1x1_grad_input, inner_product, nhwc_rows, onednn_linear
+from ldm.accel.conv import conv2d_as_matmul
+from ldm.accel.matmul import conv1x1_grad_input, inner_product, nhwc_rows, onednn_linear
 
 SHAPES = [  # (batch, in channels, out channels, kernel, height = width)
     (2, 320, 320, 3, 32), (2, 640, 640, 3, 16), (2, 1280, 1280, 3, 8), (2, 2560, 1280, 3, 8),
@@ -113,13 +113,13 @@ def main() -> None:
     parser.add_argument("--linear", action="store_true", help="weight-first matmul, cold weights")
     parser.add_argument("--products", action="store_true", help="a training linear's products")
     parser.add_argument(
-        "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/runtime.py)"
+        "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/accel/malloc.py)"
     )
     args = parser.parse_args()
     if args.tuned_malloc:
-        from ldm.runtime import tune_cpu_allocator
+        from ldm.accel.malloc import tune_cpu_allocator
 
-        print(f"glibc malloc tuned (ldm/runtime.py): {tune_cpu_allocator()}")
+        print(f"glibc malloc tuned (ldm/accel/malloc.py): {tune_cpu_allocator()}")
     if args.linear:
         bench_linear(min(args.repeats, 3))
         return

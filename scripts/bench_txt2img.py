@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
-        "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/runtime.py)"
+        "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/accel/malloc.py)"
     )
     args = parser.parse_args()
     if args.quick:
@@ -106,9 +106,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tuned_malloc:  # one process: ldm and diffusers both run under this setting
-        from ldm.runtime import tune_cpu_allocator
+        from ldm.accel.malloc import tune_cpu_allocator
 
-        print(f"glibc malloc tuned (ldm/runtime.py): {tune_cpu_allocator()}")
+        print(f"glibc malloc tuned (ldm/accel/malloc.py): {tune_cpu_allocator()}")
 
     from ldm.pipeline import Pipeline
 

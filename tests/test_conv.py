@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.models import conv, matmul
-from ldm.models.conv import Conv2d, conv2d_as_matmul
+from ldm.accel import conv, matmul
+from ldm.accel.conv import Conv2d, conv2d_as_matmul
 
 
 @pytest.mark.parametrize("order", ["x-first", "weight-first"])  # weight-first needs a big weight

@@ -9,7 +9,8 @@ from tiny import UNET_SD1
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.models import matmul
+from ldm.accel import matmul
+from ldm.accel.cpu import apply_ldm_cpu
 from ldm.models.unet import UNet2DConditionModel, UNetConfig
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
@@ -24,6 +25,7 @@ def test_forward_flops_equal_torch_count_of_the_math_attention_path(monkeypatch)
     monkeypatch.setattr(matmul, "PREFER_ONEDNN", False)  # products torch counts itself (MKL)
     torch.manual_seed(0)
     model = UNet2DConditionModel(UNetConfig.from_diffusers(UNET_SD1))
+    apply_ldm_cpu(model)
     args = (torch.randn(2, 4, 8, 8), torch.tensor([999, 10]), torch.randn(2, 5, 32))
     total, attention = bench_models.forward_flops(model, args)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -37,11 +39,12 @@ def test_forward_flops_equal_torch_count_of_the_math_attention_path(monkeypatch)
 
 
 def test_forward_flops_equal_diffusers_count_on_any_route(monkeypatch):
-    """Every product ldm.models.matmul may route to is counted: the total equals torch's count
+    """Every product ldm.accel.matmul may route to is counted: the total equals torch's count
     of diffusers' U-Net (F.linear, nn.Conv2d, math attention), whichever GEMM ldm takes."""
     torch.manual_seed(0)
     ref = DiffusersUNet(**UNET_SD1)
     model = UNet2DConditionModel(UNetConfig.from_diffusers(UNET_SD1))
+    apply_ldm_cpu(model)  # ldm's CPU routes
     args = (torch.randn(2, 4, 8, 8), torch.tensor([999, 10]), torch.randn(2, 5, 32))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         ref(*args)

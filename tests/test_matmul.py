@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.models import matmul
-from ldm.models.matmul import Linear, linear
+from ldm.accel import matmul
+from ldm.accel.matmul import Linear, linear
 
 
 @pytest.fixture

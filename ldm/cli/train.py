@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ldm.config import load_config
-    from ldm.runtime import tune_cpu_allocator
+    from ldm.accel.malloc import tune_cpu_allocator
     from ldm.train.config import TrainConfig
     from ldm.train.loop import train
 

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ldm.errors import ConfigError
-from ldm.models.conv import Conv2d
 from ldm.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 
 Generator = torch.Generator | list[torch.Generator] | None
@@ -168,7 +167,7 @@ class Encoder(nn.Module):
     def __init__(self, c: AutoencoderConfig):
         super().__init__()
         chs, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
-        self.conv_in = Conv2d(c.in_channels, chs[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels, chs[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             _Block(chs[max(i - 1, 0)], chs[i], c.layers_per_block, g, "down" if i < n - 1 else None)
             for i in range(n)
@@ -176,7 +175,7 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(chs[-1], g, c.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, chs[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = Conv2d(chs[-1], 2 * c.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(chs[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -196,7 +195,7 @@ class Decoder(nn.Module):
             c.norm_num_groups,
             len(c.block_out_channels),
         )
-        self.conv_in = Conv2d(c.latent_channels, rchs[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(c.latent_channels, rchs[0], 3, padding=1)
         self.mid_block = MidBlock(rchs[0], g, c.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
             _Block(
@@ -206,7 +205,7 @@ class Decoder(nn.Module):
         )
         self.conv_norm_out = nn.GroupNorm(g, rchs[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = Conv2d(rchs[-1], c.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(rchs[-1], c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid_block(self.conv_in(z))

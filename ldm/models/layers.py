@@ -4,11 +4,8 @@ ResNet blocks (He et al. 2016, with the DDPM time-embedding injection of Ho et a
 spatial transformer of Rombach et al. 2022 (self-attention, cross-attention, GEGLU feed-forward;
 Vaswani et al. 2017, Shazeer 2020), down/up sampling and the sinusoidal timestep embedding.
 Every module keeps diffusers' attribute names so a diffusers state dict loads with strict=True.
-
-Speed notes: tensors may flow in channels_last layout; there a (B, C, H, W) -> (B, H*W, C) view is
-free, so 1x1 convolutions in the transformer run as a plain matmul on the token layout. Linear
-layers are ``ldm.models.matmul.Linear`` (same parameters as ``nn.Linear``): on the CPU, with few
-tokens per image and a large weight, the product runs with the weight as the left operand.
+Plain ``torch.nn`` modules and functional ops only: hardware speed-ups are applied to a loaded model
+by ``ldm.accel``.
 """
 
 from __future__ import annotations
@@ -19,9 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from ldm.models.conv import Conv2d
-from ldm.models.matmul import Linear, linear
 
 
 def timestep_embedding(
@@ -46,9 +40,9 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, time_embed_dim: int):
         super().__init__()
-        self.linear_1 = Linear(in_channels, time_embed_dim)
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
         self.act = nn.SiLU()
-        self.linear_2 = Linear(time_embed_dim, time_embed_dim)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(emb)))
@@ -69,14 +63,14 @@ class ResnetBlock2D(nn.Module):
     ):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels else None
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = None
         if in_channels != out_channels:
-            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,10 +120,10 @@ class Attention(nn.Module):
         self.group_norm = None
         if norm_num_groups is not None:
             self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps)
-        self.to_q = Linear(query_dim, inner, bias=bias)
-        self.to_k = Linear(context_dim, inner, bias=bias)
-        self.to_v = Linear(context_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([Linear(inner, query_dim), nn.Dropout(dropout)])
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
 
     def attend(
         self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None
@@ -156,7 +150,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = Linear(dim_in, dim_out * 2)
+        self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -169,7 +163,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, dropout: float = 0.0, mult: int = 4):
         super().__init__()
         self.net = nn.ModuleList(
-            [GEGLU(dim, dim * mult), nn.Dropout(dropout), Linear(dim * mult, dim)]
+            [GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,8 +221,8 @@ class Transformer2DModel(nn.Module):
         inner = heads * dim_head
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
         if use_linear_projection:
-            self.proj_in = Linear(in_channels, inner)
-            self.proj_out = Linear(inner, in_channels)
+            self.proj_in = nn.Linear(in_channels, inner)
+            self.proj_out = nn.Linear(inner, in_channels)
         else:
             self.proj_in = nn.Conv2d(in_channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, in_channels, 1)
@@ -239,35 +233,26 @@ class Transformer2DModel(nn.Module):
             for _ in range(num_layers)
         )
         self.gradient_checkpointing = False
-
-    @staticmethod
-    def _as_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """proj_in/proj_out on tokens (B, L, C): Linear (SD 2.x) or 1x1 Conv2d (SD 1.x)."""
-        if isinstance(layer, nn.Conv2d):
-            # a 1x1 conv is a matmul over channels; its (out, in, 1, 1) weight viewed as (out, in)
-            return linear(x, layer.weight.flatten(1), layer.bias)
-        if isinstance(getattr(layer, "base_layer", None), nn.Conv2d):  # a LoRA-wrapped conv
-            return layer(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
-        return layer(x)  # a Linear, plain or wrapped
+        self.use_linear_projection = use_linear_projection
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, H*W, C)
-        tokens = self._as_linear(self.proj_in, tokens)
+        tokens = self.norm(x)
+        if not self.use_linear_projection:  # SD 1.x: 1x1 conv on (B, C, H, W)
+            tokens = self.proj_in(tokens)
+        tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, H*W, inner)
+        if self.use_linear_projection:  # SD 2.x: Linear on the tokens
+            tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
             tokens = maybe_checkpoint(self.gradient_checkpointing, block, tokens, context, bias)
-        tokens = self._as_linear(self.proj_out, tokens)
-        out = tokens.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
-        # keep the caller's layout (a no-op for channels_last), so convs see one format
-        return out.contiguous(memory_format=_memory_format(x)) + x
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+        if self.use_linear_projection:
+            tokens = self.proj_out(tokens)
+        out = tokens.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C, H, W), NHWC strides
+        if not self.use_linear_projection:
+            out = self.proj_out(out)
+        return out + x
 
 
 class Downsample2D(nn.Module):
@@ -276,7 +261,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -289,7 +274,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):

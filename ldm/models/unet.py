@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
-from ldm.models.conv import Conv2d
 from ldm.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -264,13 +263,6 @@ class MidBlock(nn.Module):
         return h
 
 
-def _contiguous_state_dict(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
-    """state_dict hook: channels_last conv weights are returned in plain contiguous layout."""
-    for key, value in state.items():
-        if not value.is_contiguous():
-            state[key] = value.contiguous()
-
-
 def _transformer(s: _BlockSpec, c: UNetConfig, ch: int) -> Transformer2DModel:
     return Transformer2DModel(
         s.heads,
@@ -286,13 +278,7 @@ def _transformer(s: _BlockSpec, c: UNetConfig, ch: int) -> Transformer2DModel:
 
 
 class UNet2DConditionModel(nn.Module):
-    """eps/v-predicting U-Net: (noisy latents, timestep, text context) -> (B, C, H, W).
-
-    Conv weights are held in channels_last layout (faster convolutions, and the transformers'
-    (B, C, H, W) <-> (B, H*W, C) become free views); ``state_dict()`` returns them contiguous,
-    as safetensors and diffusers expect. ``model.to(memory_format=torch.contiguous_format)``
-    switches back to NCHW.
-    """
+    """eps/v-predicting U-Net: (noisy latents, timestep, text context) -> (B, C, H, W)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -305,7 +291,7 @@ class UNet2DConditionModel(nn.Module):
         heads = c.heads()
         temb_ch = chs[0] * 4
 
-        self.conv_in = Conv2d(
+        self.conv_in = nn.Conv2d(
             c.in_channels, chs[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2
         )
         self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
@@ -338,11 +324,9 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chs[0], eps=c.norm_eps)
         self.conv_act = nn.SiLU()
-        self.conv_out = Conv2d(
+        self.conv_out = nn.Conv2d(
             chs[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2
         )
-        self.to(memory_format=torch.channels_last)
-        self._register_state_dict_hook(_contiguous_state_dict)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations in backward (less memory, ~30% more compute)."""
@@ -377,9 +361,6 @@ class UNet2DConditionModel(nn.Module):
 
         if c.center_input_sample:
             sample = 2 * sample - 1.0
-        # channels_last: the transformers' (B, C, H, W) <-> (B, H*W, C) become free views
-        if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
-            sample = sample.contiguous(memory_format=torch.channels_last)  # match the weights
         h = self.conv_in(sample)
         skips = [h]
         for block in self.down_blocks:
@@ -391,8 +372,4 @@ class UNet2DConditionModel(nn.Module):
             size = skips[-1].shape[2:] if skips and block.upsamplers is not None else None
             h = block(h, block_skips, temb, context, bias, size)
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
-        if h.requires_grad and h.is_contiguous(memory_format=torch.channels_last):
-            # the loss's gradient arrives contiguous; in channels_last the backward convs keep the
-            # weights' layout and their weight gradients need no copy (~0.3 s per SD 1.5 step)
-            h.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
-        return h.contiguous()
+        return h.contiguous()  # NCHW, whichever layout the convolutions chose

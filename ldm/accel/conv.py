@@ -1,31 +1,11 @@
-"""A Conv2d that runs low-resolution convolutions as one matmul (im2col) on the CPU.
+"""Few-position convolutions as one GEMM (im2col) on the CPU.
 
-oneDNN's CPU convolution is fast when there are many output positions and slow when there are
-few: on the project's 2-core AVX-512/AMX CPU, a 1280-channel 3x3 convolution over 2 x 8 x 8
-positions (an SD 1.5 U-Net's inner blocks at 256x256) runs at 127 GFLOP/s (fp32) and at 2 x 4 x 4
-positions at 40 GFLOP/s, against 278 and 176 GFLOP/s for the same product written as
-im2col + one GEMM; at 2 x 32 x 32 positions oneDNN wins (342 against 276), and with few channels
-it wins at any size (64 x 4 x 4 positions, 192 channels: 350 against 254). The same holds in bf16
-and in backward. At 16 x 16 the GEMM still wins when the reduction is long (1280 -> 1280 channels
-at batch 2: 262 against 194; 1920 -> 640: 209 against 182) and loses below ~1000 input channels
-(960 -> 640: 243 against 256). So a convolution is the GEMM (B*Ho*Wo, k*k*Cin) @ (k*k*Cin, Cout)
-when its input has at least ``MATMUL_MIN_CHANNELS`` channels and at least
-``MATMUL_CHANNELS_PER_POSITION`` per output position of one image (1024 at 16 x 16, 256 at
-8 x 8); any other, oneDNN. The GEMM itself is routed by ``ldm.models.matmul`` (MKL weight-first
-for few positions, oneDNN on some CPUs).
-Where MKL is the slow library (``ldm.models.matmul.PREFER_ONEDNN``, e.g. a 2-core AMD Zen 5)
-the GEMM is oneDNN's inner product, and the same rule holds: forward GFLOP/s, oneDNN convolution
-against im2col + inner product, 1280 -> 1280 at 8 x 8 114 against 358, at 4 x 4 30 against 228,
-at 16 x 16 267 against 327, 1920 -> 640 at 16 x 16 245 against 234. Under autograd there the
-route is taken only where its product is ``matmul.InnerProduct`` (fp32, at most 64 positions per
-image), whose backward is oneDNN's too: forward + backward GFLOP/s, oneDNN convolution against
-GEMM, 1280 -> 1280 at 8 x 8 144 against 196, at 4 x 4 49 against 105, 2560 -> 1280 at 4 x 4 50
-against 111; at 16 x 16 the convolution wins (228 against 181), as it did against im2col + MKL
-everywhere (0.57x for 2560 -> 1280 at 8 x 8).
-The rule looks at one image, never at the batch size, so the route (and the last bits of the
-result) cannot depend on how images were batched.
-Figures: ``python scripts/bench_conv.py`` (training: ``--grad --tuned-malloc``); same parameters
-and results as ``nn.Conv2d``.
+oneDNN's convolution is fast with many output positions and slow with few (an SD 1.5 U-Net's
+8x8 and 4x4 levels), where im2col + one GEMM (routed by ``ldm.accel.matmul``) runs 2-5x faster.
+So a convolution takes the GEMM when its input has at least ``MATMUL_MIN_CHANNELS`` channels and
+``MATMUL_CHANNELS_PER_POSITION`` per output position of one image (never a batch-size rule);
+any other runs as oneDNN's. ``Conv2d`` is the module ``ldm.accel.cpu`` swaps in for
+``nn.Conv2d``. Measurements: docs/benchmarks.md ("ldm-cpu routes").
 """
 
 from __future__ import annotations
@@ -34,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models import matmul
+from ldm.accel import matmul
 
 MATMUL_CHANNELS_PER_POSITION = 4  # input channels per output position of one image
 MATMUL_MIN_CHANNELS = 512  # the U-Net levels that are slow in oneDNN have 1280

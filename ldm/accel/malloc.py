@@ -1,15 +1,9 @@
-"""Process-wide CPU settings that ``ldm train`` applies once at start-up.
+"""glibc malloc tuning that ``ldm train`` applies once at start-up.
 
-glibc's malloc serves every allocation above a (dynamic, at most 32 MiB) threshold with a fresh
-``mmap`` and returns it with ``munmap`` on free, so a tensor of that size costs page faults and
-kernel zeroing on every use. A U-Net train step allocates gigabytes of such tensors (weight
-gradients, im2col patches, activations): on the project's 2-core CPU an SD 1.5-shaped train step
-took 11.3 s with glibc's defaults and 6.2-6.5 s with mmap off and trimming disabled (diffusers'
-step: 12.8 s -> 6.9 s; ``scripts/bench_models.py``). The price is that freed memory stays with the
-process (its RSS keeps its peak) instead of going back to the system, which is how jemalloc and
-tcmalloc, the allocators usually recommended for PyTorch on CPU, behave too. For sampling it did not
-pay: the SD 1.5 txt2img benchmark went from 33.8 s to 36.8 s with it (diffusers' from 43.4 s to 39.7
-s), so txt2img, batch and eval keep glibc's defaults.
+glibc serves each large allocation with a fresh mmap and munmaps it on free, so every large
+tensor of a train step costs page faults and kernel zeroing; keeping freed memory in the heap
+made an SD 1.5-shaped train step ~1.8x faster. Freed memory then stays with the process (as with
+jemalloc/tcmalloc). Sampling got slower with it, so only training uses it (docs/benchmarks.md).
 """
 
 from __future__ import annotations

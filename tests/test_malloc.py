@@ -1,11 +1,11 @@
-"""ldm.runtime: the allocator setting applies once on glibc and can be turned off."""
+"""ldm.accel.malloc: the allocator setting applies once on glibc and can be turned off."""
 
 import ctypes.util
 import platform
 
 import pytest
 
-from ldm import runtime
+from ldm.accel import malloc as runtime
 
 
 def test_tune_cpu_allocator_once_and_opt_out(monkeypatch):

@@ -1,40 +1,11 @@
-"""Linear layers (and few-position convolutions) on the CPU: which GEMM, in which order.
+"""CPU GEMM routes for linear layers: which library (MKL or oneDNN) and which operand order.
 
-Weight first. ``x @ W.T`` with few rows (tokens of an 8x8 or 4x4 latent at batch 2: 32-128 rows)
-against a large weight (1280 x 11520 for an SD 1.5 inner conv) is limited by streaming the weight
-from memory, not by arithmetic: across a whole U-Net forward the 3.4 GB of SD 1.5 weights do not
-stay in cache. MKL streams the weight faster when it is the *left* operand, so ldm computes the
-same product as ``(W @ x.T + b).T`` and copies the (small) result back to row-major. Measured on
-the project's Intel 2-core CPU with 40 distinct 1280 x 11520 weights in turn (so none is cached),
-fp32 GFLOP/s, rows x-first -> weight-first: 32 rows 116 -> 165, 64 rows 174 -> 184, 128 rows
-209 -> 228, 256 rows 241 -> 258, 512 rows 279 -> 287 (``python scripts/bench_conv.py
---linear``). With a cached weight the two orders tie from 256 rows on, and small weights lose:
-the demo model's train step (128-wide layers, 4096 rows) was 11 % slower weight-first, its
-batch-8 forward 18 %. So the weight-first order is taken for at most ``WEIGHT_FIRST_MAX_ROWS``
-rows *per image* and weights of at least ``WEIGHT_FIRST_MIN_ELEMENTS``. A 2-D input (B, K), such
-as the time embedding every ResNet block projects, is one row per image: at batch 2 a cold
-1280 x 1280 weight took 233 us weight-first against 619 us x-first (MKL on the Zen 5 below; its
-path for 2-4 rows streams the weight at ~9 GB/s); at batch 8 it was the other way round (606
-against 503 us), at 16 and 32 weight-first won again.
-
-oneDNN on other CPUs. ``F.linear`` on the CPU is MKL, and MKL runs its fp32 GEMM at half speed
-on AMD CPUs: on a 2-core Zen 5 (family 26) a 4096^2 product ran at 188 GFLOP/s through MKL and
-372 through oneDNN. So where the CPU is not Intel's (``PREFER_ONEDNN``; on Intel CPUs the two
-were within 5 % of each other in session 7, with no consistent winner, and MKL stays), products
-go to oneDNN: without autograd to its inner product (``torch.ops.mkldnn._linear_pointwise``,
-the op inductor uses), which with cold weights ran the SD 1.5 shapes at 230-370 GFLOP/s from
-128 rows up (MKL: 120-170) and at ~200 with 32 rows (MKL weight-first: 91-110). That op has no
-backward, so under autograd many-row products run as oneDNN's 1x1 convolution over an NHWC view
-of the rows (no copy either way; forward + backward 230-390 GFLOP/s against MKL's 175-185), and
-few-row ones as ``InnerProduct``, an autograd Function over the inner product whose backward is
-oneDNN too: the input gradient as the 1x1 convolution's backward-data, the weight gradient as an
-inner product of the transposed rows. Per product at SD 1.5's few-row shapes (32-128 rows, cold
-weights, GFLOP/s, MKL -> oneDNN): forward 56-163 -> 172-359, input gradient 74-147 -> 84-285,
-weight gradient 92-157 -> 199-325; the convolution alone ran them at 46-245, 84-285 and 28-200
-(``python scripts/bench_conv.py --products --tuned-malloc``). Figures: docs/benchmarks.md.
-
-Like ``ldm.models.conv``, no rule looks at the batch size, so the route (and the last bits of a
-result) cannot depend on how images were batched.
+Few rows against a large weight are bound by streaming the weight from memory, which MKL does
+faster with the weight as the left operand: ``(W @ x.T + b).T``. MKL runs fp32 GEMMs at half speed
+on non-Intel x86 CPUs, so there products go to oneDNN (its inner product, or its 1x1 convolution
+under autograd, with ``InnerProduct`` giving few-row products a oneDNN backward). No rule looks at
+the batch size, so a result cannot depend on how images were batched. ``Linear`` is the module
+``ldm.accel.cpu`` swaps in for ``nn.Linear``. Measurements: docs/benchmarks.md ("ldm-cpu routes").
 """
 
 from __future__ import annotations
