@@ -29,31 +29,23 @@ from pathlib import Path
 from ldm import __version__
 from ldm.errors import LdmError
 from ldm.io import atomic_save
+from ldm.sampling.samplers import SPEC, SPECS, resolve_sampler
 
-# ldm sampler name -> A1111 display name (A1111 >= 1.9 keeps the schedule in "Schedule type")
-SAMPLER_TO_A1111 = {
-    "ddim": "DDIM",
-    "ddpm": "DDPM",
-    "euler": "Euler",
-    "euler_ancestral": "Euler a",
-    "heun": "Heun",
-    "lms": "LMS",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_3m_sde": "DPM++ 3M SDE",
-    "unipc": "UniPC",
-}
+# ldm sampler name -> A1111 label (A1111 >= 1.9 keeps the schedule in "Schedule type")
+SAMPLER_TO_A1111 = {spec.name: spec.a1111 for spec in SPECS}
+# ldm schedule -> A1111 "Schedule type"; "default" is written per sampler (a1111_sampler_names)
 SCHEDULE_TO_A1111 = {
-    "default": "Automatic",  # the sampler's own spacing, as A1111's "Automatic"
+    "default": "Automatic",
     "karras": "Karras",
     "exponential": "Exponential",
     "sgm_uniform": "SGM Uniform",
     "simple": "Simple",
     "beta": "Beta",
 }
-SAMPLER_FROM_A1111 = {v.lower(): k for k, v in SAMPLER_TO_A1111.items()}
-SCHEDULE_FROM_A1111 = {v.lower(): k for k, v in SCHEDULE_TO_A1111.items()}
+SCHEDULE_FROM_A1111 = {v.lower(): k for k, v in SCHEDULE_TO_A1111.items() if k != "default"}
+# A1111's uniform sigmas (k-diffusion get_sigmas) are the nearest it has to ldm's "default"
 SCHEDULE_FROM_A1111.update({"uniform": "default", "normal": "default"})
+_UNIFORM = "Uniform"
 
 # (ldm key, A1111 label, parser) in the order A1111 writes them; Sampler and Size are special.
 _FIELDS = [
@@ -69,6 +61,7 @@ _FIELDS = [
     ("rng", "RNG", str),
 ]
 _LABEL_TO_FIELD = {label: (key, parse) for key, label, parse in _FIELDS}
+_LABEL_TO_FIELD["Eta DDIM"] = ("eta", float)  # A1111's name for DDIM/UniPC's eta
 _REQUIRED = ("prompt", "steps", "sampler", "guidance_scale", "seed", "width", "height")
 _NEGATIVE = "Negative prompt:"
 
@@ -79,28 +72,36 @@ _RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def a1111_sampler_names(sampler: str, schedule: str = "default") -> tuple[str, str]:
-    """ldm (sampler, schedule) -> A1111 ("Sampler", "Schedule type") display names."""
-    try:
-        return SAMPLER_TO_A1111[sampler], SCHEDULE_TO_A1111[schedule]
-    except KeyError as e:
-        raise LdmError(f"no A1111 name for sampler/schedule {e.args[0]!r}") from None
+    """ldm (sampler, schedule) -> A1111 ("Sampler", "Schedule type") that render the same.
+
+    A1111 reads "Automatic" as the sampler's own default (Karras for DPM++ 2M): ldm's "default"
+    is written "Automatic" only where that is what A1111 means by it, else "Uniform".
+    """
+    spec = SPEC.get(sampler)
+    if spec is None or schedule not in SCHEDULE_TO_A1111:
+        raise LdmError(f"no A1111 name for sampler/schedule {sampler!r}/{schedule!r}")
+    if schedule == "default" and spec.a1111_schedule != "default":
+        return spec.a1111, _UNIFORM
+    return spec.a1111, SCHEDULE_TO_A1111[schedule]
 
 
 def ldm_sampler_names(sampler: str, schedule_type: str | None = None) -> tuple[str, str]:
     """A1111 ("Sampler", "Schedule type") -> ldm (sampler, schedule); names unknown to ldm are kept.
 
-    Old infotexts (A1111 < 1.9) fold the schedule into the sampler: "DPM++ 2M Karras".
+    Old infotexts (A1111 < 1.9) fold the schedule into the sampler: "DPM++ 2M Karras". A missing
+    type or "Automatic" means the sampler's own default, as A1111 >= 1.9 reads it.
     """
     name = sampler.strip()
-    if schedule_type is None:
-        for display, schedule in (("Karras", "karras"), ("Exponential", "exponential")):
-            if name.endswith(" " + display) and name[: -len(display) - 1].lower() in (
-                SAMPLER_FROM_A1111
-            ):
-                return SAMPLER_FROM_A1111[name[: -len(display) - 1].lower()], schedule
-        schedule_type = "Automatic"
-    ldm_sampler = SAMPLER_FROM_A1111.get(name.lower(), name)
-    return ldm_sampler, SCHEDULE_FROM_A1111.get(schedule_type.strip().lower(), schedule_type)
+    try:
+        ldm_sampler, implied = resolve_sampler(name)
+    except LdmError:
+        ldm_sampler, implied = name, None
+    if implied is not None:
+        return ldm_sampler, implied
+    key = (schedule_type or "Automatic").strip().lower()
+    if key == "automatic":
+        return ldm_sampler, SPEC[ldm_sampler].a1111_schedule if ldm_sampler in SPEC else "default"
+    return ldm_sampler, SCHEDULE_FROM_A1111.get(key, schedule_type)
 
 
 def _number(x) -> str:
@@ -144,6 +145,8 @@ def format_infotext(params: dict) -> str:
         value = params.get(key)
         if value is None or (key == "clip_skip" and int(value) <= 1):
             continue  # A1111 leaves out Clip skip 1, its default
+        if key == "eta":
+            label = SPEC[params["sampler"]].a1111_eta
         pairs[label] = _number(value) if parse is float else str(value)
     for label, value in (params.get("extra") or {}).items():
         if not _RE_LABEL.fullmatch(label) or label in pairs or label == "Version":

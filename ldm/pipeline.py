@@ -10,7 +10,6 @@ wrap the denoiser (see :mod:`ldm.modes`).
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,9 @@ import torch
 from PIL import Image
 
 from ldm import __version__
+from ldm.denoiser import Denoiser
 from ldm.errors import LdmError
+from ldm.guidance import cfg
 from ldm.loading import (
     DEFAULT_MODEL,
     DTYPES,
@@ -29,17 +30,45 @@ from ldm.loading import (
     resolve_device,
     resolve_dtype,
 )
-from ldm.modes import (
-    blend_known,
-    image_to_tensor,
-    latent_mask,
-)
-from ldm.request import check_modes, check_numbers, prompt_lists, resolve_sampler
+from ldm.modes import blend_known, image_to_tensor, latent_mask, load_image
+from ldm.request import check_modes, check_numbers, check_sampler, prompt_lists
+from ldm.sampling.noise import make_noise
+from ldm.sampling.samplers import SamplerSpec
+from ldm.sampling.schedules import NoiseSchedule, get_sigmas, init_noise_scale, timestep_interp
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # callback(step, num_steps) after each sampler step (the CLI drives a progress bar with it)
 StepCallback = Callable[[int, int], None]
+# encode(prompts, negatives, clip_skip, guided) -> (cond, uncond or None), as Pipeline.encode_text
+EncodeText = Callable[[list[str], list[str], int, bool], tuple]
+
+
+@dataclass
+class Request:
+    """A checked request: what ``Pipeline.prepare`` decided, read by the later steps."""
+
+    prompts: list[str]
+    negatives: list[str]  # one per prompt
+    seeds: list[int]  # one per prompt; image i draws all its noise from seeds[i]
+    spec: SamplerSpec  # the sampler (ldm.sampling.samplers table entry)
+    schedule: str  # sigma schedule name (a "DPM++ 2M Karras" alias already applied)
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float | None  # the sampler's default filled in (None: the sampler takes none)
+    height: int  # pixels
+    width: int
+    clip_skip: int
+    mode: str  # txt2img | img2img | inpaint
+    init_image: Image.Image | None
+    mask: Image.Image | None  # white = repaint
+    strength: float  # share of the schedule run from the init image
+    batched_guidance: bool  # cond and uncond in one network call
+
+    @property
+    def start_from_image(self) -> bool:
+        return self.init_image is not None and self.strength < 1.0
 
 
 @dataclass
@@ -54,8 +83,13 @@ def load_pipeline(
     model: str | Path | None = None,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
+    accel: str | None = None,
 ) -> Pipeline:
-    """Load a model (None = the bundled demo model) onto ``device`` in ``dtype``."""
+    """Load a model (None = the bundled demo model) onto ``device`` in ``dtype``.
+
+    ``accel`` is the ``ldm.accel`` mode applied before the first image (None: $LDM_ACCEL, else
+    auto); see :meth:`Pipeline.accelerate`.
+    """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if model is None:
@@ -64,15 +98,13 @@ def load_pipeline(
             raise LdmError(f"the bundled demo model is missing ({DEFAULT_MODEL}): reinstall ldm "
                            "or pass --model")  # fmt: skip
     parts = load_parts(model, device, torch_dtype)
-    return Pipeline(parts, device, torch_dtype)
+    return Pipeline(parts, device, torch_dtype, accel)
 
 
 class Pipeline:
     """A loaded model and the call that turns prompts + seeds into images with records."""
 
-    def __init__(self, parts, device: torch.device, dtype: torch.dtype):
-        from ldm.sampling.schedules import NoiseSchedule
-
+    def __init__(self, parts, device: torch.device, dtype: torch.dtype, accel: str | None = None):
         self.parts = parts
         self.unet = parts.unet.eval().requires_grad_(False)
         self.vae = parts.vae.eval().requires_grad_(False)
@@ -85,6 +117,8 @@ class Pipeline:
         self._hash: str | None = None
         self._vae_fp32 = None  # lazily made fp32 copy for NaN retries
         self.loras: list[dict] = []  # LoRA files merged into the weights, for the records
+        self.accel_mode = accel  # ldm.accel mode to apply (None: $LDM_ACCEL, else auto)
+        self.accel = None  # its ldm.accel.Decision once applied (at the first call)
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -109,14 +143,8 @@ class Pipeline:
     def is_inpainting_model(self) -> bool:
         return self.unet.config.in_channels == 9
 
-    # ---- memory switches ----------------------------------------------------------------------
-    def enable_attention_slicing(self, slice_size: int | None = 1) -> None:
-        """Compute attention a few heads at a time (lower peak memory, a little slower)."""
-        setter = getattr(self.unet, "set_attention_slice", None)
-        if setter is None:
-            raise LdmError("this U-Net does not support attention slicing")
-        setter(slice_size)
-
+    # ---- memory and speed switches -------------------------------------------------------------
+    # (no attention slicing: on the CPU torch's SDPA already runs attention in blocks)
     def enable_vae_slicing(self) -> None:
         self.vae.enable_slicing()
 
@@ -127,13 +155,55 @@ class Pipeline:
         """Merge a LoRA file (diffusers/PEFT or kohya keys) into the weights; returns the report."""
         from ldm.formats.lora import apply_lora
 
+        if self.accel is not None:
+            raise LdmError("merge LoRAs before the first image (the model is already accelerated)")
         report = apply_lora(self.parts, path, scale)
         self.loras.append({"name": Path(path).stem, "scale": scale})
         return report
 
+    def accelerate(self, mode: str | None = None):
+        """Apply the accelerator ``mode`` (None: $LDM_ACCEL, else auto) to the U-Net and VAE once.
+
+        Runs after the LoRAs are merged (the first call does it at the latest); returns the
+        ``ldm.accel.Decision`` for the U-Net, which the records name.
+        """
+        if self.accel is None:
+            from ldm.accel import apply
+
+            mode = self.accel_mode if mode is None else mode
+            self.accel = apply(self.unet, mode, device=self.device, dtype=self.dtype)
+            apply(self.vae, mode, device=self.device, dtype=self.dtype)
+        return self.accel
+
     # ---- the call -----------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        callback: StepCallback | None = None,
+        encode: EncodeText | None = None,
+        **settings,
+    ) -> list[Generated]:
+        """Generate one image per (prompt, seed); image i draws all its noise from seed i.
+
+        ``settings`` are :meth:`prepare`'s (steps, sampler, guidance_scale, ...); ``encode``
+        replaces :meth:`encode_text` (same signature), e.g. by a cache of encodings.
+        """
+        request = self.prepare(prompts, seeds, **settings)
+        self.accelerate()
+        cond, uncond = (encode or self.encode_text)(
+            request.prompts, request.negatives, request.clip_skip, request.guidance_scale > 1.0
+        )
+        latents = self.denoise(request, cond, uncond, callback)
+        images, retried = self.decode(latents)
+        return [
+            Generated(image, self._record(request, i, retried[i])) for i, image in enumerate(images)
+        ]
+
+    # ---- steps of the call --------------------------------------------------------------------
+    def prepare(
         self,
         prompts: list[str],
         seeds: list[int],
@@ -151,26 +221,14 @@ class Pipeline:
         strength: float = 0.8,
         mask: Image.Image | str | Path | None = None,
         clip_skip: int = 1,
-        callback: StepCallback | None = None,
         batched_guidance: bool = True,
-    ) -> list[Generated]:
-        """Generate one image per (prompt, seed); image i draws all its noise from seed i."""
-        from ldm.denoiser import Denoiser
-        from ldm.guidance import cfg
-        from ldm.sampling.noise import make_noise
-        from ldm.sampling.samplers import sampler_options
-        from ldm.sampling.schedules import get_sigmas, init_noise_scale, timestep_interp
-
-        # 1. check the request before any work
+    ) -> Request:
+        """Step 1: check the whole request before any work (one LdmError per bad value)."""
         prompts, negatives = prompt_lists(prompts, seeds, negative_prompt)
-        sampler_name, sampler_fn, schedule = resolve_sampler(sampler, schedule)
+        spec, schedule = check_sampler(sampler, schedule)
         if isinstance(init_image, (str, Path)):
-            from ldm.modes import load_image
-
             init_image = load_image(init_image, "--init-image")
         if isinstance(mask, (str, Path)):
-            from ldm.modes import load_image
-
             mask = load_image(mask, "--mask")
         if init_image is not None and (height is None or width is None):
             # img2img keeps the init image's size (rounded down to the latent grid)
@@ -181,86 +239,19 @@ class Pipeline:
         width = self.default_size[1] if width is None else width
         check_numbers(steps, guidance_scale, guidance_rescale, eta, height, width, self.factor)
         check_modes(strength, clip_skip, init_image, mask, self.is_inpainting_model)
+        if spec.eta is not None and eta is None:
+            eta = spec.eta  # the sampler's own default (ancestral and SDE 1, DDIM 0)
         mode = "txt2img" if init_image is None else ("inpaint" if mask is not None else "img2img")
-        latent_shape = (1, self.vae.latent_channels, height // self.factor, width // self.factor)
-
-        # 2. text -> cond (and uncond for guidance; <= 1 skips the unconditioned pass)
-        cond, uncond = self.encode_text(prompts, negatives, clip_skip, guidance_scale > 1.0)
-
-        # 3. sigmas: the full schedule, cut at `strength` when starting from an image
-        sigmas = get_sigmas(schedule, steps, self.schedule, sampler=sampler_name).to(self.device)
-        start_from_image = init_image is not None and strength < 1.0
-        if start_from_image:
-            # as diffusers' img2img: skip the first steps - int(steps * strength) steps
-            t_start = steps - min(int(steps * strength), steps)
-            sigmas = sigmas[t_start:]
-            if len(sigmas) < 2:
-                raise LdmError(f"--strength {strength} x --steps {steps} leaves no step to run")
-
-        # 4. per-image generators and starting latents (encode first, then noise: as diffusers)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        init_latents = keep = extra = None
-        if init_image is not None:
-            pixels = image_to_tensor(init_image, height, width)
-            if start_from_image or (mode == "inpaint" and not self.is_inpainting_model):
-                init_latents = self._encode_each(pixels, generators)
-        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
-        noise = noise.to(self.device, torch.float32)
-        if start_from_image:
-            x = init_latents + noise * sigmas[0]  # VE form of diffusers' add_noise
-        else:
-            x = noise * init_noise_scale(sigmas, self.schedule, sampler_name)  # as diffusers
-        if mode == "inpaint":
-            keep, extra = self._inpaint_inputs(mask, pixels, height, width, generators)
-
-        # 5. network -> denoiser -> guided denoiser (-> inpaint blending), NaN-checked
-        interpolation = timestep_interp(sampler_name, schedule)
-        denoiser = Denoiser(_in_dtype(self.unet, self.dtype), self.schedule, interpolation)
-        denoise = cfg(
-            denoiser, cond, uncond, guidance_scale, rescale=guidance_rescale,
-            batched=batched_guidance, concat=extra,
+        return Request(
+            prompts, negatives, [int(s) for s in seeds], spec, schedule, steps, guidance_scale,
+            guidance_rescale, eta, height, width, clip_skip, mode, init_image, mask, strength,
+            batched_guidance,
         )  # fmt: skip
-        if keep is not None:
-            denoise = blend_known(denoise, init_latents, keep)
-        progress = _Progress(len(sigmas) - 1, callback)
-        denoise = _nan_guard(denoise, progress, self.dtype)
 
-        # 6. sample (later noise for image i comes from generator i too)
-        noise_fn = make_noise(generators, latent_shape[1:], device=self.device)
-        options = sampler_options(sampler_name, self.schedule)
-        eta_param = inspect.signature(sampler_fn).parameters.get("eta")
-        if eta_param is not None:  # None: the sampler's own default (ancestral 1, DDIM 0)
-            eta = options["eta"] = eta_param.default if eta is None else eta
-        x = sampler_fn(denoise, x, sigmas, noise=noise_fn, callback=progress, **options)
-        if keep is not None:
-            x = keep * init_latents + (1 - keep) * x
-        if not torch.isfinite(x).all():
-            raise LdmError(f"the U-Net produced NaN/Inf in {DTYPE_NAMES[self.dtype]}; try fp32")
-
-        # 7. decode, each image again in fp32 if it came out NaN/Inf
-        images, retried = self._decode(x)
-
-        # 8. records
-        settings = dict(
-            sampler=sampler_name, schedule=schedule, steps=steps, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, eta=eta, width=width, height=height,
-            clip_skip=clip_skip, mode=mode,
-        )  # fmt: skip
-        if init_image is not None:
-            settings["strength"] = strength
-        return [
-            Generated(
-                image,
-                self._record(prompts[i], negatives[i], int(seeds[i]), settings, retried[i]),
-            )
-            for i, image in enumerate(images)
-        ]
-
-    # ---- steps of the call --------------------------------------------------------------------
     def encode_text(self, prompts, negatives, clip_skip, guided):
-        """A1111 prompts (emphasis, 75-token chunks) -> (cond, uncond or None) on the device.
+        """Step 2: A1111 prompts (emphasis, 75-token chunks) -> (cond, uncond or None).
 
-        Public so that callers can memoise it (ldm batch encodes each distinct prompt once).
+        The ``encode`` argument of the call replaces it (ldm batch encodes each prompt once).
         """
         from ldm.text.encoders import CLIPTextEncoder
         from ldm.text.prompts import encode_cond_uncond, encode_prompts
@@ -272,6 +263,62 @@ class Pipeline:
                 uncond.to(self.device, self.dtype)
             )
         return _lean(encode_prompts(encoder, prompts).to(self.device, self.dtype)), None
+
+    @torch.inference_mode()
+    def denoise(self, r: Request, cond, uncond, callback: StepCallback | None = None):
+        """Step 3: seeded noise -> sigmas -> guided sampler -> (B, C, h, w) float32 latents."""
+        # 3a. sigmas: the full schedule, cut at `strength` when starting from an image
+        sigmas = get_sigmas(r.schedule, r.steps, self.schedule, sampler=r.spec.name)
+        sigmas = sigmas.to(self.device)
+        if r.start_from_image:
+            # as diffusers' img2img: skip the first steps - int(steps * strength) steps
+            sigmas = sigmas[r.steps - min(int(r.steps * r.strength), r.steps) :]
+            if len(sigmas) < 2:
+                raise LdmError(f"--strength {r.strength} x --steps {r.steps} leaves no step to run")
+
+        # 3b. per-image generators and starting latents (encode first, then noise: as diffusers)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in r.seeds]
+        latent_shape = (
+            1,
+            self.vae.latent_channels,
+            r.height // self.factor,
+            r.width // self.factor,
+        )
+        init_latents = keep = extra = None
+        if r.init_image is not None:
+            pixels = image_to_tensor(r.init_image, r.height, r.width)
+            if r.start_from_image or (r.mode == "inpaint" and not self.is_inpainting_model):
+                init_latents = self._encode_each(pixels, generators)
+        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
+        noise = noise.to(self.device, torch.float32)
+        if r.start_from_image:
+            x = init_latents + noise * sigmas[0]  # VE form of diffusers' add_noise
+        else:
+            x = noise * init_noise_scale(sigmas, self.schedule, r.spec.name)  # as diffusers
+        if r.mode == "inpaint":
+            keep, extra = self._inpaint_inputs(r.mask, pixels, r.height, r.width, generators)
+
+        # 3c. network -> denoiser -> guided denoiser (-> inpaint blending), NaN-checked
+        interpolation = timestep_interp(r.spec.name, r.schedule)
+        denoiser = Denoiser(self.unet, self.schedule, interpolation, dtype=self.dtype)
+        denoise = cfg(
+            denoiser, cond, uncond, r.guidance_scale, rescale=r.guidance_rescale,
+            batched=r.batched_guidance, concat=extra,
+        )  # fmt: skip
+        if keep is not None:
+            denoise = blend_known(denoise, init_latents, keep)
+        progress = _Progress(len(sigmas) - 1, callback)
+        denoise = _nan_guard(denoise, progress, self.dtype)
+
+        # 3d. sample (later noise for image i comes from generator i too)
+        noise_fn = make_noise(generators, latent_shape[1:], device=self.device)
+        options = r.spec.options(self.schedule, r.eta)
+        x = r.spec.function(denoise, x, sigmas, noise=noise_fn, callback=progress, **options)
+        if keep is not None:
+            x = keep * init_latents + (1 - keep) * x
+        if not torch.isfinite(x).all():
+            raise LdmError(f"the U-Net produced NaN/Inf in {DTYPE_NAMES[self.dtype]}; try fp32")
+        return x
 
     def _encode_each(self, pixels: torch.Tensor, generators) -> torch.Tensor:
         """VAE-encode the (same) image once per generator, sampling the posterior with it."""
@@ -291,7 +338,9 @@ class Pipeline:
         extra = torch.cat([m.expand(len(generators), -1, -1, -1), masked_latents], dim=1)
         return None, extra.to(self.dtype)
 
-    def _decode(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
+        """Step 4: latents -> images, each again in fp32 if it came out NaN/Inf (and which did)."""
         pixels = self.vae.decode(latents.to(self.dtype)).float()
         retried = [False] * len(pixels)
         for i in range(len(pixels)):
@@ -312,17 +361,26 @@ class Pipeline:
             self._vae_fp32 = copy.deepcopy(self.vae).float()
         return self._vae_fp32
 
-    def _record(self, prompt, negative, seed, settings, retried) -> dict:
+    def _record(self, r: Request, i: int, retried: bool) -> dict:
+        """Step 5: everything needed to make image i again (the JSON record beside the PNG)."""
+        settings = dict(
+            sampler=r.spec.name, schedule=r.schedule, steps=r.steps,
+            guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, eta=r.eta,
+            width=r.width, height=r.height, clip_skip=r.clip_skip, mode=r.mode,
+        )  # fmt: skip
+        if r.init_image is not None:
+            settings["strength"] = r.strength
         return dict(
-            prompt=prompt,
-            negative_prompt=negative,
-            seed=seed,
+            prompt=r.prompts[i],
+            negative_prompt=r.negatives[i],
+            seed=r.seeds[i],
             **settings,
             model=self.model_name,
             model_hash=self.model_hash,
             model_path=str(self.model_path) if self.model_path else None,
             dtype=DTYPE_NAMES[self.dtype],
             device=self.device.type,
+            accel=self.accel.mode if self.accel is not None else "off",
             rng="CPU",  # A1111's name for per-image CPU generators
             nan_retry_fp32=retried,
             loras=list(self.loras),
@@ -336,17 +394,6 @@ def _lean(cond):
     if cond.mask is not None and bool(cond.mask.all()):
         return type(cond)(cond.context, cond.pooled, None)
     return cond
-
-
-def _in_dtype(network: torch.nn.Module, dtype: torch.dtype):
-    """Run the network in its own dtype (fp16/bf16) while the sampler keeps fp32 latents."""
-    if dtype == torch.float32:
-        return network
-
-    def run(x_in: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-        return network(x_in.to(dtype), t, **kwargs).float()
-
-    return run
 
 
 class _Progress:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 from ldm.errors import LdmError
+from ldm.sampling.samplers import SPEC, resolve_sampler
+from ldm.sampling.schedules import SIGMA_SCHEDULES
 
 
 def prompt_lists(prompts, seeds, negative_prompt) -> tuple[list[str], list[str]]:
@@ -26,19 +28,19 @@ def prompt_lists(prompts, seeds, negative_prompt) -> tuple[list[str], list[str]]
     return prompts, negatives
 
 
-def resolve_sampler(sampler: str, schedule: str):
-    """Sampler name or A1111 alias -> (canonical name, function, schedule name)."""
-    from ldm.sampling import samplers, schedules
+def check_sampler(sampler: str, schedule: str):
+    """Sampler name or A1111 alias + schedule -> (SamplerSpec, schedule name), checked.
 
-    resolved = samplers.resolve_sampler(sampler)
-    # "DPM++ 2M Karras" names a schedule too: (name, schedule) beats the default schedule
-    name, implied = resolved if isinstance(resolved, tuple) else (resolved, None)
+    A name that implies a schedule ("DPM++ 2M Karras") beats the "default" schedule.
+    """
+    name, implied = resolve_sampler(sampler)
     if implied and schedule == "default":
         schedule = implied
-    names = schedules.SIGMA_SCHEDULES
-    if schedule not in names:
-        raise LdmError(f"--schedule {schedule!r} is unknown; choose from {', '.join(names)}")
-    return name, samplers.SAMPLERS[name], schedule
+    if schedule not in SIGMA_SCHEDULES:
+        raise LdmError(
+            f"--schedule {schedule!r} is unknown; choose from {', '.join(SIGMA_SCHEDULES)}"
+        )
+    return SPEC[name], schedule
 
 
 def check_numbers(steps, scale, rescale, eta, height, width, factor) -> None:

@@ -335,14 +335,10 @@ def _entry_seeds(params: dict, count: int, raw: dict, spec: JobSpec) -> list[int
 
 def _check(p: dict, spec: JobSpec) -> dict:
     """Validate one job's parameters and resolve names (A1111 sampler aliases, default size)."""
-    from ldm.sampling.samplers import resolve_sampler
-    from ldm.sampling.schedules import SIGMA_SCHEDULES
+    from ldm.request import check_sampler
 
-    sampler, implied = resolve_sampler(p["sampler"])
-    schedule = implied if implied and p["schedule"] == "default" else p["schedule"]
-    if schedule not in SIGMA_SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; one of {', '.join(SIGMA_SCHEDULES)}")
-    p = dict(p, sampler=sampler, schedule=schedule)
+    sampler, schedule = check_sampler(p["sampler"], p["schedule"])
+    p = dict(p, sampler=sampler.name, schedule=schedule)
     if not 1 <= p["steps"] <= MAX_STEPS:
         raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {p['steps']}")
     if not 0.0 <= p["guidance_rescale"] <= 1.0:

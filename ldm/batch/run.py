@@ -61,8 +61,8 @@ class Summary:
 class TextCache:
     """Each distinct prompt and negative prompt is encoded once (LRU-bounded), per clip skip.
 
-    Stands in for the pipeline's ``encode_text``: texts are encoded one at a time, padded to the
-    batch's chunk count, so a text's embedding does not depend on what it was batched with.
+    Its ``encode`` is the pipeline call's ``encode`` hook: texts are encoded one at a time, padded
+    to the batch's chunk count, so a text's embedding does not depend on what it was batched with.
     """
 
     def __init__(self, pipe, capacity: int = 4096):
@@ -71,10 +71,6 @@ class TextCache:
         self.encoders: dict = {}
         self.encoded = self.reused = 0
         self.num_chunks = lru_cache(maxsize=65536)(self._num_chunks)
-
-    def install(self) -> None:
-        # TODO(lead): replace with a public Pipeline hook (see the batch report)
-        self.pipe.encode_text = self.encode
 
     def _encoder(self, clip_skip: int):
         from ldm.text.encoders import CLIPTextEncoder
@@ -165,7 +161,6 @@ def run_batches(
     """
     outdir = Path(outdir)
     cache = TextCache(pipe)
-    cache.install()
     summary = Summary()
 
     # 1. which of this process's batches have work (before any image: conflicts stop the run)
@@ -198,13 +193,13 @@ def run_batches(
     with manifest.Writer(outdir) as writer:
         for k, batch in enumerate(batches(jobs(), batch_size, cache.job_chunks)):
             if k in plan:
-                _run_batch(pipe, batch, plan.pop(k), outdir, writer, summary, rank, on_image)
+                _run_batch(pipe, cache, batch, plan.pop(k), outdir, writer, summary, rank, on_image)
     summary.seconds = time.perf_counter() - start
     summary.encoded, summary.reused = cache.encoded, cache.reused
     return summary
 
 
-def _run_batch(pipe, batch, states, outdir, writer, summary, rank, on_image) -> None:
+def _run_batch(pipe, cache, batch, states, outdir, writer, summary, rank, on_image) -> None:
     for job, state in zip(batch, states):
         if state == "adopt":
             name = job_name(job)
@@ -216,7 +211,7 @@ def _run_batch(pipe, batch, states, outdir, writer, summary, rank, on_image) -> 
     need = [i for i, s in enumerate(states) if s == "todo"]
     if not need:
         return
-    for i, result, seconds in _generate(pipe, batch, need):
+    for i, result, seconds in _generate(pipe, cache, batch, need):
         job, name = batch[i], job_name(batch[i])
         if isinstance(result, str):
             writer.append(_entry(job, name, rank, status="failed", error=result, seconds=seconds))
@@ -234,7 +229,9 @@ def _run_batch(pipe, batch, states, outdir, writer, summary, rank, on_image) -> 
             on_image(event)
 
 
-def _generate(pipe, batch: list[Job], need: list[int]) -> Iterator[tuple[int, object, float]]:
+def _generate(
+    pipe, cache: TextCache, batch: list[Job], need: list[int]
+) -> Iterator[tuple[int, object, float]]:
     """(index in batch, Generated or failure reason, seconds per image) for the needed images.
 
     The whole batch is always run (its composition decides the bytes); if it fails, each needed
@@ -242,7 +239,7 @@ def _generate(pipe, batch: list[Job], need: list[int]) -> Iterator[tuple[int, ob
     """
     try:
         start = time.perf_counter()
-        results = _call(pipe, batch)
+        results = _call(pipe, cache, batch)
         seconds = (time.perf_counter() - start) / len(batch)
         yield from ((i, results[i], seconds) for i in need)
         return
@@ -253,18 +250,19 @@ def _generate(pipe, batch: list[Job], need: list[int]) -> Iterator[tuple[int, ob
     for i in need:
         start = time.perf_counter()
         try:
-            result = _call(pipe, [batch[i]])[0]
+            result = _call(pipe, cache, [batch[i]])[0]
         except (LdmError, RuntimeError, ValueError) as e:
             result = _reason(e)
         yield i, result, time.perf_counter() - start
 
 
-def _call(pipe, batch: list[Job]) -> list:
+def _call(pipe, cache: TextCache, batch: list[Job]) -> list:
     shared = {k: batch[0].params.get(k) for k in SHARED if k in batch[0].params}
     return pipe(
         [j.params["prompt"] for j in batch],
         [j.params["seed"] for j in batch],
         negative_prompt=[j.params["negative_prompt"] for j in batch],
+        encode=cache.encode,
         **shared,
     )
 

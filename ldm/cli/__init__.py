@@ -37,6 +37,36 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def sampler_help() -> str:
+    """--sampler help, from the sampler table."""
+    from ldm.sampling.samplers import SPECS
+
+    names = ", ".join(s.name for s in SPECS)
+    return f"{names}, or an A1111 name: 'Euler a', 'DPM++ 2M Karras', ... (dpmpp_2m)"
+
+
+def schedule_help() -> str:
+    from ldm.sampling.schedules import SIGMA_SCHEDULES
+
+    return f"{', '.join(SIGMA_SCHEDULES)} (default: the checkpoint's own timestep spacing)"
+
+
+def add_speed_arguments(g) -> None:
+    """--accel and --verbose (ldm txt2img, batch, eval)."""
+    from ldm.accel import ENV_VAR, MODES
+
+    g.add_argument("--accel", choices=MODES, help=f"accelerator for the U-Net and VAE (default: "
+                   f"${ENV_VAR}, else auto: measured best for the device)")  # fmt: skip
+    g.add_argument("--verbose", action="store_true", help="say which accelerator was applied")
+
+
+def apply_accel(pipe, args) -> None:
+    """Apply the accelerator (after the LoRAs are merged); print the decision with --verbose."""
+    decision = pipe.accelerate(args.accel)
+    if args.verbose:
+        print(f"ldm: accel: {decision.mode} ({decision.reason})", file=sys.stderr)
+
+
 def _version() -> str:
     from ldm import __version__
 

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
 from ldm.errors import LdmError
 
 # flag dest -> job parameter (the flags are defaults; a prompt file line overrides them)
@@ -47,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="sampler steps (20)")
     g.add_argument("--guidance-scale", "--scale", type=float, help="CFG scale; <= 1 is off (7.5)")
     g.add_argument("--guidance-rescale", type=float, help="CFG rescale phi (0)")
-    g.add_argument("--sampler", help="dpmpp_2m (default), euler_ancestral, 'Euler a', ...")
-    g.add_argument("--schedule", help="default, karras, exponential, sgm_uniform, simple, beta")
+    g.add_argument("--sampler", help=sampler_help())
+    g.add_argument("--schedule", help=schedule_help())
     g.add_argument("--eta", type=float, help="noise amount (default: DDIM 0, ancestral/SDE 1)")
     g.add_argument("--seed", type=int, help="seed of prompts without their own (0)")
     g.add_argument("--height", "--H", type=int, help="pixels (default: the model's size)")
@@ -61,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
     g.add_argument("--grid", action="store_true", help="a labelled grid per prompt (grids/)")
     g.add_argument("--max-size", type=int, default=4096, help="largest side in pixels (4096)")
-    g.add_argument("--attention-slicing", action="store_true", help="lower peak memory")
     g.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    add_speed_arguments(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -93,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or (state.device if state is not None else None)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
-    if args.attention_slicing:
-        pipe.enable_attention_slicing()
+    apply_accel(pipe, args)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     spec = JobSpec(

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", choices=("shapes",), help="what to evaluate (the shapes world)")
@@ -26,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="diffusers folder or single file (default: demo model)")
     g.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (1)")
     g.add_argument("--outdir", help="save images + manifest.jsonl + report here")
-    g.add_argument("--sampler", help="sampler name (pipeline default)")
-    g.add_argument("--schedule", help="sigma schedule (pipeline default)")
+    g.add_argument("--sampler", help=sampler_help())
+    g.add_argument("--schedule", help=schedule_help())
     g.add_argument("--steps", type=int, help="sampler steps (pipeline default)")
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0)")
@@ -35,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp32 on cpu")
     g.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (8)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_speed_arguments(g)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +94,7 @@ def _generate(args: argparse.Namespace) -> tuple[list, list[dict]]:
         if (v := getattr(args, k)) is not None
     }  # flags not given fall back to the pipeline's own defaults
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    apply_accel(pipe, args)
     outdir = Path(args.outdir) if args.outdir else None
     if outdir:
         outdir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
 from ldm.errors import LdmError
 
 # flag defaults; the parser's own default is None so --from-png can tell "given" from "default"
@@ -67,8 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="sampler steps (20)")
     g.add_argument("--guidance-scale", "--scale", type=float, help="CFG scale; <= 1 is off (7.5)")
     g.add_argument("--guidance-rescale", type=float, help="CFG rescale phi, Lin et al. 2023 (0)")
-    g.add_argument("--sampler", help="dpmpp_2m (default), euler_ancestral, 'Euler a', ...")
-    g.add_argument("--schedule", help="default, karras, exponential, sgm_uniform, simple, beta")
+    g.add_argument("--sampler", help=sampler_help())
+    g.add_argument("--schedule", help=schedule_help())
     g.add_argument("--eta", type=float, help="noise amount (default: DDIM 0, ancestral/SDE 1)")
     g.add_argument("--seed", type=int, help="seed of the first image (random if omitted)")
     g.add_argument("--height", "--H", type=int, help="pixels (default: the model's size)")
@@ -81,11 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strength", type=float, help="how much of the init image to redo (0.8)")
     g.add_argument("--mask", help="inpainting mask: white = repaint, black = keep")
     g.add_argument("--outpaint", metavar="L,R,U,D", help="pad the init image by these pixels")
-    g = p.add_argument_group("output and memory")
+    g = p.add_argument_group("output, memory and speed")
     g.add_argument("--outdir", default="outputs/txt2img", help="(default: outputs/txt2img)")
     g.add_argument("--grid", action="store_true", help="also write a grid of all images")
-    g.add_argument("--attention-slicing", action="store_true", help="lower peak memory")
     g.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    add_speed_arguments(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -112,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
         report = pipe.apply_lora(*parse_lora_arg(spec))
         if report.warning():
             print(f"ldm: warning: {report.warning()}", file=sys.stderr)
-    if args.attention_slicing:
-        pipe.enable_attention_slicing()
+    apply_accel(pipe, args)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     if args.outpaint:
@@ -165,7 +165,7 @@ def _from_png(path: str, init_image: str | None) -> dict:
 
 def _check_flags(args: argparse.Namespace, s: dict) -> None:
     """Cheap checks before the model loads (the pipeline checks the rest before writing)."""
-    from ldm.request import resolve_sampler
+    from ldm.request import check_sampler
 
     if not s["prompt"] and s["prompt"] != "":
         raise LdmError("--prompt is required (or --from-png IMAGE)")
@@ -181,7 +181,7 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
             raise LdmError(f"{flag} must be >= 1, got {n}")
     if not math.isfinite(s["guidance_scale"]):
         raise LdmError(f"--guidance-scale must be a finite number, got {s['guidance_scale']}")
-    resolve_sampler(s["sampler"], s["schedule"])
+    check_sampler(s["sampler"], s["schedule"])
     if s["model"] is not None and not Path(s["model"]).exists():
         raise LdmError(f"--model {s['model']}: no such file or folder")
     if (args.mask or args.outpaint) and not args.init_image:

@@ -1,16 +1,16 @@
-"""Samplers: plain functions walking descending sigmas (ending in 0) with a denoiser D(x, sigma).
+"""The sampler table: every fact about a sampler, declared once in its ``SamplerSpec``.
 
-x lives in k-space (x = x0 + sigma * eps). Every sampler has the signature
-``sample_<name>(denoise, x, sigmas, *, noise=None, callback=None, **options) -> x``; stochastic ones
-draw only through ``noise()`` (see ``ldm.sampling.noise``). ``callback(i, num_steps, x, denoised)``
-reports progress. Multistep DPM-Solver++ and UniPC live in ``ldm.sampling.multistep``.
+Names (k-diffusion/ComfyUI, A1111 labels and aliases), eta, noise, and how diffusers' scheduler
+for it spaces timesteps and starts. The CLI help, request checks, the pipeline, the schedules and
+the infotext all read this table; the functions themselves live in ``ldm.sampling.singlestep``
+and ``ldm.sampling.multistep``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ldm.errors import LdmError
@@ -20,248 +20,112 @@ from ldm.sampling.multistep import (
     sample_dpmpp_3m_sde,
     sample_unipc,
 )
-from ldm.sampling.noise import NoiseFn, make_noise, require_noise
-
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-
-__all__ = ["SAMPLERS", "make_noise", "resolve_sampler"]
-
-
-def _sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return sigma * x.new_ones([x.shape[0]])  # (B,), as k-diffusion passes it
+from ldm.sampling.singlestep import (
+    sample_ddim,
+    sample_ddpm,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+)
 
 
-def sample_euler(
-    denoise: Denoise,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: NoiseFn | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without 2nd order)."""
-    n = len(sigmas) - 1
-    for i in range(n):
-        denoised = denoise(x, _sigma_batch(sigmas[i], x))
-        if callback is not None:
-            callback(i, n, x, denoised)
-        d = (x - denoised) / sigmas[i]  # dx/dsigma, Karras et al. 2022 eq. 3
-        x = x + d * (sigmas[i + 1] - sigmas[i])
-    return x
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Everything ldm knows about one sampler."""
+
+    name: str  # k-diffusion / ComfyUI name, ldm's key everywhere: "dpmpp_2m"
+    function: Callable[..., torch.Tensor]  # sample_<name>(denoise, x, sigmas, *, noise, ...)
+    a1111: str  # A1111's label, written to infotexts: "DPM++ 2M"
+    aliases: tuple[str, ...] = ()  # more names accepted for it (A1111's k_* names, ComfyUI's)
+    # A1111 < 1.9 labels with the schedule folded in: ("DPM++ 2M Karras", "karras")
+    named_schedules: tuple[tuple[str, str], ...] = ()
+    # the schedule A1111 >= 1.9 means by "Schedule type: Automatic" (or none) for this sampler
+    # (modules/sd_samplers_kdiffusion.py options["scheduler"]); "default": its uniform timesteps
+    a1111_schedule: str = "default"
+    a1111_eta: str = "Eta"  # infotext label of its eta: A1111 calls DDIM/UniPC's "Eta DDIM"
+    stochastic: bool = False  # draws fresh noise every step at its default eta
+    eta: float | None = None  # default eta (None: the sampler takes no eta)
+    multistep: bool = False  # diffusers spaces N + 1 timesteps and drops the last (DPM-Solver)
+    spacing: str = "linspace"  # diffusers' class-default timestep_spacing (the checkpoint's wins)
+    # diffusers' scheduler keeps k-space latents (x0 + sigma * eps) at fractional timesteps and
+    # starts from sigma_0 * noise (the Euler family); the others start from VP-scaled noise
+    k_space: bool = False
+    final_sigma: bool = False  # last step lands on abar[0] when set_alpha_to_one is false
+
+    def options(self, schedule, eta: float | None = None) -> dict:
+        """Keyword options that make the function reproduce diffusers' scheduler.
+
+        ``schedule`` is the checkpoint's NoiseSchedule; ``eta`` None means the default eta.
+        """
+        options = {"final_sigma": schedule.final_sigma} if self.final_sigma else {}
+        if self.eta is not None:
+            options["eta"] = self.eta if eta is None else eta
+        return options
 
 
-def _ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
-    """Split the step into a deterministic part to sigma_down plus fresh noise sigma_up."""
-    if not eta or sigma_next == 0:
-        return sigma_next, 0.0
-    sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
-    return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
+_ANCESTRAL = dict(stochastic=True, eta=1.0)
+SPECS: tuple[SamplerSpec, ...] = (
+    SamplerSpec("ddim", sample_ddim, "DDIM", eta=0.0, a1111_eta="Eta DDIM", spacing="leading",
+                final_sigma=True),
+    SamplerSpec("ddpm", sample_ddpm, "DDPM", stochastic=True, spacing="leading"),
+    SamplerSpec("euler", sample_euler, "Euler", ("k_euler",), k_space=True),
+    SamplerSpec("euler_ancestral", sample_euler_ancestral, "Euler a",
+                ("k_euler_a", "k_euler_ancestral"), k_space=True, **_ANCESTRAL),
+    SamplerSpec("heun", sample_heun, "Heun", ("k_heun",), k_space=True),
+    SamplerSpec("lms", sample_lms, "LMS", ("k_lms",), (("LMS Karras", "karras"),), k_space=True),
+    SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",),
+                (("DPM++ 2M Karras", "karras"),), a1111_schedule="karras", multistep=True),
+    SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
+                (("DPM++ 2M SDE Karras", "karras"), ("DPM++ 2M SDE Exponential", "exponential")),
+                a1111_schedule="exponential", multistep=True, **_ANCESTRAL),
+    SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",),
+                (("DPM++ 3M SDE Karras", "karras"), ("DPM++ 3M SDE Exponential", "exponential")),
+                a1111_schedule="exponential", multistep=True, **_ANCESTRAL),
+    SamplerSpec("unipc", sample_unipc, "UniPC", ("uni_pc",), a1111_eta="Eta DDIM",
+                multistep=True),
+)  # fmt: skip
+SPEC: dict[str, SamplerSpec] = {s.name: s for s in SPECS}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {s.name: s.function for s in SPECS}
 
 
-def sample_euler_ancestral(
-    denoise: Denoise,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: NoiseFn | None = None,
-    callback: Callback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """Ancestral Euler (k-diffusion's "Euler a"): an Euler step to sigma_down, then new noise."""
-    noise = require_noise(noise, "euler_ancestral") if eta else noise
-    n = len(sigmas) - 1
-    for i in range(n):
-        denoised = denoise(x, _sigma_batch(sigmas[i], x))
-        if callback is not None:
-            callback(i, n, x, denoised)
-        sigma_down, sigma_up = _ancestral_step(float(sigmas[i]), float(sigmas[i + 1]), eta)
-        x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
-        if sigma_up > 0:
-            x = x + noise() * (sigma_up * s_noise)
-    return x
+def _key(name: str) -> str:
+    return " ".join(name.strip().lower().split())
 
 
-def sample_heun(
-    denoise: Denoise,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: NoiseFn | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1, no churn); Euler on the last step."""
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, _sigma_batch(sigma, x))
-        if callback is not None:
-            callback(i, n, x, denoised)
-        d = (x - denoised) / sigma
-        x_euler = x + d * (sigma_next - sigma)
-        if sigma_next == 0:  # the trapezoid needs D at sigma_next, undefined at 0
-            x = x_euler
-            continue
-        d_next = (x_euler - denoise(x_euler, _sigma_batch(sigma_next, x))) / sigma_next
-        x = x + (d + d_next) / 2 * (sigma_next - sigma)
-    return x
-
-
-def _lms_coefficient(sigmas: np.ndarray, i: int, order: int, j: int) -> float:
-    """Integral of the j-th Lagrange basis polynomial over [sigma_i, sigma_i+1], exactly."""
-    nodes, weights = np.polynomial.legendre.leggauss(4)  # exact for degree <= 7 >= order - 1
-    a, b = sigmas[i], sigmas[i + 1]
-    tau = (b - a) / 2 * nodes + (a + b) / 2
-    basis = np.ones_like(tau)
-    for k in range(order):
-        if k != j:
-            basis *= (tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
-    return float((b - a) / 2 * (weights * basis).sum())
-
-
-def sample_lms(
-    denoise: Denoise,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: NoiseFn | None = None,
-    callback: Callback | None = None,
-    order: int = 4,
-) -> torch.Tensor:
-    """Linear multistep (Adams-Bashforth in sigma), Karras et al. 2022 / k-diffusion, order 4."""
-    sigmas_np = sigmas.double().cpu().numpy()
-    ds: list[torch.Tensor] = []
-    n = len(sigmas) - 1
-    for i in range(n):
-        denoised = denoise(x, _sigma_batch(sigmas[i], x))
-        if callback is not None:
-            callback(i, n, x, denoised)
-        ds = (
-            [*ds[-(order - 1) :], (x - denoised) / sigmas[i]]
-            if order > 1
-            else [(x - denoised) / sigmas[i]]
-        )
-        cur_order = min(i + 1, order)
-        coeffs = [_lms_coefficient(sigmas_np, i, cur_order, j) for j in range(cur_order)]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
-    return x
-
-
-def sample_ddim(
-    denoise: Denoise,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: NoiseFn | None = None,
-    callback: Callback | None = None,
-    eta: float = 0.0,
-    final_sigma: float = 0.0,
-) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) in k-space; eta 0 is Euler in sigma, eta 1 is DDPM.
-
-    ``final_sigma`` > 0 reproduces CompVis/diffusers with ``set_alpha_to_one=False``: the last step
-    lands on abar[0] instead of 1, and that (slightly noisy) latent is returned in VP scale.
-    """
-    noise = require_noise(noise, "ddim") if eta else noise
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma = float(sigmas[i])
-        sigma_next = float(sigmas[i + 1])
-        if i == n - 1 and sigma_next == 0:
-            sigma_next = final_sigma
-        denoised = denoise(x, _sigma_batch(sigmas[i], x))
-        if callback is not None:
-            callback(i, n, x, denoised)
-        eps = (x - denoised) / sigma
-        # eq. 16 variance, in VP terms abar = 1 / (1 + sigma^2), carried to k-space by 1/sqrt(abar)
-        a_t, a_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
-        var = (1 - a_next) / (1 - a_t) * (1 - a_t / a_next)
-        sigma_up = eta * var**0.5 / a_next**0.5
-        sigma_down = max(sigma_next**2 - sigma_up**2, 0.0) ** 0.5
-        x = denoised + sigma_down * eps
-        if sigma_up > 0:
-            x = x + noise() * sigma_up
-    if float(sigmas[-1]) == 0 and final_sigma > 0:
-        x = x / (1 + final_sigma**2) ** 0.5  # VP latent at abar[0], returned as the clean latent
-    return x
-
-
-def sample_ddpm(
-    denoise: Denoise,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: NoiseFn | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """DDPM ancestral sampling (Ho et al. 2020, posterior variance beta-tilde) = DDIM with eta 1."""
-    return sample_ddim(
-        denoise, x, sigmas, noise=require_noise(noise, "ddpm"), callback=callback, eta=1.0
-    )
-
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "lms": sample_lms,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
-    "unipc": sample_unipc,
-}
-STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")  # and ddim with eta > 0
-
-# A1111 display names -> (sampler, schedule or None for "the schedule flag decides")
-A1111_NAMES: dict[str, tuple[str, str | None]] = {
-    "euler a": ("euler_ancestral", None),
-    "euler": ("euler", None),
-    "heun": ("heun", None),
-    "lms": ("lms", None),
-    "lms karras": ("lms", "karras"),
-    "ddim": ("ddim", None),
-    "ddpm": ("ddpm", None),
-    "unipc": ("unipc", None),
-    "dpm++ 2m": ("dpmpp_2m", None),
-    "dpm++ 2m karras": ("dpmpp_2m", "karras"),
-    "dpm++ 2m sde": ("dpmpp_2m_sde", None),
-    "dpm++ 2m sde karras": ("dpmpp_2m_sde", "karras"),
-    "dpm++ 2m sde exponential": ("dpmpp_2m_sde", "exponential"),
-    "dpm++ 3m sde": ("dpmpp_3m_sde", None),
-    "dpm++ 3m sde karras": ("dpmpp_3m_sde", "karras"),
-    "dpm++ 3m sde exponential": ("dpmpp_3m_sde", "exponential"),
-}
+# every accepted spelling (any case, any spacing) -> (ldm name, implied schedule or None)
+_NAMES: dict[str, tuple[str, str | None]] = {}
+for _s in SPECS:
+    _NAMES.update({_key(n): (_s.name, None) for n in (_s.name, _s.a1111, *_s.aliases)})
+    _NAMES.update({_key(n): (_s.name, schedule) for n, schedule in _s.named_schedules})
 
 
 def resolve_sampler(name: str) -> tuple[str, str | None]:
-    """A sampler name or A1111 display name (any case) -> (sampler, schedule or None)."""
-    key = " ".join(name.strip().lower().split())
-    if key in SAMPLERS:
-        return key, None
-    if key in A1111_NAMES:
-        return A1111_NAMES[key]
-    valid = list(SAMPLERS) + [display_name(k) for k in A1111_NAMES]
-    raise LdmError(f"unknown sampler {name!r}; valid: {', '.join(valid)}")
+    """A sampler name, A1111 label or alias (any case) -> (ldm name, implied schedule or None).
+
+    "DPM++ 2M Karras" implies the karras schedule; every other name leaves the schedule to the
+    caller.
+    """
+    found = _NAMES.get(_key(name))
+    if found is None:
+        raise LdmError(f"unknown sampler {name!r}; valid: {', '.join(names_help())}")
+    return found
 
 
-def display_name(key: str) -> str:
-    """The A1111 spelling of a lower-case alias ("dpm++ 2m karras" -> "DPM++ 2M Karras")."""
-    words = {
-        "euler": "Euler",
-        "a": "a",
-        "karras": "Karras",
-        "heun": "Heun",
-        "unipc": "UniPC",
-        "exponential": "Exponential",
-    }
-    return " ".join(words.get(w, w.upper()) for w in key.split())
+def sampler_spec(name: str) -> SamplerSpec:
+    """The spec of an ldm sampler name or any accepted alias."""
+    return SPEC[resolve_sampler(name)[0]]
 
 
-def sampler_options(sampler: str, schedule) -> dict:
+def names_help() -> list[str]:
+    """Names for help texts and error messages: ldm names, then A1111 labels."""
+    return (
+        [s.name for s in SPECS]
+        + [s.a1111 for s in SPECS]
+        + [n for s in SPECS for n, _ in s.named_schedules]
+    )
+
+
+def sampler_options(sampler: str, schedule, eta: float | None = None) -> dict:
     """Options that make ``sampler`` reproduce diffusers' scheduler for this NoiseSchedule."""
-    if sampler == "ddim":
-        return {"final_sigma": schedule.final_sigma}
-    return {}
+    return sampler_spec(sampler).options(schedule, eta)

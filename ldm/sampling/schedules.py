@@ -14,21 +14,12 @@ import numpy as np
 import torch
 
 from ldm.errors import ConfigError, LdmError
+from ldm.sampling.samplers import SPEC, sampler_spec
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 SIGMA_SCHEDULES = ("default", "karras", "exponential", "sgm_uniform", "simple", "beta")
-
-# samplers whose diffusers scheduler picks N timesteps directly (DDIM, DDPM, Euler, Heun, LMS) vs
-# the DPM-Solver family, which spaces N + 1 points and drops the last
-SINGLE_STEP_FAMILY = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "lms")
-MULTISTEP_FAMILY = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")
-# diffusers' class default for timestep_spacing when the checkpoint's config has none
-CLASS_DEFAULT_SPACING = {name: "linspace" for name in SINGLE_STEP_FAMILY + MULTISTEP_FAMILY}
-CLASS_DEFAULT_SPACING.update(ddim="leading", ddpm="leading")
-# samplers whose diffusers scheduler keeps latents in k-space (x0 + sigma * eps)
-K_SPACE_SAMPLERS = ("euler", "euler_ancestral", "heun", "lms")
 
 
 def make_betas(
@@ -161,8 +152,8 @@ def get_sigmas(
     """
     if num_steps < 1:
         raise LdmError(f"--steps must be at least 1, got {num_steps}")
-    if sampler not in CLASS_DEFAULT_SPACING:
-        raise LdmError(f"unknown sampler {sampler!r}; valid: {', '.join(CLASS_DEFAULT_SPACING)}")
+    if sampler not in SPEC:
+        raise LdmError(f"unknown sampler {sampler!r}; valid: {', '.join(SPEC)}")
     table = schedule.sigmas.double().numpy()
     s_min, s_max = float(table[0]), float(table[-1])
     if name == "default":
@@ -192,9 +183,10 @@ def get_sigmas(
 
 def default_timesteps(num_steps: int, schedule: NoiseSchedule, sampler: str) -> np.ndarray:
     """The (descending) timesteps diffusers' scheduler class for ``sampler`` would use."""
-    spacing = schedule.timestep_spacing or CLASS_DEFAULT_SPACING[sampler]
+    spec = SPEC[sampler]
+    spacing = schedule.timestep_spacing or spec.spacing
     T = schedule.num_train_timesteps
-    if sampler in MULTISTEP_FAMILY:  # DPM-Solver / UniPC space N + 1 points and drop the last
+    if spec.multistep:  # DPM-Solver / UniPC space N + 1 points and drop the last
         if spacing == "linspace":
             return np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].copy()
         if spacing == "leading":
@@ -203,7 +195,7 @@ def default_timesteps(num_steps: int, schedule: NoiseSchedule, sampler: str) -> 
         return _spaced_timesteps(spacing, num_steps, T, schedule.steps_offset)
     if spacing == "linspace":
         # DDIM and DDPM round to integer timesteps; Euler, Heun, LMS keep fractional float32 ones
-        if sampler in ("ddim", "ddpm"):
+        if not spec.k_space:
             return np.linspace(0, T - 1, num_steps).round()[::-1].copy()
         return np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
     return _spaced_timesteps(spacing, num_steps, T, schedule.steps_offset)
@@ -225,7 +217,7 @@ def timestep_interp(sampler: str, schedule_name: str) -> str:
     """
     if schedule_name == "default":
         return "linear"
-    if schedule_name == "karras" and sampler in MULTISTEP_FAMILY:
+    if schedule_name == "karras" and sampler_spec(sampler).multistep:
         return "nearest"
     return "log"
 
@@ -237,7 +229,8 @@ def init_noise_scale(sigmas: torch.Tensor, schedule: NoiseSchedule, sampler: str
     sqrt(sigma_0^2 + 1) in k-space; Euler-family ones use sigma_0 unless the spacing is "leading".
     """
     sigma0 = float(sigmas[0])
-    spacing = schedule.timestep_spacing or CLASS_DEFAULT_SPACING.get(sampler, "linspace")
-    if sampler in K_SPACE_SAMPLERS and spacing in ("linspace", "trailing"):
+    spec = sampler_spec(sampler)
+    spacing = schedule.timestep_spacing or spec.spacing
+    if spec.k_space and spacing in ("linspace", "trailing"):
         return sigma0
     return (sigma0**2 + 1) ** 0.5
