@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from ldm.errors import ConfigError
+from ldm.io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -170,6 +171,4 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def save_config(obj: Any, path: str | Path) -> None:
-    from ldm.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

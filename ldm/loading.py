@@ -1,8 +1,5 @@
-"""Where a pipeline's model comes from: device and dtype, loading, identity, a stand-in.
-
-``load_parts`` reads a diffusers folder or an original single file; ``model_hash`` is A1111's
-"Model hash", cached because hashing gigabytes takes seconds.
-"""
+"""Where a model comes from: device and dtype, loading (folder or file, decided here once),
+identity (A1111's "Model hash", cached because hashing gigabytes takes seconds)."""
 
 from __future__ import annotations
 
@@ -12,11 +9,16 @@ from pathlib import Path
 
 import torch
 
+from ldm.dtypes import DTYPES, to_dtype
 from ldm.errors import CheckpointError, LdmError
+from ldm.formats.diffusers_folder import load_folder
+from ldm.formats.single_file import load_single_file
+from ldm.infotext import model_hash as sha256_10
 from ldm.io import atomic_write_text
+from ldm.models.parts import ModelParts
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes-demo"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+__all__ = ["DEFAULT_MODEL", "DTYPES", "load_model", "model_hash", "resolve_device", "resolve_dtype"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -34,25 +36,33 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """fp16 on CUDA and fp32 on CPU unless asked; names are fp32, fp16, bf16."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise LdmError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return to_dtype(dtype)
 
 
-def load_parts(model: str | Path, device: torch.device, dtype: torch.dtype):
-    """A diffusers folder or an original single file (.safetensors/.ckpt) -> ModelParts."""
-    from ldm.formats.diffusers_folder import load_model
+def load_model(
+    model: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    config: str | os.PathLike | dict | None = None,
+    prediction_type: str | None = None,
+) -> ModelParts:
+    """A diffusers folder or an original single file (.safetensors / weights-only .ckpt).
 
+    ``config`` (a diffusers folder, a model YAML or a dict) and ``prediction_type`` say what a
+    single file's keys cannot; a folder has its own configs.
+    """
     path = Path(model)
     if not path.exists():
         raise CheckpointError(f"--model {model}: no such file or folder")
-    if path.is_file() and path.suffix.lower() not in WEIGHT_SUFFIXES:
+    if path.is_dir():
+        if config is not None:
+            raise LdmError("--config applies to a single file (a folder has its own configs)")
+        return load_folder(path, device, dtype, prediction_type=prediction_type)
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"--model {model}: expected a diffusers folder or .safetensors/.ckpt")
-    return load_model(path, device=device, dtype=dtype)
+    return load_single_file(path, device, dtype, config=config, prediction_type=prediction_type)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
@@ -65,8 +75,6 @@ def model_hash(path: str | Path) -> str:
     Hashing gigabytes takes seconds, so results are kept in memory and in
     ``~/.cache/ldm/model_hashes.json`` keyed by path, size and mtime of the weight files.
     """
-    from ldm.infotext import model_hash as sha256_10
-
     path = Path(path).resolve()
     files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
     key = json.dumps([str(path)] + [[str(f), *_stat(f)] for f in files])
@@ -94,3 +102,6 @@ def _stat(f: Path) -> tuple[int, int]:
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm"
+
+
+load_parts = load_model  # TEMP(integration): pipeline.py still imports this name

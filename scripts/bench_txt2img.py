@@ -50,7 +50,9 @@ def build(seed: int = 0):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.formats.diffusers_folder import ModelParts, build_unet, build_vae, fix_vae_keys
+    from ldm.formats.diffusers_folder import fix_vae_keys
+    from ldm.models.build import build_network, build_vae
+    from ldm.models.parts import ModelParts
     from ldm.text.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
@@ -67,7 +69,7 @@ def build(seed: int = 0):
     )  # fmt: skip
     theirs.set_progress_bar_config(disable=True)
 
-    our_unet = build_unet(dict(unet.config))
+    our_unet = build_network(dict(unet.config))
     our_unet.load_state_dict(unet.state_dict(), strict=True)
     our_vae = build_vae(dict(vae.config))
     our_vae.load_state_dict(fix_vae_keys(vae.state_dict()), strict=True)

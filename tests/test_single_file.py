@@ -12,7 +12,6 @@ from ldm.formats.diffusers_folder import load_folder
 from ldm.formats.original_keys import OPENCLIP, openclip_from_original
 from ldm.formats.safe_load import load_state_dict, save_state_dict
 from ldm.formats.single_file import (
-    detect_family,
     infer_text_config,
     infer_unet_config,
     infer_vae_config,
@@ -20,6 +19,7 @@ from ldm.formats.single_file import (
     save_single_file,
     to_original_state_dict,
 )
+from ldm.models import families
 
 
 @pytest.fixture(params=["sd1", "sd2"])
@@ -44,7 +44,7 @@ def test_export_is_what_diffusers_converters_read(tiny):
     family, folder = tiny
     parts = load_folder(folder)
     original = to_original_state_dict(parts)
-    assert detect_family(original) == family
+    assert families.from_keys(original, "export").name == family
     unet_config = json.loads((folder / "unet/config.json").read_text())
     vae_config = json.loads((folder / "vae/config.json").read_text())
     unet = su.convert_ldm_unet_checkpoint(dict(original), unet_config)
@@ -112,12 +112,20 @@ def test_family_detection():
     unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}
     clip = {"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(1)}
     openclip = {"cond_stage_model.model.ln_final.weight": torch.zeros(1)}
-    assert detect_family({**unet, **clip}) == "sd1"
-    assert detect_family({**unet, **openclip}) == "sd2"
+    assert families.from_keys({**unet, **clip}, "f").name == "sd1"
+    assert families.from_keys({**unet, **openclip}, "f").name == "sd2"
     sdxl = {**unet, "conditioner.embedders.0.transformer.x": torch.zeros(1)}
-    for bad, words in ((sdxl, "SDXL"), (clip, "no U-Net"), (unet, "no text encoder")):
+    sd3 = {"model.diffusion_model.joint_blocks.0.x.attn.qkv.weight": torch.zeros(1)}
+    flux = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}
+    for bad, words in (
+        (sdxl, "SDXL models are not supported"),
+        (sd3, "Stable Diffusion 3 models are not supported"),
+        (flux, "FLUX.1 models are not supported"),
+        (clip, "no U-Net"),
+        (unet, "no text encoder"),
+    ):
         with pytest.raises(CheckpointError, match=words):
-            detect_family(bad, "f.safetensors")
+            families.from_keys(bad, "f.safetensors")
 
 
 def test_config_inferred_from_shapes(tiny):
@@ -186,7 +194,9 @@ def test_openclip_conversion_matches_open_clip():
     """SD 2.x text features: open_clip's penultimate block + ln_final = our CLIPTextModel output."""
     from open_clip.transformer import TextTransformer
 
-    from ldm.formats.diffusers_folder import build_text_encoder, fit_clip_keys, load_into
+    from ldm.formats.diffusers_folder import fit_clip_keys
+    from ldm.formats.safe_load import load_into
+    from ldm.models.build import build_text_encoder
 
     torch.manual_seed(0)
     tower = TextTransformer(context_length=77, vocab_size=49408, width=32, heads=4, layers=4,

@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from ldm.errors import CheckpointError, LdmError
-from ldm.text.encoders import (
-    CLIPTextEncoder,
-    OpenCLIPTextEncoder,
-    T5TextEncoder,
-    load_text_encoder,
-)
+from ldm.formats.diffusers_folder import load_text_encoder
+from ldm.text.encoders import CLIPTextEncoder, OpenCLIPTextEncoder, T5TextEncoder
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -178,3 +174,18 @@ def test_t5_encoder(tiny_t5):
     # padding is masked: the real tokens equal an unpadded run
     torch.testing.assert_close(cond.context[1, :3], alone[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cond.pooled[1], alone[0].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_load_t5_encoder_from_folder(tiny_t5, tmp_path):
+    """A T5 encoder saved by transformers (tied embedding stored once) loads through safe_load."""
+    model, tokenizer = tiny_t5
+    model.save_pretrained(tmp_path / "text_encoder_3")
+    tokenizer.save_pretrained(tmp_path / "tokenizer_3")
+    loaded = load_text_encoder(
+        tmp_path, "t5", subfolder="text_encoder_3", tokenizer_subfolder="tokenizer_3"
+    )
+    reference = T5TextEncoder(model, tokenizer)
+    with torch.no_grad():
+        a, b = loaded.encode(["a red cat"]), reference.encode(["a red cat"])
+    torch.testing.assert_close(a.context, b.context)
+    torch.testing.assert_close(a.mask, b.mask)

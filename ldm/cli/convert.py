@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ldm.formats.diffusers_folder import load_model, save_folder
+    from ldm.formats.diffusers_folder import save_folder
     from ldm.formats.single_file import save_single_file
+    from ldm.loading import load_model
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
@@ -43,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
         raise LdmError(f"{dst}: already exists (pass --overwrite to replace it)")
     if args.to == "single-file" and dst.suffix != ".safetensors":
         raise LdmError(f"{dst}: --to single-file writes a .safetensors file")
-    if args.config is not None and src.is_dir():
-        raise LdmError("--config applies to a single-file SRC (a folder has its own configs)")
     parts = load_model(src, "cpu", torch.float32, args.config, args.prediction_type)
     for key, value in parts.inferred.items():
         print(f"inferred {key}: {value}", file=sys.stderr)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.data.images import ImageData
+from ldm.data.shapes import ShapesDataset
 from ldm.errors import LdmError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -214,8 +215,6 @@ class ShapesSource(Source):
     endless = True
 
     def __init__(self, seed: int = 0, **kwargs):
-        from ldm.data.shapes import ShapesDataset  # lazy: only needed for the built-in world
-
         self.dataset = ShapesDataset(seed, **kwargs)
         self.seed, self.name = seed, f"shapes:{seed}"
 

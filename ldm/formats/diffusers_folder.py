@@ -10,27 +10,33 @@ beside the target and renames it, so a half-written folder never appears under t
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer, CLIPTokenizer
 
-from ldm.errors import CheckpointError, ConfigError
+from ldm.dtypes import to_dtype
+from ldm.errors import CheckpointError, ConfigError, LdmError
 from ldm.formats.safe_load import load_into, load_state_dict, save_state_dict
 from ldm.io import atomic_write_text
+from ldm.models import families
+from ldm.models.build import TEXT_MODELS, build_network, build_text_encoder, build_vae
+from ldm.models.parts import ModelParts
+from ldm.text.encoders import CLIPTextEncoder, T5TextEncoder, TextEncoder
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_NAMES = {  # preference order: full-precision safetensors first, pickles last
     "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                   "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
     "transformers": ("model.safetensors", "model.fp16.safetensors",
                      "pytorch_model.bin", "pytorch_model.fp16.bin"),
 }  # fmt: skip
+DIFFUSERS_FORMAT_VERSION = "0.32.0"  # the oldest diffusers whose folder layout we write
 DEFAULT_MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
     "feature_extractor": [None, None],
@@ -42,36 +48,6 @@ DEFAULT_MODEL_INDEX = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
-
-
-@dataclass
-class ModelParts:
-    """A loaded latent diffusion model: ldm's U-Net and VAE, a transformers text encoder."""
-
-    unet: torch.nn.Module  # ldm.models.unet.UNet2DConditionModel
-    vae: torch.nn.Module  # ldm.models.autoencoder.AutoencoderKL
-    text_encoder: torch.nn.Module  # transformers.CLIPTextModel
-    tokenizer: Any  # transformers.CLIPTokenizer
-    scheduler_config: dict  # diffusers scheduler_config.json (betas, prediction_type, ...)
-    model_index: dict = field(default_factory=lambda: dict(DEFAULT_MODEL_INDEX))
-    path: Path | None = None  # where it was loaded from
-    name: str = ""  # a short display name (folder or file stem)
-    inferred: dict[str, str] = field(
-        default_factory=dict
-    )  # what was guessed, not read (single files)
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``"fp16"``/``"bf16"``/``"fp32"`` (or a torch dtype, or None) -> torch dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def read_json(path: Path) -> dict:
@@ -86,22 +62,6 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def load_model(
-    path: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.float32,
-    config: str | os.PathLike | dict | None = None,
-    prediction_type: str | None = None,
-) -> ModelParts:
-    """Load a diffusers folder or an original single file (.safetensors / weights-only .ckpt)."""
-    path = Path(path)
-    if path.is_dir():
-        return load_folder(path, device, dtype, prediction_type=prediction_type)
-    from ldm.formats.single_file import load_single_file
-
-    return load_single_file(path, device, dtype, config=config, prediction_type=prediction_type)
-
-
 def load_folder(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -109,7 +69,7 @@ def load_folder(
     prediction_type: str | None = None,
 ) -> ModelParts:
     """Load a diffusers Stable Diffusion folder into ldm's modules (weights via safe_load)."""
-    path = Path(path)
+    path, dtype = Path(path), to_dtype(dtype, "dtype")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a diffusers folder (no such directory)")
     index_path = path / "model_index.json"
@@ -117,18 +77,36 @@ def load_folder(
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     if prediction_type is not None:
         scheduler_config["prediction_type"] = normalize_prediction_type(prediction_type)
-    unet = build_unet(read_json(path / "unet" / "config.json"), path / "unet")
-    load_into(unet, load_part(path / "unet", "diffusers"), str(path / "unet"))
-    vae = build_vae(read_json(path / "vae" / "config.json"), path / "vae")
-    load_into(vae, fix_vae_keys(load_part(path / "vae", "diffusers")), str(path / "vae"))
-    text_encoder = load_text_encoder(path / "text_encoder")
+    where = path / "unet"
+    unet_config, vae_config = read_json(where / "config.json"), read_json(path / "vae/config.json")
+    text_config = read_json(path / "text_encoder" / "config.json")
+    family = families.from_folder(model_index, text_config, str(path))
+    unet = build_network(unet_config, where, family=family.name, empty=True)
+    load_weights(unet, load_part(where, "diffusers"), str(where), device, dtype)
+    vae = build_vae(vae_config, path / "vae", empty=True)
+    vae_state = fix_vae_keys(load_part(path / "vae", "diffusers"))
+    load_weights(vae, vae_state, str(path / "vae"), device, dtype)
+    text_encoder = load_text_model(path / "text_encoder", text_config, device, dtype)
     tokenizer = load_tokenizer(path / "tokenizer")
-    dtype = resolve_dtype(dtype)
-    for module in (unet, vae, text_encoder):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return ModelParts(
-        unet, vae, text_encoder, tokenizer, scheduler_config, model_index, path, path.name
-    )
+        unet, vae, text_encoder, tokenizer, scheduler_config, model_index, path, path.name,
+        family=family,
+    )  # fmt: skip
+
+
+def load_weights(
+    module: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Give an empty module its weights, cast tensor by tensor (never two full copies at once)."""
+    for name in list(state_dict):
+        t = state_dict.pop(name)  # the file's copy is freed as soon as it is cast
+        state_dict[name] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    load_into(module, state_dict, source, assign=True)
+    module.eval().requires_grad_(False)
 
 
 def load_part(folder: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -150,28 +128,6 @@ def load_part(folder: Path, kind: str) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_NAMES[kind])})")
 
 
-def build_unet(config: dict, where: Path | str = "unet") -> torch.nn.Module:
-    from ldm.models.unet import UNet2DConditionModel, UNetConfig
-
-    try:
-        return UNet2DConditionModel(UNetConfig.from_diffusers(config))
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except (ValueError, TypeError, ZeroDivisionError) as e:  # an inconsistent architecture
-        raise ConfigError(f"{where}: invalid config ({str(e).splitlines()[0]})") from None
-
-
-def build_vae(config: dict, where: Path | str = "vae") -> torch.nn.Module:
-    from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
-
-    try:
-        return AutoencoderKL(AutoencoderConfig.from_diffusers(config))
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except (ValueError, TypeError, ZeroDivisionError) as e:  # an inconsistent architecture
-        raise ConfigError(f"{where}: invalid config ({str(e).splitlines()[0]})") from None
-
-
 def fix_vae_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Old diffusers VAE attention names (query/key/value/proj_attn) -> current (to_q/...)."""
     renames = {
@@ -188,16 +144,6 @@ def fix_vae_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def build_text_encoder(config: dict) -> torch.nn.Module:
-    """A randomly initialised ``transformers.CLIPTextModel`` from a config dict."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    try:
-        return CLIPTextModel(CLIPTextConfig(**config))
-    except (ValueError, TypeError, ZeroDivisionError) as e:
-        raise ConfigError(f"text encoder: invalid config ({str(e).splitlines()[0]})") from None
-
-
 def fit_clip_keys(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict:
     """Match ``text_model.``-prefixed keys to the model's naming (transformers >= 5 drops it)."""
     wants_prefix = any(k.startswith("text_model.") for k in model.state_dict())
@@ -210,20 +156,51 @@ def fit_clip_keys(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -
     return out
 
 
-def load_text_encoder(folder: Path) -> torch.nn.Module:
-    config = read_json(folder / "config.json")
-    archs = config.get("architectures") or ["CLIPTextModel"]
-    if archs[0] != "CLIPTextModel":
-        raise CheckpointError(f"{folder}: text encoder {archs[0]} is not supported (CLIPTextModel)")
+def load_text_model(
+    folder: Path, config: dict, device: str | torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """A transformers text model (CLIP or T5 encoder) and its weights from a component folder."""
+    arch = (config.get("architectures") or ["CLIPTextModel"])[0]
+    if arch not in TEXT_MODELS:
+        raise CheckpointError(
+            f"{folder}: text encoder {arch} is not supported ({', '.join(TEXT_MODELS)})"
+        )
     keep = {k: v for k, v in config.items() if not k.startswith("_")}
-    model = build_text_encoder(keep)
-    load_into(model, fit_clip_keys(load_part(folder, "transformers"), model), str(folder))
+    model = build_text_encoder(keep, arch, empty=True)
+    state_dict = load_part(folder, "transformers")
+    if arch == "CLIPTextModel":
+        state_dict = fit_clip_keys(state_dict, model)
+    elif "shared.weight" in state_dict:  # T5 ties its token embedding; files keep one copy
+        state_dict.setdefault("encoder.embed_tokens.weight", state_dict["shared.weight"])
+    load_weights(model, state_dict, str(folder), device, dtype)
     return model
 
 
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import CLIPTokenizer
+def load_text_encoder(
+    folder: str | os.PathLike,
+    kind: str = "clip",
+    *,
+    clip_skip: int = 1,
+    subfolder: str = "text_encoder",
+    tokenizer_subfolder: str = "tokenizer",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> TextEncoder:
+    """One text encoder of a diffusers folder, with its tokenizer, ready to ``encode`` prompts."""
+    if kind not in ("clip", "t5"):
+        raise LdmError(f"text encoder kind {kind!r}: expected 'clip' or 't5'")
+    folder = Path(folder)
+    model_dir, tok_dir = folder / subfolder, folder / tokenizer_subfolder
+    for d in (model_dir, tok_dir):
+        if not d.is_dir():
+            raise CheckpointError(f"{d}: missing text encoder/tokenizer folder")
+    model = load_text_model(model_dir, read_json(model_dir / "config.json"), device, dtype)
+    if kind == "clip":
+        return CLIPTextEncoder(model, load_tokenizer(tok_dir), clip_skip=clip_skip)
+    return T5TextEncoder(model, AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True))
 
+
+def load_tokenizer(folder: Path) -> Any:
     has_fast = (folder / "tokenizer.json").is_file()
     if not has_fast and not all((folder / n).is_file() for n in ("vocab.json", "merges.txt")):
         raise CheckpointError(
@@ -256,7 +233,7 @@ def save_folder(
 ) -> Path:
     """Write ``parts`` as a diffusers folder (safetensors), atomically: temp folder + rename."""
     path = Path(path)
-    dtype = resolve_dtype(dtype)
+    dtype = to_dtype(dtype, "dtype")
     if path.exists() and not (overwrite and path.is_dir()):
         raise CheckpointError(f"{path}: already exists (choose a new destination)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,9 +254,11 @@ def save_folder(
 
 
 def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> None:
-    import diffusers
-
-    version = diffusers.__version__
+    # the version diffusers' own save_pretrained would record (read without importing diffusers)
+    try:
+        version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        version = DIFFUSERS_FORMAT_VERSION
     meta = {"format": "pt"}  # transformers refuses safetensors files without it
     for name, module, class_name in (
         ("unet", parts.unet, "UNet2DConditionModel"),
@@ -305,6 +284,7 @@ def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> N
     scheduler["_diffusers_version"] = version
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
     index = {**DEFAULT_MODEL_INDEX, **parts.model_index, "_diffusers_version": version}
+    index["_class_name"] = parts.family.pipeline_class
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     _write_json(root / "model_index.json", index)
 

@@ -12,9 +12,10 @@ import re
 import torch
 
 from ldm.errors import CheckpointError
+from ldm.models.families import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX
 
-UNET, VAE = "model.diffusion_model.", "first_stage_model."
-CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+UNET, CLIP, OPENCLIP = UNET_PREFIX, CLIP_PREFIX, OPENCLIP_PREFIX  # families detects by them
+VAE = "first_stage_model."
 
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"),

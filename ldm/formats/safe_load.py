@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ldm.errors import CheckpointError
 from ldm.io import atomic_save
@@ -149,8 +150,6 @@ def _check_layout(path: Path, header: dict, data_size: int) -> None:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     read_safetensors_header(path)
     try:
         return load_file(str(path))
@@ -220,8 +219,6 @@ def save_state_dict(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write a safetensors file atomically (temp + rename); shared storage is copied apart."""
-    from safetensors.torch import save_file
-
     seen: set[tuple[int, int]] = set()
     tensors = {}
     for name, t in state_dict.items():
@@ -234,8 +231,14 @@ def save_state_dict(
     atomic_save(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """``module.load_state_dict(strict=True)`` with a one-line CheckpointError naming keys."""
+def load_into(
+    module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False
+) -> None:
+    """``module.load_state_dict(strict=True)`` with a one-line CheckpointError naming keys.
+
+    ``assign``: the module takes the given tensors as its parameters (no copy), as a module built
+    on the meta device must.
+    """
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -252,7 +255,7 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
             )
         if want.is_floating_point() != t.is_floating_point():
             raise CheckpointError(f"{source}: weight {name!r} has dtype {t.dtype}, not floating")
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

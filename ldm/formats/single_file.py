@@ -18,18 +18,14 @@ from pathlib import Path
 
 import torch
 
+from ldm.dtypes import to_dtype
 from ldm.errors import CheckpointError, ConfigError
 from ldm.formats.diffusers_folder import (
-    ModelParts,
-    build_text_encoder,
-    build_unet,
-    build_vae,
     cast,
     fit_clip_keys,
-    load_into,
+    load_weights,
     normalize_prediction_type,
     read_json,
-    resolve_dtype,
 )
 from ldm.formats.original_keys import (
     CLIP,
@@ -45,38 +41,17 @@ from ldm.formats.original_keys import (
     vae_pairs,
 )
 from ldm.formats.safe_load import load_state_dict, read_safetensors_header, save_state_dict
+from ldm.models import families
+from ldm.models.build import (
+    build_network,
+    build_text_encoder,
+    build_vae,
+    load_model_config,
+)
+from ldm.models.parts import ModelParts
+from ldm.text.tokenizer import build_clip_tokenizer
 
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
-                 set_alpha_to_one=False, clip_sample=False, trained_betas=None)  # fmt: skip
-FAMILIES = {  # what the keys cannot say: the real SD 1.5 and SD 2.1 (768, v) configs
-    "sd1": dict(
-        unet=dict(attention_head_dim=8, upcast_attention=False, sample_size=64),
-        vae=dict(sample_size=512),
-        text=dict(hidden_act="quick_gelu", projection_dim=768),
-        scheduler=dict(SCHEDULER, _class_name="PNDMScheduler", prediction_type="epsilon"),
-    ),
-    "sd2": dict(
-        unet=dict(upcast_attention=True, sample_size=96),  # heads: one per 64 channels
-        vae=dict(sample_size=768),
-        text=dict(hidden_act="gelu", projection_dim=512),
-        scheduler=dict(SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction"),
-    ),
-}
 # ---------------------------------------------------------------- what the keys tell
-
-
-def detect_family(state_dict: dict, source: str = "checkpoint") -> str:
-    """``"sd1"`` (OpenAI CLIP text encoder) or ``"sd2"`` (OpenCLIP); anything else is an error."""
-    if any(k.startswith("conditioner.embedders.") for k in state_dict):
-        raise CheckpointError(f"{source}: an SDXL checkpoint; ldm loads SD 1.x and 2.x files only")
-    if not any(k.startswith(UNET) for k in state_dict):
-        raise CheckpointError(f"{source}: no U-Net weights ({UNET}*): not a Stable Diffusion file")
-    if any(k.startswith(OPENCLIP) for k in state_dict):
-        return "sd2"
-    if any(k.startswith(CLIP) for k in state_dict):
-        return "sd1"
-    raise CheckpointError(f"{source}: no text encoder weights (cond_stage_model.*)")
 
 
 def _sub(state_dict: dict, prefix: str) -> dict:
@@ -118,7 +93,7 @@ def infer_unet_config(unet: dict, family: str) -> tuple[dict, dict]:
         cross_attention_dim=unet[to_k].shape[1],
         use_linear_projection=unet[proj].ndim == 2,
         transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else depth,
-        **FAMILIES[family]["unet"],
+        **families.get(family).single_file["unet"],
     )
     notes = {
         f"unet.{k}": f"{config[k]} ({family} default)" for k in ("sample_size", "upcast_attention")
@@ -160,7 +135,7 @@ def infer_vae_config(vae: dict, family: str) -> dict:
         up_block_types=["UpDecoderBlock2D"] * n,
         layers_per_block=_count(vae, r"encoder\.down\.0\.block\.(\d+)\."),
         latent_channels=vae["decoder.conv_in.weight"].shape[1],
-        **FAMILIES[family]["vae"],
+        **families.get(family).single_file["vae"],
     )
 
 
@@ -177,7 +152,7 @@ def infer_text_config(text: dict, family: str, num_layers: int) -> dict:
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=1,
-        **FAMILIES[family]["text"],
+        **families.get(family).single_file["text_encoder"],
     )
 
 
@@ -200,8 +175,6 @@ def read_config_override(config: str | os.PathLike | dict | None) -> dict[str, d
             raise ConfigError(f"{path}: no component configs (unet/config.json, vae/config.json)")
         return found
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        from ldm.models.build import load_model_config
-
         model_config = load_model_config(path)
         return {p: getattr(model_config, p) for p in parts if getattr(model_config, p)}
     raise ConfigError(f"{path}: --config must be a diffusers folder or a model .yaml file")
@@ -219,12 +192,10 @@ def load_single_file(
     prediction_type: str | None = None,
 ) -> ModelParts:
     """Load an original SD 1.x / 2.x single file into ldm's modules; guesses go to ``inferred``."""
-    from ldm.text.tokenizer import build_clip_tokenizer
-
-    path = Path(path)
+    path, dtype = Path(path), to_dtype(dtype, "dtype")
     source = str(path)
     state_dict = load_state_dict(path)
-    family = detect_family(state_dict, source)
+    family = families.from_keys(state_dict, source).name
     inferred = {"family": f"{family} ({'OpenCLIP' if family == 'sd2' else 'CLIP'} text keys)"}
     unet_sd = _sub(state_dict, UNET)
     vae_sd = {k: v for k, v in _sub(state_dict, VAE).items() if not k.startswith("loss.")}
@@ -245,7 +216,7 @@ def load_single_file(
         raise CheckpointError(f"{source}: incomplete {family} checkpoint (no {e})") from None
     inferred.update(notes)
     inferred["text_encoder.num_attention_heads"] = "one head per 64 channels (CLIP)"
-    scheduler = dict(FAMILIES[family]["scheduler"])
+    scheduler = dict(families.get(family).single_file["scheduler"])
     inferred["prediction_type"] = f"{scheduler['prediction_type']} ({family} default)"
     meta = (
         read_safetensors_header(path).get("__metadata__", {})
@@ -271,24 +242,24 @@ def load_single_file(
         inferred["prediction_type"] = f"{scheduler['prediction_type']} (given)"
 
     _check_guesses(unet_config, vae_config, text_config, source)
-    unet = build_unet(unet_config, f"{source} (unet)")
-    load_into(unet, remap(unet_sd, unet_pairs(unet_config), False, source), f"{source} (unet)")
-    vae = build_vae(vae_config, f"{source} (vae)")
+    unet = build_network(unet_config, f"{source} (unet)", family=family, empty=True)
+    unet_state = remap(unet_sd, unet_pairs(unet_config), False, source)
+    load_weights(unet, unet_state, f"{source} (unet)", device, dtype)
+    vae = build_vae(vae_config, f"{source} (vae)", empty=True)
     vae_state = remap(vae_attn_shapes(vae_sd, False), vae_pairs(vae_config), False, source)
-    load_into(vae, vae_state, f"{source} (vae)")
-    text_encoder = build_text_encoder(text_config)
+    load_weights(vae, vae_state, f"{source} (vae)", device, dtype)
+    text_encoder = build_text_encoder(text_config, empty=True)
     text_sd = {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
-    load_into(text_encoder, fit_clip_keys(text_sd, text_encoder), f"{source} (text encoder)")
+    text_sd = fit_clip_keys(text_sd, text_encoder)
+    load_weights(text_encoder, text_sd, f"{source} (text encoder)", device, dtype)
     tokenizer = build_clip_tokenizer(model_max_length=text_config["max_position_embeddings"])
     if family == "sd2":
         tokenizer.pad_token = "!"  # OpenCLIP pads with token 0, as diffusers' SD 2 tokenizer does
-    dtype = resolve_dtype(dtype)
-    for module in (unet, vae, text_encoder):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model_index = {"scheduler": ["diffusers", scheduler["_class_name"]]}
     return ModelParts(
-        unet, vae, text_encoder, tokenizer, scheduler, model_index, path, path.stem, inferred
-    )
+        unet, vae, text_encoder, tokenizer, scheduler, model_index, path, path.stem, inferred,
+        families.get(family),
+    )  # fmt: skip
 
 
 def to_original_state_dict(parts: ModelParts, family: str | None = None) -> dict:
@@ -299,15 +270,10 @@ def to_original_state_dict(parts: ModelParts, family: str | None = None) -> dict
     vae = remap(parts.vae.state_dict(), vae_pairs(parts.vae.config.to_diffusers()), True, "vae")
     out = {UNET + k: v for k, v in unet.items()}
     out.update({VAE + k: v for k, v in vae_attn_shapes(vae, True).items()})
-    family = family or text_family(parts.text_encoder)
+    family = family or parts.family.name
     text = parts.text_encoder.state_dict()
     out.update(openclip_to_original(text) if family == "sd2" else clip_to_original(text))
     return out
-
-
-def text_family(text_encoder: torch.nn.Module) -> str:
-    """OpenCLIP (SD 2.x) uses exact GELU; OpenAI's CLIP-L (SD 1.x) uses quick_gelu."""
-    return "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
 
 
 def save_single_file(
@@ -323,8 +289,8 @@ def save_single_file(
         raise ConfigError(f"{path}: single files are written as .safetensors")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists (choose a new destination)")
-    family = family or text_family(parts.text_encoder)
-    state_dict = cast(to_original_state_dict(parts, family), resolve_dtype(dtype))
+    family = family or parts.family.name
+    state_dict = cast(to_original_state_dict(parts, family), to_dtype(dtype, "dtype"))
     meta = {"format": "pt", "ldm.family": family, "ldm.prediction_type": parts.prediction_type}
     save_state_dict(state_dict, path, meta)
     return path

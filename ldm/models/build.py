@@ -1,21 +1,84 @@
-"""Build a complete model from nothing, from a model config YAML (configs/models/*.yaml).
+"""Building a model's parts: from diffusers config dicts (to load weights into) or from a model
+config YAML (configs/models/*.yaml, to train from nothing).
 
-The sections are diffusers' own config dicts (unet/config.json, vae/config.json,
-text_encoder/config.json, scheduler/scheduler_config.json), so a model built here saves as a
-diffusers folder unchanged. The U-Net and VAE sections are checked field by field by
-``UNetConfig.from_diffusers`` / ``AutoencoderConfig.from_diffusers`` (unknown fields are errors).
+Parts that are about to receive weights are built without running their initialisers (ldm's
+own modules on the meta device, transformers' with its ``no_init_weights``): initialising an
+SD 1.5 U-Net only to overwrite it costs seconds and a second copy of the weights. The YAML
+sections are diffusers' own config dicts, so a model built here saves as a diffusers folder
+unchanged; the U-Net and VAE sections are checked field by field (unknown fields are errors).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from ldm.config import load_config
 from ldm.errors import ConfigError
+from ldm.models import families
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.parts import ModelParts
+from ldm.models.unet import UNet2DConditionModel, UNetConfig
+from ldm.text.tokenizer import build_clip_tokenizer
+
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
+# a family's network (ldm.models.families.Family.network) -> (config class, module class)
+NETWORKS = {"UNet2DConditionModel": (UNetConfig, UNet2DConditionModel)}
+# a text encoder's transformers architecture -> (config class, model class)
+TEXT_MODELS = {
+    "CLIPTextModel": (CLIPTextConfig, CLIPTextModel),
+    "T5EncoderModel": (T5Config, T5EncoderModel),
+}
+_BAD_CONFIG = (ValueError, TypeError, ZeroDivisionError)  # an inconsistent architecture
+
+
+def _build(make, where: str, empty: bool):
+    try:
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            return make()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except _BAD_CONFIG as e:
+        raise ConfigError(f"{where}: invalid config ({str(e).splitlines()[0]})") from None
+
+
+def build_network(
+    config: dict, where: Path | str = "unet", *, family: str = "sd1", empty: bool = False
+) -> torch.nn.Module:
+    """The family's latent network from its diffusers config; ``empty``: on the meta device."""
+    config_cls, module_cls = NETWORKS[families.get(family).network]
+    return _build(lambda: module_cls(config_cls.from_diffusers(config)), str(where), empty)
+
+
+def build_vae(config: dict, where: Path | str = "vae", *, empty: bool = False) -> torch.nn.Module:
+    """ldm's AutoencoderKL from a diffusers config; ``empty``: on the meta device."""
+    return _build(
+        lambda: AutoencoderKL(AutoencoderConfig.from_diffusers(config)), str(where), empty
+    )
+
+
+def build_text_encoder(
+    config: dict, architecture: str = "CLIPTextModel", *, empty: bool = False
+) -> torch.nn.Module:
+    """A transformers text model (``TEXT_MODELS``) from a config dict; ``empty``: uninitialised."""
+    config_cls, model_cls = TEXT_MODELS[architecture]
+    try:
+        with no_init_weights() if empty else contextlib.nullcontext():
+            return model_cls(config_cls(**config))
+    except _BAD_CONFIG as e:
+        raise ConfigError(f"text encoder: invalid config ({str(e).splitlines()[0]})") from None
+
+
+# ---------------------------------------------------------------- from a model config YAML
 
 
 @dataclass
@@ -31,36 +94,25 @@ def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfi
     return load_config(ModelConfig, path, overrides)
 
 
-def build_model(cfg: ModelConfig, seed: int = 0):
+def build_model(cfg: ModelConfig, seed: int = 0) -> ModelParts:
     """Random-init U-Net, VAE and CLIP text encoder (offline tokenizer) as ModelParts."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ldm.formats.diffusers_folder import ModelParts
-    from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
-    from ldm.models.unet import UNet2DConditionModel, UNetConfig
-    from ldm.text.tokenizer import build_clip_tokenizer
-
     torch.manual_seed(seed)  # initialisation only; training draws from its own generators
-    unet = UNet2DConditionModel(UNetConfig.from_diffusers(cfg.unet))
-    vae = AutoencoderKL(AutoencoderConfig.from_diffusers(cfg.vae))
-    try:
-        text_config = CLIPTextConfig(**cfg.text_encoder)
-    except TypeError as e:
-        raise ConfigError(f"text_encoder: {e}") from None
-    text_encoder = CLIPTextModel(text_config)
-    tokenizer = build_clip_tokenizer(model_max_length=text_config.max_position_embeddings)
-    if cfg.unet.get("cross_attention_dim") != text_config.hidden_size:
+    unet = build_network(cfg.unet)
+    vae = build_vae(cfg.vae)
+    text_encoder = build_text_encoder(cfg.text_encoder)
+    hidden = text_encoder.config.hidden_size
+    if cfg.unet.get("cross_attention_dim") != hidden:
         raise ConfigError(
             f"unet.cross_attention_dim ({cfg.unet.get('cross_attention_dim')}) must equal "
-            f"text_encoder.hidden_size ({text_config.hidden_size})"
+            f"text_encoder.hidden_size ({hidden})"
         )
+    tokenizer = build_clip_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
     return ModelParts(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler_config=dict(cfg.scheduler),
-        model_index={},
-        path=None,
         name=cfg.name,
+        family=families.from_text_encoder(text_encoder),
     )

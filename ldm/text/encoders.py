@@ -14,12 +14,10 @@ every one of the 77 positions, padding included, so masking them would change it
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from ldm.errors import CheckpointError, LdmError
+from ldm.errors import LdmError
 from ldm.text.cond import Cond
 
 
@@ -203,39 +201,3 @@ class T5TextEncoder(TextEncoder):
         weights = mask.unsqueeze(-1).to(context.dtype)  # (B, L, 1)
         pooled = (context * weights).sum(1) / weights.sum(1).clamp(min=1)
         return Cond(context, pooled, mask)
-
-
-def load_text_encoder(
-    folder: str | Path,
-    kind: str = "clip",
-    *,
-    clip_skip: int = 1,
-    subfolder: str = "text_encoder",
-    tokenizer_subfolder: str = "tokenizer",
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-) -> TextEncoder:
-    """Load a ``kind`` ("clip" or "t5") encoder and its tokenizer from a diffusers folder."""
-    folder = Path(folder)
-    model_dir, tok_dir = folder / subfolder, folder / tokenizer_subfolder
-    for d in (model_dir, tok_dir):
-        if not (d / "config.json").is_file() and not (d / "tokenizer_config.json").is_file():
-            raise CheckpointError(f"{d}: missing text encoder/tokenizer folder")
-    kwargs = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    if kind == "clip":
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        model = CLIPTextModel.from_pretrained(str(model_dir), **kwargs)
-        encoder = CLIPTextEncoder(
-            model, AutoTokenizer.from_pretrained(str(tok_dir)), clip_skip=clip_skip
-        )
-    elif kind == "t5":
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        model = T5EncoderModel.from_pretrained(str(model_dir), **kwargs)
-        encoder = T5TextEncoder(model, AutoTokenizer.from_pretrained(str(tok_dir)))
-    else:
-        raise LdmError(f"text encoder kind {kind!r}: expected 'clip' or 't5'")
-    return encoder.to(device) if device is not None else encoder

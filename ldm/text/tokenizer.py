@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import tempfile
 from functools import lru_cache
 from pathlib import Path
+
+from transformers import CLIPTokenizer
 
 from ldm.io import atomic_write_text
 
@@ -73,10 +76,6 @@ def write_clip_tokenizer(directory: str | Path, model_max_length: int = 77) -> P
 
 def build_clip_tokenizer(directory: str | Path | None = None, model_max_length: int = 77):
     """A ``transformers.CLIPTokenizer`` made offline; written to ``directory`` if given."""
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
     if directory is not None:
         return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(directory, model_max_length)))
     with tempfile.TemporaryDirectory() as tmp:
