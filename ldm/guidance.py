@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ldm.denoiser import denoised_to_output, output_to_denoised
+from ldm.denoiser import Epsilon
 from ldm.text.cond import Cond
 
 GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -26,8 +26,8 @@ def cfg(
     Guidance is linear, so combining denoised estimates equals diffusers' combination of eps or
     v predictions. The rescale is not linear: like diffusers' ``rescale_noise_cfg`` it matches the
     per-sample std of the guided prediction to the conditioned one in the network's own output
-    space (eps for eps models, v for v models), read from ``denoiser.prediction_type`` (eps when
-    the denoiser has none).
+    space (eps for eps models, v for v models) through the denoiser's own ``denoised_to_output``
+    and ``output_to_denoised`` (eps when the denoiser has none).
     """
     kwargs = {} if concat is None else {"concat": concat}
     if scale <= 1.0:  # diffusers: guidance only when scale > 1; scale 1 is the conditioned model
@@ -39,7 +39,7 @@ def cfg(
 
     both = Cond.cat([uncond, cond]) if batched else None
     both_kwargs = {} if concat is None else {"concat": torch.cat([concat, concat])}
-    prediction_type = getattr(denoiser, "prediction_type", "epsilon")
+    space = denoiser if hasattr(denoiser, "denoised_to_output") else Epsilon()
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if batched:
@@ -51,14 +51,14 @@ def cfg(
             d_cond = denoiser(x, sigma, cond, **kwargs)
         denoised = d_uncond + scale * (d_cond - d_uncond)
         if rescale > 0:
-            denoised = _rescale(prediction_type, x, sigma, denoised, d_cond, rescale)
+            denoised = _rescale(space, x, sigma, denoised, d_cond, rescale)
         return denoised
 
     return guided
 
 
 def _rescale(
-    prediction_type: str,
+    space,  # has denoised_to_output / output_to_denoised (a Denoiser or a Parametrisation)
     x: torch.Tensor,
     sigma: torch.Tensor,
     denoised: torch.Tensor,
@@ -67,11 +67,11 @@ def _rescale(
 ) -> torch.Tensor:
     """Guidance rescale (Lin et al. 2023, eq. 15-16) in the network's output space."""
     s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-    guided = denoised_to_output(prediction_type, x, s, denoised)
-    positive = denoised_to_output(prediction_type, x, s, d_cond)
+    guided = space.denoised_to_output(x, s, denoised)
+    positive = space.denoised_to_output(x, s, d_cond)
     dims = list(range(1, x.ndim))
     std_pos = positive.std(dim=dims, keepdim=True)  # eq. 15: per-sample std
     std_cfg = guided.std(dim=dims, keepdim=True)
     rescaled = guided * (std_pos / std_cfg)
     out = rescale * rescaled + (1 - rescale) * guided  # eq. 16
-    return output_to_denoised(prediction_type, x, s, out)
+    return space.output_to_denoised(x, s, out)

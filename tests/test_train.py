@@ -26,13 +26,25 @@ def _train(out: Path, *extra: str, resume: bool = False) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+def _final_weights(run: Path, parts=("unet", "vae")) -> dict[str, torch.Tensor]:
     final = run / "final"
     return {
         f"{part}/{k}": v
-        for part in ("unet", "vae")
+        for part in parts
         for k, v in load_file(str(final / part / "diffusion_pytorch_model.safetensors")).items()
     }
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, hang_guard_s: float = 3600) -> None:
+    """Wait until the run writes ``path``. The run is finite, so it writes it or exits (a
+    failure); the guard, far above any run's length, only stops a run that hangs."""
+    start = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        if time.monotonic() - start > hang_guard_s:
+            proc.kill()
+            pytest.fail(f"the run hung: no {path.name} after {hang_guard_s} s")
+        time.sleep(0.05)
 
 
 def test_train_export_and_load(tmp_path):
@@ -99,11 +111,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     kills = 0
     for target in ("step-00000004", "step-00000006"):  # kill twice, mid-stage
         proc = _train(run, *steps, resume=kills > 0)
-        deadline = time.time() + 300
-        while not (run / "checkpoints" / target).exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline
-            time.sleep(0.05)
+        _wait_for(run / "checkpoints" / target, proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
@@ -114,6 +122,32 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
+
+
+def test_export_ema_chooses_the_exported_weights(tmp_path):
+    """export_ema true exports the EMA shadow, false the raw weights (same training run)."""
+    from ldm.config import load_config
+    from ldm.train.config import TrainConfig
+    from ldm.train.loop import train
+    from ldm.train.model import load_start_model
+
+    # one diffusion step with decay 0.5 and no warm-up: shadow = (start + trained) / 2
+    common = ["validation_prompts=[]", "stages.0.steps=1", "stages.1.steps=1",
+              "stages.1.ema.decay=0.5", "stages.1.ema.warmup=false"]  # fmt: skip
+    exported = {}
+    for flag in ("true", "false"):
+        cfg = load_config(
+            TrainConfig, TINY, [f"output_dir={tmp_path / flag}", f"export_ema={flag}", *common]
+        )
+        train(cfg, progress=False)
+        exported[flag] = _final_weights(tmp_path / flag, ("unet",))
+    start = {f"unet/{k}": v for k, v in load_start_model(cfg).unet.state_dict().items()}
+    ema, raw = exported["true"], exported["false"]
+    assert ema.keys() == raw.keys() and set(raw) <= set(start)
+    moved = [k for k in raw if not torch.equal(raw[k], start[k])]
+    assert moved  # the step changed the weights, so EMA and raw differ
+    for k in raw:
+        torch.testing.assert_close(ema[k], (start[k] + raw[k]) / 2, rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_loss_stops_without_checkpoint(tmp_path):

@@ -51,7 +51,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the model's
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # None: model's
     min_snr_gamma: float | None = 5.0  # Hang et al. 2023; None disables
     noise_offset: float = 0.0
     multires_noise_iterations: int = 0  # kohya's pyramid noise; 0 disables
@@ -105,6 +105,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # U-Net activation layout; NCHW trained the demo model 13% faster in bf16 on the CPU
     channels_last: bool = True
+    accel: str = "auto"  # ldm.accel mode for the U-Net: auto | ldm-cpu | inductor | openvino | off
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -114,5 +115,7 @@ class TrainConfig:
     validation_steps: int = 20
     validation_guidance: float = 5.0
     export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
-    export_ema: bool = True  # export EMA weights when the stage kept them
+    # at the end of a stage that kept EMA weights, carry them on (later stages, export);
+    # false: carry on with the raw trained weights
+    export_ema: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, copied to the run

@@ -11,24 +11,27 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ldm import accel
+from ldm.denoiser import Denoiser
+from ldm.dtypes import DTYPES
 from ldm.errors import LdmError
 from ldm.sampling.schedules import NoiseSchedule
+from ldm.text.cond import Cond
 from ldm.train import checkpoint as ckpt
 from ldm.train.adamw import AdamW
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.ema import EMA
-from ldm.train.loss import (
-    add_noise,
-    autoencoder_loss,
-    diffusion_loss,
-    diffusion_target,
-    min_snr_weight,
-    training_noise,
-)
+from ldm.train.lora import merge_lora, save_lora
+from ldm.train.loss import autoencoder_loss, min_snr_weight, training_noise
+from ldm.train.model import export_model, load_start_model, set_trainable, stage_batches
 from ldm.train.runlog import RunLog
 
 PARTS = ("vae", "unet", "text_encoder")
@@ -75,8 +78,6 @@ def attention_kernels(device: torch.device, mixed_precision: str):
     made the step 1.2x faster. fp32 keeps the flash kernel, which is faster there.
     """
     if device.type == "cpu" and mixed_precision == "bf16":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 
@@ -91,6 +92,42 @@ def text_context(parts, encoder, captions: list[str], device, grad: bool) -> tor
         return encoder(tok.input_ids.to(device)).last_hidden_state
 
 
+@dataclass
+class Run:
+    """What every stage of a run shares."""
+
+    cfg: TrainConfig
+    accelerator: Any  # accelerate.Accelerator: device, rank, autocast, DDP
+    parts: Any  # ModelParts being trained
+    log: RunLog
+    run_dir: Path
+    global_step: int  # optimizer steps over all stages
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class Stage:
+    """One stage's moving parts: what trains, how, and on what."""
+
+    index: int  # position in cfg.stages (part of every step's seed)
+    config: StageConfig
+    trained: dict[str, torch.nn.Module]  # part name -> module, as set_trainable left it
+    wrapped: dict[str, torch.nn.Module]  # the same, prepared by accelerate (DDP)
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    emas: dict[str, EMA]
+    data: Any  # StageData
+    denoiser: Denoiser  # the U-Net (wrapped when it trains) with the stage's parametrisation
+    nonfinite: int = 0  # consecutive skipped steps
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -99,13 +136,45 @@ def train(
     on_step: Callable[[int], None] | None = None,
 ) -> Path:
     """Run every stage of ``cfg``; return the exported model folder."""
-    from accelerate import Accelerator
-
-    from ldm.train.model import load_start_model, set_trainable, stage_batches
-
-    # --- run folder, accelerator, model -------------------------------------------------
+    # --- run folder, accelerator, model (and the checkpoint to continue from) ----------------
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    run, start, resumed = start_run(cfg, accelerator, resume)
+
+    # --- stages ------------------------------------------------------------------------------
+    for index, stage in enumerate(cfg.stages):
+        if index < start["stage"]:
+            continue
+        first_step = start["step"] if index == start["stage"] else 0
+        mid_stage = resumed if index == start["stage"] and first_step > 0 else None
+        st = prepare_stage(run, index, stage, mid_stage, start.get("ema_updates", 0))
+        bar = run.log.progress(stage.steps, first_step, desc=stage.name, enabled=progress)
+        for step in range(first_step, stage.steps):
+            row = train_step(run, st, step)
+            if row is None:  # non-finite loss: step skipped
+                continue
+            bar.update(1, loss=row["loss"], ips=row["images_per_s"])
+            after_step(run, st, step, row)
+            if on_step is not None:
+                on_step(run.global_step)
+        bar.close()
+        accelerator.wait_for_everyone()
+
+    # --- export ------------------------------------------------------------------------------
+    final = run.run_dir / "final"
+    if accelerator.is_main_process:
+        export_model(run.parts, final, cfg.export_dtype)
+        run.log.info(f"exported {final}")
+    accelerator.wait_for_everyone()
+    run.log.close()
+    return final
+
+
+def start_run(cfg: TrainConfig, accelerator, resume: bool) -> tuple[Run, dict, tuple | None]:
+    """Run folder, log, start model on its device (accelerated), and the resume point.
+
+    Returns the run, the start {stage, step, global_step, ...} and, when resuming, the
+    checkpoint's (weights, optimizer state) for a stage resumed mid-way.
+    """
     run_dir = Path(cfg.output_dir)
     if (run_dir / "final").exists():  # the export would refuse it: say so before training
         raise LdmError(f"{run_dir / 'final'}: already exists (choose a new output_dir)")
@@ -123,152 +192,137 @@ def train(
         if start["step"] == 0:  # a stage boundary: plain module names, load right away
             load_part_weights(parts, weights)
         log.info(f"resuming from {resume_from} (stage {start['stage']}, step {start['step']})")
+    device = accelerator.device
     for name in PARTS:
         getattr(parts, name).to(device)
     if not cfg.channels_last:
         parts.unet.to(memory_format=torch.contiguous_format)
-    global_step = start["global_step"]
+    dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # autocast's compute dtype
+    decision = accel.apply(parts.unet, cfg.accel, device=device, dtype=dtype, training=True)
+    log.info(f"accelerator: {decision.mode} ({decision.reason})")
+    return Run(cfg, accelerator, parts, log, run_dir, start["global_step"]), start, resumed
 
-    for stage_index, stage in enumerate(cfg.stages):
-        if stage_index < start["stage"]:
-            continue
-        first_step = start["step"] if stage_index == start["stage"] else 0
 
-        # --- what trains, optimizer, EMA --------------------------------------------------
-        trained = set_trainable(parts, stage, cfg.gradient_checkpointing)
-        params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, stage)
-        emas = {n: EMA(m, stage.ema.decay, stage.ema.warmup) for n, m in trained.items()}
-        if not stage.ema.enabled:
-            emas = {}
-        if resumed is not None and stage_index == start["stage"] and first_step > 0:
-            weights, optimizer_state = resumed  # mid-stage: names may include LoRA layers
-            load_part_weights(parts, weights)
-            optimizer.load_state_dict(optimizer_state)
-            for n, e in emas.items():
-                e.load_state_dict(
-                    {"num_updates": start["ema_updates"], "shadow": weights[f"ema-{n}"]}
-                )
-        # the VAE trains through a round-trip module so that DDP sees one forward call
-        wrapped = {n: accelerator.prepare(AutoencoderRoundTrip(m) if n == "vae" else m)
-                   for n, m in trained.items()}  # fmt: skip
-        optimizer = accelerator.prepare(optimizer)
-        data = stage_batches(cfg, stage, parts, rank, world, log)
-        schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
-        prediction = stage.loss.prediction_type or schedule.prediction_type
-        nonfinite = 0
-        log.info(f"stage '{stage.name}': training {', '.join(trained)} for {stage.steps} steps")
+def prepare_stage(
+    run: Run, index: int, stage: StageConfig, resumed: tuple | None, ema_updates: int
+) -> Stage:
+    """Freeze / unfreeze (or add LoRA), optimizer, EMA, mid-stage resume, data, denoiser."""
+    parts, accelerator = run.parts, run.accelerator
+    trained = set_trainable(parts, stage, run.cfg.gradient_checkpointing)
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, stage)
+    emas = {n: EMA(m, stage.ema.decay, stage.ema.warmup) for n, m in trained.items()}
+    if not stage.ema.enabled:
+        emas = {}
+    if resumed is not None:
+        weights, optimizer_state = resumed  # mid-stage: names may include LoRA layers
+        load_part_weights(parts, weights)
+        optimizer.load_state_dict(optimizer_state)
+        for n, e in emas.items():
+            e.load_state_dict({"num_updates": ema_updates, "shadow": weights[f"ema-{n}"]})
+    # the VAE trains through a round-trip module so that DDP sees one forward call
+    wrapped = {n: accelerator.prepare(AutoencoderRoundTrip(m) if n == "vae" else m)
+               for n, m in trained.items()}  # fmt: skip
+    optimizer = accelerator.prepare(optimizer)
+    data = stage_batches(run.cfg, stage, parts, accelerator.process_index,
+                         accelerator.num_processes, run.log)  # fmt: skip
+    schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
+    prediction = stage.loss.prediction_type or schedule.prediction_type
+    denoiser = Denoiser(wrapped.get("unet", parts.unet), schedule, prediction=prediction)
+    run.log.info(f"stage '{stage.name}': training {', '.join(trained)} for {stage.steps} steps")
+    return Stage(index, stage, trained, wrapped, params, optimizer, emas, data, denoiser)
 
-        bar = log.progress(stage.steps, first_step, desc=stage.name, enabled=progress)
-        for step in range(first_step, stage.steps):
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, stage)
 
-            # --- forward / backward over gradient-accumulation micro-batches -------------
-            total, metrics = 0.0, {}
-            for micro in range(stage.gradient_accumulation):
-                g = step_generator(
-                    cfg.seed, stage_index, step * stage.gradient_accumulation + micro, rank
-                )
-                index = step * stage.gradient_accumulation + micro
-                with accelerator.autocast(), attention_kernels(device, cfg.mixed_precision):
-                    if "vae" in trained:
-                        pixels, _ = data.images(index)
-                        pixels = pixels.to(device)
-                        eps = torch.randn(
-                            (
-                                pixels.shape[0],
-                                parts.vae.latent_channels,
-                                pixels.shape[2] // parts.vae.factor,
-                                pixels.shape[3] // parts.vae.factor,
-                            ),
-                            generator=g,
-                        )
-                        recon, mean, logvar = wrapped["vae"](pixels, eps.to(device))
-                        loss, metrics = autoencoder_loss(
-                            recon, pixels, mean, logvar, stage.loss.kl_weight
-                        )
-                    else:
-                        loss, metrics = diffusion_loss_for_step(
-                            parts, wrapped, data, stage, schedule, prediction, g, index, device
-                        )
-                loss = loss / stage.gradient_accumulation
-                accelerator.backward(loss)
-                total += loss.item()
+def train_step(run: Run, st: Stage, step: int) -> dict | None:
+    """One optimizer step over gradient-accumulation micro-batches; its log row, or None when
+    the loss was non-finite and the step was skipped."""
+    stage, accelerator, device = st.config, run.accelerator, run.device
+    t0 = time.perf_counter()
+    for group in st.optimizer.param_groups:
+        group["lr"] = lr_at(step, stage)
 
-            # --- non-finite guard, clip, step, EMA ---------------------------------------
-            if not math.isfinite(total):
-                nonfinite += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.info(f"step {step}: non-finite loss, step skipped")
-                if not stage.loss.skip_nonfinite or nonfinite >= stage.loss.max_nonfinite:
-                    raise LdmError(f"training stopped: loss was non-finite {nonfinite} time(s)")
-                continue
-            nonfinite = 0
-            grad_norm = accelerator.clip_grad_norm_(params, stage.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for n, e in emas.items():
-                e.update(parts_module(parts, n))
-            global_step += 1
+    # --- forward / backward over gradient-accumulation micro-batches -------------------------
+    total, metrics = 0.0, {}
+    for micro in range(stage.gradient_accumulation):
+        index = step * stage.gradient_accumulation + micro
+        g = step_generator(run.cfg.seed, st.index, index, accelerator.process_index)
+        with accelerator.autocast(), attention_kernels(device, run.cfg.mixed_precision):
+            if "vae" in st.trained:
+                loss, metrics = autoencoder_loss_for_step(run.parts, st, g, index, device)
+            else:
+                loss, metrics = diffusion_loss_for_step(run.parts, st, g, index, device)
+        loss = loss / stage.gradient_accumulation
+        accelerator.backward(loss)
+        total += loss.item()
 
-            # --- logging, checkpoints, validation ----------------------------------------
-            seconds = time.perf_counter() - t0
-            images_per_s = stage.batch_size * stage.gradient_accumulation * world / seconds
-            row = {"stage": stage.name, "step": step + 1, "loss": total,
-                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                   "images_per_s": images_per_s, **metrics}  # fmt: skip
-            bar.update(1, loss=total, ips=images_per_s)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == stage.steps:
-                log.row(global_step, row)
-            done = step + 1 == stage.steps
-            if done:
-                for n, e in emas.items():  # later stages and the export see the EMA weights
-                    e.copy_to(parts_module(parts, n))
-                if stage.method == "lora" and accelerator.is_main_process:
-                    from ldm.train.lora import save_lora
+    # --- non-finite guard, clip, step, EMA ---------------------------------------------------
+    if not math.isfinite(total):
+        st.nonfinite += 1
+        st.optimizer.zero_grad(set_to_none=True)
+        run.log.info(f"step {step}: non-finite loss, step skipped")
+        if not stage.loss.skip_nonfinite or st.nonfinite >= stage.loss.max_nonfinite:
+            raise LdmError(f"training stopped: loss was non-finite {st.nonfinite} time(s)")
+        return None
+    st.nonfinite = 0
+    grad_norm = accelerator.clip_grad_norm_(st.params, stage.optim.grad_clip)
+    st.optimizer.step()
+    st.optimizer.zero_grad(set_to_none=True)
+    for n, e in st.emas.items():
+        e.update(parts_module(run.parts, n))
+    run.global_step += 1
 
-                    for f in save_lora(parts, run_dir / f"lora-{stage.name}"):
-                        log.info(f"saved LoRA {f}")
-                if stage.method == "lora":
-                    from ldm.train.lora import merge_lora
+    seconds = time.perf_counter() - t0
+    images = stage.batch_size * stage.gradient_accumulation * accelerator.num_processes
+    return {"stage": stage.name, "step": step + 1, "loss": total,
+            "lr": st.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+            "images_per_s": images / seconds, **metrics}  # fmt: skip
 
-                    for n in trained:  # later stages and the export see plain weights
-                        merge_lora(parts_module(parts, n))
-                if "vae" in trained:
-                    calibrate_latent_scale(parts, data, device, log)
-            if accelerator.is_main_process and (done or (step + 1) % cfg.checkpoint_every == 0):
-                state = {"stage": stage_index + 1 if done else stage_index,
-                         "step": 0 if done else step + 1, "global_step": global_step,
-                         "ema_updates": max((e.num_updates for e in emas.values()), default=0),
-                         "vae_scaling_factor": parts.vae.config.scaling_factor}  # fmt: skip
-                weights = {n: parts_module(parts, n).state_dict() for n in PARTS}
-                if not done:
-                    weights.update({f"ema-{n}": e.shadow for n, e in emas.items()})
-                ckpt.save_checkpoint(
-                    run_dir, global_step, weights, {} if done else optimizer.state_dict(),
-                    state, cfg.keep_checkpoints,
-                )  # fmt: skip
-            if accelerator.is_main_process and (
-                done or (cfg.validate_every and (step + 1) % cfg.validate_every == 0)
-            ):
-                log.validate(parts, cfg, stage, global_step, emas, data)
-            if on_step is not None:
-                on_step(global_step)
-        bar.close()
-        accelerator.wait_for_everyone()
 
-    # --- export ----------------------------------------------------------------------------
-    final = run_dir / "final"
-    if accelerator.is_main_process:
-        from ldm.train.model import export_model
+def after_step(run: Run, st: Stage, step: int, row: dict) -> None:
+    """Log the row; at the stage's end hand its results on; checkpoint and validate when due."""
+    cfg, stage = run.cfg, st.config
+    done = step + 1 == stage.steps
+    if (step + 1) % cfg.log_every == 0 or done:
+        run.log.row(run.global_step, row)
+    if done:
+        finish_stage(run, st)
+    if run.is_main and (done or (step + 1) % cfg.checkpoint_every == 0):
+        save_checkpoint(run, st, step, done)
+    if run.is_main and (done or (cfg.validate_every and (step + 1) % cfg.validate_every == 0)):
+        run.log.validate(run.parts, cfg, stage, run.global_step, st.emas, st.data)
 
-        export_model(parts, final, cfg.export_dtype)
-        log.info(f"exported {final}")
-    accelerator.wait_for_everyone()
-    log.close()
-    return final
+
+def finish_stage(run: Run, st: Stage) -> None:
+    """What later stages and the export see: EMA weights (export_ema), merged LoRA, and the
+    VAE's calibrated latent scale."""
+    parts, stage = run.parts, st.config
+    if run.cfg.export_ema:
+        for n, e in st.emas.items():
+            e.copy_to(parts_module(parts, n))
+    if stage.method == "lora":
+        if run.is_main:
+            for f in save_lora(parts, run.run_dir / f"lora-{stage.name}"):
+                run.log.info(f"saved LoRA {f}")
+        for n in st.trained:  # later stages and the export see plain weights
+            merge_lora(parts_module(parts, n))
+    if "vae" in st.trained:
+        calibrate_latent_scale(parts, st.data, run.device, run.log)
+
+
+def save_checkpoint(run: Run, st: Stage, step: int, done: bool) -> None:
+    """Weights (+ EMA and optimizer mid-stage) and the counters a resume continues from."""
+    parts, emas = run.parts, st.emas
+    state = {"stage": st.index + 1 if done else st.index, "step": 0 if done else step + 1,
+             "global_step": run.global_step,
+             "ema_updates": max((e.num_updates for e in emas.values()), default=0),
+             "vae_scaling_factor": parts.vae.config.scaling_factor}  # fmt: skip
+    weights = {n: parts_module(parts, n).state_dict() for n in PARTS}
+    if not done:
+        weights.update({f"ema-{n}": e.shadow for n, e in emas.items()})
+    optimizer_state = {} if done else st.optimizer.state_dict()
+    ckpt.save_checkpoint(
+        run.run_dir, run.global_step, weights, optimizer_state, state, run.cfg.keep_checkpoints
+    )
 
 
 def parts_module(parts, name: str) -> torch.nn.Module:
@@ -281,37 +335,44 @@ def load_part_weights(parts, weights: dict) -> None:
             getattr(parts, name).load_state_dict(weights[name], strict=True)
 
 
-def diffusion_loss_for_step(
-    parts, wrapped, data, stage, schedule, prediction, g, step, device
-) -> tuple[torch.Tensor, dict]:
+def diffusion_loss_for_step(parts, st: Stage, g, index: int, device) -> tuple[torch.Tensor, dict]:
     """Sample latents, timesteps and noise for one micro-batch; return the weighted loss."""
+    data, loss_cfg = st.data, st.config.loss
     if data.latents is not None:  # cached posterior: sample z = mean + std * eps each step
-        stats, captions = data.cached(step)
+        stats, captions = data.cached(index)
         z = stats[:, 0] + stats[:, 1] * torch.randn(stats[:, 0].shape, generator=g)
         latents = parts.vae.scale_latents(z.to(device))
     else:
-        pixels, captions = data.images(step)
+        pixels, captions = data.images(index)
         with torch.no_grad():
             latents = parts.vae.encode(pixels.to(device), generator=g)
     drop = torch.rand(len(captions), generator=g) < data.config.caption_dropout
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    encoder = wrapped.get("text_encoder")
+    encoder = st.wrapped.get("text_encoder")
     context = text_context(
         parts, encoder or parts.text_encoder, captions, device, encoder is not None
     )
-    b = latents.shape[0]
-    t = torch.randint(0, len(schedule.alphas_cumprod), (b,), generator=g)
-    cfg = stage.loss
+    den = st.denoiser
+    t = torch.randint(0, len(den.alphas_cumprod), (latents.shape[0],), generator=g)  # (B,)
     noise = training_noise(
-        tuple(latents.shape), g, cfg.noise_offset,
-        cfg.multires_noise_iterations, cfg.multires_noise_discount,
+        tuple(latents.shape), g, loss_cfg.noise_offset,
+        loss_cfg.multires_noise_iterations, loss_cfg.multires_noise_discount,
     ).to(device)  # fmt: skip
-    ac = schedule.alphas_cumprod
-    x_t = add_noise(latents.float(), noise, ac, t).to(latents.dtype)
-    pred = wrapped["unet"](x_t, t.to(device), context)
-    target = diffusion_target(latents.float(), noise, ac, t, prediction)
-    weight = min_snr_weight(ac, t, stage.loss.min_snr_gamma, prediction).to(device)
-    return diffusion_loss(pred, target, weight), {}
+    per_sample = den.loss(latents, noise, den.sigmas[t], Cond(context), t=t)  # (B,)
+    weight = min_snr_weight(den.alphas_cumprod, t, loss_cfg.min_snr_gamma, den.prediction_type)
+    return (per_sample * weight.to(device)).mean(), {}
+
+
+def autoencoder_loss_for_step(parts, st: Stage, g, index: int, device):
+    """Reconstruct one micro-batch through the posterior; return the VAE loss and its terms."""
+    pixels, _ = st.data.images(index)
+    pixels = pixels.to(device)
+    f = parts.vae.factor
+    latent_shape = (pixels.shape[0], parts.vae.latent_channels, pixels.shape[2] // f,
+                    pixels.shape[3] // f)  # fmt: skip
+    eps = torch.randn(latent_shape, generator=g)
+    recon, mean, logvar = st.wrapped["vae"](pixels, eps.to(device))
+    return autoencoder_loss(recon, pixels, mean, logvar, st.config.loss.kl_weight)
 
 
 class AutoencoderRoundTrip(torch.nn.Module):

@@ -1,54 +1,39 @@
-"""Training objectives: the diffusion loss (eps / v targets, min-SNR weighting, training noise
-with offset and pyramid terms) and the autoencoder loss (reconstruction + small KL)."""
+"""Training objectives around the Denoiser's loss: its per-timestep weighting (min-SNR), the
+training noise (offset and pyramid terms), and the autoencoder loss (reconstruction + small KL).
+
+The diffusion loss itself (noisy input, eps / v / x0 target) is ``ldm.denoiser.Denoiser.loss``.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-
-def add_noise(
-    x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    """Forward process q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I) (Ho et al. 2020, eq. 4)."""
-    ab = alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
-
-def diffusion_target(
-    x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor, kind: str
-) -> torch.Tensor:
-    """The network's target: eps, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        ab = alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
-        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
-    raise ValueError(f"unsupported prediction type {kind!r}")
+# the factor between each target's loss and the x0-loss, as a function of SNR (see min_snr_weight)
+SNR_DIVISORS = {
+    "epsilon": lambda snr: snr,
+    "v_prediction": lambda snr: snr + 1,
+    "sample": lambda snr: torch.ones_like(snr),
+}
 
 
 def min_snr_weight(
     alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None, kind: str
 ) -> torch.Tensor:
-    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 8) for an eps or v target.
+    """Min-SNR-gamma loss weight (Hang et al. 2023, eq. 8) for an eps, v or x0 target.
 
-    With SNR = ab / (1 - ab): eps-loss weight min(SNR, g) / SNR; v-loss weight
-    min(SNR, g) / (SNR + 1), since the v-loss already carries a factor (SNR + 1) in x0 terms.
+    The weight is min(SNR, g) in x0 terms, with SNR = ab / (1 - ab). An eps-loss is SNR times the
+    x0-loss and a v-loss (SNR + 1) times, so their weights are min(SNR, g) / SNR and
+    min(SNR, g) / (SNR + 1).
     """
+    if kind not in SNR_DIVISORS:
+        raise ValueError(f"min-SNR weighting has no rule for prediction type {kind!r}")
     ab = alphas_cumprod.to(t.device)[t].float()
     snr = ab / (1 - ab)
     if gamma is None:
         return torch.ones_like(snr)
     clipped = torch.clamp(snr, max=gamma)
-    return clipped / snr if kind == "epsilon" else clipped / (snr + 1)
-
-
-def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
-    """Per-sample weighted MSE, averaged over the batch."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    return (per_sample.mean(dim=(1, 2, 3)) * weight).mean()
+    return clipped / SNR_DIVISORS[kind](snr)
 
 
 def training_noise(

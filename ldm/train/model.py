@@ -7,8 +7,15 @@ from pathlib import Path
 
 import torch
 
+from ldm.dtypes import DTYPES
 from ldm.errors import ConfigError
+from ldm.formats.diffusers_folder import save_folder
+from ldm.loading import load_model
+from ldm.models.build import build_model, load_model_config
+from ldm.train.batches import ShapesBatches
 from ldm.train.config import StageConfig, TrainConfig
+from ldm.train.folder_batches import FolderBatches
+from ldm.train.lora import add_lora
 
 TRAINABLE = ("vae", "unet", "text_encoder")
 
@@ -19,11 +26,7 @@ def load_start_model(cfg: TrainConfig):
     if (src.pretrained is None) == (src.config is None):
         raise ConfigError("set exactly one of model.pretrained and model.config")
     if src.config is not None:
-        from ldm.models.build import build_model, load_model_config
-
         return build_model(load_model_config(src.config), seed=cfg.seed)
-    from ldm.formats.diffusers_folder import load_model
-
     return load_model(src.pretrained, device="cpu", dtype=torch.float32)
 
 
@@ -43,8 +46,6 @@ def set_trainable(parts, stage: StageConfig, gradient_checkpointing: bool) -> di
         if name not in train:
             continue
         if stage.method == "lora":
-            from ldm.train.lora import add_lora
-
             add_lora(module, name, stage.lora)
         else:
             module.requires_grad_(True)
@@ -64,12 +65,8 @@ class StageData:
         self.config = stage.data or cfg.data
         self.latents = None
         if self.config.source == "shapes":
-            from ldm.train.batches import ShapesBatches
-
             self.source = ShapesBatches(self.config, stage.batch_size, rank, world)
         else:
-            from ldm.train.folder_batches import FolderBatches
-
             self.source = FolderBatches(
                 self.config, stage.batch_size, cfg.seed, rank, world, Path(cfg.output_dir)
             )
@@ -92,7 +89,4 @@ def stage_batches(cfg: TrainConfig, stage: StageConfig, parts, rank: int, world:
 
 def export_model(parts, path: Path, dtype: str) -> None:
     """Save a diffusers-layout folder (what ``ldm txt2img`` and diffusers both load)."""
-    from ldm.formats.diffusers_folder import save_folder
-
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    save_folder(parts, Path(path), dtype=dtypes[dtype])
+    save_folder(parts, Path(path), dtype=DTYPES[dtype])
