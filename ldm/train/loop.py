@@ -1,5 +1,7 @@
 """The training loop: stages of (VAE | U-Net | text encoder) training, read top to bottom.
 
+``train`` runs each stage (``prepare_stage``) step by step (``train_step``, ``after_step``); the
+diffusion loss is the Denoiser's (``ldm.denoiser.Denoiser.loss``), weighted by ``train.loss``.
 Randomness is a pure function of (seed, stage, step, rank): each step makes its own generator,
 so resuming from a checkpoint needs only weights, optimizer, EMA and the step counter to continue
 exactly as an uninterrupted run would.
@@ -31,7 +33,14 @@ from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.ema import EMA
 from ldm.train.lora import merge_lora, save_lora
 from ldm.train.loss import autoencoder_loss, min_snr_weight, training_noise
-from ldm.train.model import export_model, load_start_model, set_trainable, stage_batches
+from ldm.train.model import (
+    AutoencoderRoundTrip,
+    calibrate_latent_scale,
+    export_model,
+    load_start_model,
+    set_trainable,
+    stage_batches,
+)
 from ldm.train.runlog import RunLog
 
 PARTS = ("vae", "unet", "text_encoder")
@@ -373,28 +382,3 @@ def autoencoder_loss_for_step(parts, st: Stage, g, index: int, device):
     eps = torch.randn(latent_shape, generator=g)
     recon, mean, logvar = st.wrapped["vae"](pixels, eps.to(device))
     return autoencoder_loss(recon, pixels, mean, logvar, st.config.loss.kl_weight)
-
-
-class AutoencoderRoundTrip(torch.nn.Module):
-    """pixels -> posterior -> z = mean + std * eps -> reconstruction, as one forward call."""
-
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, pixels: torch.Tensor, eps: torch.Tensor):
-        dist = self.vae.encode_dist(pixels)
-        recon = self.vae.decode_raw(dist.mean + dist.std * eps)
-        return recon, dist.mean, dist.logvar
-
-
-@torch.no_grad()
-def calibrate_latent_scale(parts, data, device, log, batches: int = 4) -> None:
-    """Set the VAE's scaling_factor to 1 / std of its latents (Rombach et al. 2022, App. G)."""
-    zs = [
-        parts.vae.encode_dist(data.images(10_000_000 + i)[0].to(device)).sample()
-        for i in range(batches)
-    ]
-    std = torch.cat(zs).float().std().item()
-    parts.vae.config.scaling_factor = 1.0 / std
-    log.info(f"latent scaling factor set to {1.0 / std:.5f} (latent std {std:.4f})")

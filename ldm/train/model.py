@@ -90,3 +90,28 @@ def stage_batches(cfg: TrainConfig, stage: StageConfig, parts, rank: int, world:
 def export_model(parts, path: Path, dtype: str) -> None:
     """Save a diffusers-layout folder (what ``ldm txt2img`` and diffusers both load)."""
     save_folder(parts, Path(path), dtype=DTYPES[dtype])
+
+
+class AutoencoderRoundTrip(torch.nn.Module):
+    """pixels -> posterior -> z = mean + std * eps -> reconstruction, as one forward call."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, eps: torch.Tensor):
+        dist = self.vae.encode_dist(pixels)
+        recon = self.vae.decode_raw(dist.mean + dist.std * eps)
+        return recon, dist.mean, dist.logvar
+
+
+@torch.no_grad()
+def calibrate_latent_scale(parts, data, device, log, batches: int = 4) -> None:
+    """Set the VAE's scaling_factor to 1 / std of its latents (Rombach et al. 2022, App. G)."""
+    zs = [
+        parts.vae.encode_dist(data.images(10_000_000 + i)[0].to(device)).sample()
+        for i in range(batches)
+    ]
+    std = torch.cat(zs).float().std().item()
+    parts.vae.config.scaling_factor = 1.0 / std
+    log.info(f"latent scaling factor set to {1.0 / std:.5f} (latent std {std:.4f})")
