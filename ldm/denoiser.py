@@ -27,7 +27,8 @@ class Parametrisation:
 
     The network's input is x_in = alpha x0 + sigma_in eps (``interpolant``); the sampler's x is
     x_in / c_in. ``target`` is what the network should output, written in closed form (not as
-    (x0 - c_skip x) / c_out) so that training matches diffusers bit for bit.
+    (x0 - c_skip x) / c_out) so that training matches diffusers bit for bit. c_noise is the
+    Denoiser's: the training-timestep table for discrete models, t * timestep_scale for flow.
     """
 
     name = ""
@@ -61,12 +62,12 @@ class Parametrisation:
 class _VariancePreserving(Parametrisation):
     """Discrete-time VP models in k-diffusion's space: x = x0 + sigma eps, sigma^2 = (1-ab)/ab."""
 
-    def interpolant(self, sigma):
-        alpha = 1 / (sigma**2 + 1) ** 0.5  # sqrt(abar)
-        return alpha, sigma * alpha  # sqrt(abar), sqrt(1 - abar)
-
     def c_in(self, sigma):
-        return 1 / (sigma**2 + 1) ** 0.5  # back to the network's unit-variance input
+        return 1 / (sigma**2 + 1) ** 0.5  # sqrt(abar): back to the network's unit-variance input
+
+    def interpolant(self, sigma):
+        alpha = self.c_in(sigma)
+        return alpha, sigma * alpha  # sqrt(abar), sqrt(1 - abar)
 
     def noised(self, x0, noise, sigma):
         return x0 + sigma * noise
