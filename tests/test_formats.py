@@ -14,7 +14,7 @@ import torch
 
 from ldm.errors import CheckpointError
 from ldm.formats.diffusers_folder import load_folder, save_folder
-from ldm.formats.safe_load import load_state_dict, save_state_dict
+from ldm.formats.safe_load import load_state_dict, save_state_dict, warn_non_finite
 
 
 def _one_line(e: BaseException) -> str:
@@ -97,6 +97,19 @@ def test_non_finite_weights_warn(tmp_path):
     save_state_dict({"ok": torch.zeros(2), "bad": torch.tensor([1.0, float("nan")])}, path)
     with pytest.warns(UserWarning, match="non-finite.*bad"):
         load_state_dict(path)
+
+
+def test_non_finite_check_on_large_tensors():
+    """The sum-first check: overflowing sums are not NaN; +Inf and -Inf together are found."""
+    n = (1 << 16) + 1
+    big = torch.full((n,), 60000.0, dtype=torch.float16)  # finite, but its fp16 sum overflows
+    nan, infs = torch.zeros(n), torch.zeros(n, dtype=torch.bfloat16)
+    nan[n // 2] = float("nan")
+    infs[0], infs[-1] = float("inf"), float("-inf")
+    state = {"big": big, "nan": nan, "infs": infs, "ints": torch.arange(n)}
+    with pytest.warns(UserWarning) as record:
+        assert warn_non_finite(state, "x") == ["nan", "infs"]
+    assert len(record) == 1
 
 
 # ---------------------------------------------------------------- pickles

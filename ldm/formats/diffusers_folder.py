@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, CLIPTokenizer
 
 from ldm.dtypes import to_dtype
 from ldm.errors import CheckpointError, ConfigError, LdmError
-from ldm.formats.safe_load import load_into, load_state_dict, save_state_dict
+from ldm.formats.safe_load import load_into, load_state_dict, save_state_dict, warn_non_finite
 from ldm.io import atomic_write_text
 from ldm.models import families
 from ldm.models.build import TEXT_MODELS, build_network, build_text_encoder, build_vae
@@ -82,9 +82,9 @@ def load_folder(
     text_config = read_json(path / "text_encoder" / "config.json")
     family = families.from_folder(model_index, text_config, str(path))
     unet = build_network(unet_config, where, family=family.name, empty=True)
-    load_weights(unet, load_part(where, "diffusers"), str(where), device, dtype)
+    load_weights(unet, load_part(where, "diffusers", dtype), str(where), device, dtype)
     vae = build_vae(vae_config, path / "vae", empty=True)
-    vae_state = fix_vae_keys(load_part(path / "vae", "diffusers"))
+    vae_state = fix_vae_keys(load_part(path / "vae", "diffusers", dtype))
     load_weights(vae, vae_state, str(path / "vae"), device, dtype)
     text_encoder = load_text_model(path / "text_encoder", text_config, device, dtype)
     tokenizer = load_tokenizer(path / "tokenizer")
@@ -101,21 +101,28 @@ def load_weights(
     device: str | torch.device,
     dtype: torch.dtype,
 ) -> None:
-    """Give an empty module its weights, cast tensor by tensor (never two full copies at once)."""
+    """Give an empty module its weights, cast tensor by tensor (never two full copies at once).
+
+    NaN/Inf are looked for after the cast, which has to read every weight anyway.
+    """
     for name in list(state_dict):
         t = state_dict.pop(name)  # the file's copy is freed as soon as it is cast
         state_dict[name] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    warn_non_finite(state_dict, source)
     load_into(module, state_dict, source, assign=True)
     module.eval().requires_grad_(False)
 
 
-def load_part(folder: Path, kind: str) -> dict[str, torch.Tensor]:
-    """The state dict of one component folder: first weight file found, or a sharded index."""
+def load_part(folder: Path, kind: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of one component folder: first weight file found, or a sharded index.
+
+    ``dtype``: floating weights are cast as they are read (``load_weights`` checks them).
+    """
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: missing component folder")
     for name in WEIGHT_NAMES[kind]:
         if (folder / name).is_file():
-            return load_state_dict(folder / name)
+            return load_state_dict(folder / name, check_finite=False, dtype=dtype)
         index = folder / f"{name}.index.json"
         if index.is_file():
             weight_map = read_json(index).get("weight_map", {})
@@ -123,7 +130,7 @@ def load_part(folder: Path, kind: str) -> dict[str, torch.Tensor]:
             for shard in sorted(set(weight_map.values())):
                 if Path(shard).name != shard:
                     raise CheckpointError(f"{index}: shard name {shard!r} leaves the folder")
-                state_dict.update(load_state_dict(folder / shard))
+                state_dict.update(load_state_dict(folder / shard, False, dtype))
             return state_dict
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_NAMES[kind])})")
 
@@ -167,7 +174,7 @@ def load_text_model(
         )
     keep = {k: v for k, v in config.items() if not k.startswith("_")}
     model = build_text_encoder(keep, arch, empty=True)
-    state_dict = load_part(folder, "transformers")
+    state_dict = load_part(folder, "transformers", dtype)
     if arch == "CLIPTextModel":
         state_dict = fit_clip_keys(state_dict, model)
     elif "shared.weight" in state_dict:  # T5 ties its token embedding; files keep one copy

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ldm.errors import CheckpointError
 from ldm.io import atomic_save
@@ -49,17 +49,25 @@ DTYPES: dict[str, tuple[int, torch.dtype]] = {
 _TORCH_TO_NAME = {dt: name for name, (_, dt) in DTYPES.items()}
 
 
-def load_state_dict(path: str | os.PathLike, check_finite: bool = True) -> dict[str, torch.Tensor]:
-    """Load a flat ``{name: tensor}`` dict from a safetensors file or a weights-only pickle."""
+def load_state_dict(
+    path: str | os.PathLike, check_finite: bool = True, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Load a flat ``{name: tensor}`` dict from a safetensors file or a weights-only pickle.
+
+    ``dtype``: floating tensors are cast to it as they are read (integer tensors never are).
+    """
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
         raise CheckpointError(f"{path}: {what}")
     _refuse_lfs_pointer(path)
     if path.suffix == ".safetensors":
-        state_dict = _load_safetensors(path)
+        state_dict = _load_safetensors(path, dtype)
     elif path.suffix in TORCH_SUFFIXES:
         state_dict = _load_torch(path)
+        if dtype is not None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v
+                          for k, v in state_dict.items()}  # fmt: skip
     else:
         raise CheckpointError(
             f"{path}: unknown checkpoint type {path.suffix!r} "
@@ -149,13 +157,33 @@ def _check_layout(path: Path, header: dict, data_size: int) -> None:
         raise CheckpointError(f"{path}: {data_size - position} unexpected trailing bytes")
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    read_safetensors_header(path)
-    try:
-        return load_file(str(path))
-    except Exception as e:  # the library's own checks, should ours ever miss one
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read safetensors data ({msg})") from None
+def _load_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read tensors one at a time in file order, each cast to ``dtype`` as soon as it is read.
+
+    Plain reads instead of a memory map: the process holds the result plus one tensor, never
+    the whole file besides (mapped pages count towards its memory until the map is closed).
+    The header was validated first, so every offset and length below is known to be in bounds.
+    """
+    header = read_safetensors_header(path)
+    entries = sorted(
+        (info["data_offsets"][0], name, info)
+        for name, info in header.items()
+        if name != "__metadata__"
+    )
+    tensors = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
+        for _, name, info in entries:
+            begin, end = info["data_offsets"]
+            buffer = bytearray(end - begin)
+            if f.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{path}: file is truncated (reading tensor {name!r})")
+            stored = DTYPES[info["dtype"]][1]
+            t = torch.frombuffer(buffer, dtype=stored) if buffer else torch.empty(0, dtype=stored)
+            t = t.reshape(info["shape"])
+            tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return tensors
 
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
@@ -197,15 +225,22 @@ def _refuse_lfs_pointer(path: Path) -> None:
 
 
 def warn_non_finite(state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "") -> list:
-    """Warn naming every floating tensor that holds NaN or Inf; return their names."""
+    """Warn naming every floating tensor that holds NaN or Inf; return their names.
+
+    A NaN or Inf anywhere makes a tensor's sum non-finite, and a sum is one vectorised pass where
+    ``isfinite`` is not (~30x slower on the CPU); only a tensor whose sum is not finite (a real
+    NaN/Inf, or a finite overflow) is checked element by element.
+    """
     floats = [(name, t) for name, t in state_dict.items() if t.is_floating_point()]
     small = [t.reshape(-1).float() for _, t in floats if t.numel() <= 1 << 16]
-    # one check over all small tensors at once: per-tensor calls dominate for tiny models
-    small_ok = not small or bool(torch.isfinite(torch.cat(small)).all())
+    # one sum over all small tensors at once: per-tensor calls dominate for tiny models
+    small_ok = not small or bool(torch.isfinite(torch.cat(small).sum()))
     bad = [
         name
         for name, t in floats
-        if (t.numel() > 1 << 16 or not small_ok) and not bool(torch.isfinite(t).all())
+        if (t.numel() > 1 << 16 or not small_ok)
+        and not bool(torch.isfinite(t.sum()))
+        and not bool(torch.isfinite(t).all())
     ]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

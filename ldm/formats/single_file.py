@@ -194,7 +194,7 @@ def load_single_file(
     """Load an original SD 1.x / 2.x single file into ldm's modules; guesses go to ``inferred``."""
     path, dtype = Path(path), to_dtype(dtype, "dtype")
     source = str(path)
-    state_dict = load_state_dict(path)
+    state_dict = load_state_dict(path, check_finite=False)  # load_weights checks each part
     family = families.from_keys(state_dict, source).name
     inferred = {"family": f"{family} ({'OpenCLIP' if family == 'sd2' else 'CLIP'} text keys)"}
     unet_sd = _sub(state_dict, UNET)
