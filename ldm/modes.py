@@ -50,6 +50,27 @@ def latent_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(mask, size=(height, width))
 
 
+def encode_each(vae, pixels: torch.Tensor, generators, device, dtype) -> torch.Tensor:
+    """VAE-encode the (same) image once per generator, sampling the posterior with it."""
+    pixels = pixels.to(device, dtype)
+    latents = [vae.encode(pixels, generator=g, sample=True) for g in generators]
+    return torch.cat(latents).float()  # (B, C, h, w)
+
+
+def inpaint_inputs(vae, mask: Image.Image, pixels, generators, inpainting_model, device, dtype):
+    """(keep mask for latent blending, None) or, for 9-channel U-Nets, (None, extra channels)."""
+    height, width = pixels.shape[-2:]
+    mask_px = image_to_tensor(mask.convert("L"), height, width, normalize=False)
+    mask_px = (mask_px >= 0.5).float()  # white = repaint, binarized like diffusers
+    m = latent_mask(mask_px, height // vae.factor, width // vae.factor).to(device)
+    if not inpainting_model:
+        return 1.0 - m, None
+    masked = pixels * (mask_px < 0.5)  # the known part of the image only
+    masked_latents = encode_each(vae, masked, generators, device, dtype)
+    extra = torch.cat([m.expand(len(generators), -1, -1, -1), masked_latents], dim=1)
+    return None, extra.to(dtype)  # (B, 1 + C, h, w)
+
+
 def blend_known(denoise, init_latents: torch.Tensor, keep: torch.Tensor):
     """Replace the prediction by the init latents where ``keep`` is 1 (latent blending)."""
 

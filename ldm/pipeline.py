@@ -20,55 +20,19 @@ from PIL import Image
 
 from ldm import __version__
 from ldm.denoiser import Denoiser
+from ldm.dtypes import DTYPE_NAMES
 from ldm.errors import LdmError
 from ldm.guidance import cfg
-from ldm.loading import (
-    DEFAULT_MODEL,
-    DTYPES,
-    load_parts,
-    model_hash,
-    resolve_device,
-    resolve_dtype,
-)
-from ldm.modes import blend_known, image_to_tensor, latent_mask, load_image
-from ldm.request import check_modes, check_numbers, check_sampler, prompt_lists
+from ldm.loading import DEFAULT_MODEL, load_model, model_hash, resolve_device, resolve_dtype
+from ldm.modes import blend_known, encode_each, image_to_tensor, inpaint_inputs, load_image
+from ldm.request import Request, check_modes, check_numbers, check_sampler, prompt_lists
 from ldm.sampling.noise import make_noise
-from ldm.sampling.samplers import SamplerSpec
 from ldm.sampling.schedules import NoiseSchedule, get_sigmas, init_noise_scale, timestep_interp
-
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # callback(step, num_steps) after each sampler step (the CLI drives a progress bar with it)
 StepCallback = Callable[[int, int], None]
 # encode(prompts, negatives, clip_skip, guided) -> (cond, uncond or None), as Pipeline.encode_text
 EncodeText = Callable[[list[str], list[str], int, bool], tuple]
-
-
-@dataclass
-class Request:
-    """A checked request: what ``Pipeline.prepare`` decided, read by the later steps."""
-
-    prompts: list[str]
-    negatives: list[str]  # one per prompt
-    seeds: list[int]  # one per prompt; image i draws all its noise from seeds[i]
-    spec: SamplerSpec  # the sampler (ldm.sampling.samplers table entry)
-    schedule: str  # sigma schedule name (a "DPM++ 2M Karras" alias already applied)
-    steps: int
-    guidance_scale: float
-    guidance_rescale: float
-    eta: float | None  # the sampler's default filled in (None: the sampler takes none)
-    height: int  # pixels
-    width: int
-    clip_skip: int
-    mode: str  # txt2img | img2img | inpaint
-    init_image: Image.Image | None
-    mask: Image.Image | None  # white = repaint
-    strength: float  # share of the schedule run from the init image
-    batched_guidance: bool  # cond and uncond in one network call
-
-    @property
-    def start_from_image(self) -> bool:
-        return self.init_image is not None and self.strength < 1.0
 
 
 @dataclass
@@ -97,7 +61,7 @@ def load_pipeline(
         if not (DEFAULT_MODEL / "model_index.json").exists():  # a broken install, not a user error
             raise LdmError(f"the bundled demo model is missing ({DEFAULT_MODEL}): reinstall ldm "
                            "or pass --model")  # fmt: skip
-    parts = load_parts(model, device, torch_dtype)
+    parts = load_model(model, device, torch_dtype)
     return Pipeline(parts, device, torch_dtype, accel)
 
 
@@ -142,6 +106,15 @@ class Pipeline:
     @property
     def is_inpainting_model(self) -> bool:
         return self.unet.config.in_channels == 9
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The model family's sampler, schedule, steps and guidance scale (ldm.models.families)."""
+        family = getattr(self.parts, "family", None)
+        if family is None:  # a ModelParts made without a family: SD 1.x/2.x's defaults
+            return dict(sampler="dpmpp_2m", schedule="default", steps=20, guidance_scale=7.5)
+        return dict(sampler=family.sampler, schedule=family.schedule, steps=family.steps,
+                    guidance_scale=family.guidance_scale)  # fmt: skip
 
     # ---- memory and speed switches -------------------------------------------------------------
     # (no attention slicing: on the CPU torch's SDPA already runs attention in blocks)
@@ -209,12 +182,12 @@ class Pipeline:
         seeds: list[int],
         *,
         negative_prompt: str | list[str] = "",
-        steps: int = 20,
-        guidance_scale: float = 7.5,
+        steps: int | None = None,  # None: the model family's default (sampling_defaults)
+        guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
-        sampler: str = "dpmpp_2m",
-        schedule: str = "default",
-        eta: float | None = None,
+        sampler: str | None = None,
+        schedule: str | None = None,
+        eta: float | None = None,  # None: the sampler's own default
         height: int | None = None,
         width: int | None = None,
         init_image: Image.Image | str | Path | None = None,
@@ -224,8 +197,13 @@ class Pipeline:
         batched_guidance: bool = True,
     ) -> Request:
         """Step 1: check the whole request before any work (one LdmError per bad value)."""
+        family = self.sampling_defaults
+        steps = family["steps"] if steps is None else steps
+        guidance_scale = family["guidance_scale"] if guidance_scale is None else guidance_scale
+        if sampler is None:  # the family's sampler comes with its schedule
+            sampler, schedule = family["sampler"], schedule or family["schedule"]
         prompts, negatives = prompt_lists(prompts, seeds, negative_prompt)
-        spec, schedule = check_sampler(sampler, schedule)
+        spec, schedule = check_sampler(sampler, schedule or "default")
         if isinstance(init_image, (str, Path)):
             init_image = load_image(init_image, "--init-image")
         if isinstance(mask, (str, Path)):
@@ -278,17 +256,14 @@ class Pipeline:
 
         # 3b. per-image generators and starting latents (encode first, then noise: as diffusers)
         generators = [torch.Generator("cpu").manual_seed(s) for s in r.seeds]
-        latent_shape = (
-            1,
-            self.vae.latent_channels,
-            r.height // self.factor,
-            r.width // self.factor,
-        )
+        h, w = r.height // self.factor, r.width // self.factor
+        latent_shape = (1, self.vae.latent_channels, h, w)
         init_latents = keep = extra = None
+        vae = dict(device=self.device, dtype=self.dtype)
         if r.init_image is not None:
             pixels = image_to_tensor(r.init_image, r.height, r.width)
             if r.start_from_image or (r.mode == "inpaint" and not self.is_inpainting_model):
-                init_latents = self._encode_each(pixels, generators)
+                init_latents = encode_each(self.vae, pixels, generators, **vae)
         noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
         noise = noise.to(self.device, torch.float32)
         if r.start_from_image:
@@ -296,7 +271,9 @@ class Pipeline:
         else:
             x = noise * init_noise_scale(sigmas, self.schedule, r.spec.name)  # as diffusers
         if r.mode == "inpaint":
-            keep, extra = self._inpaint_inputs(r.mask, pixels, r.height, r.width, generators)
+            keep, extra = inpaint_inputs(
+                self.vae, r.mask, pixels, generators, self.is_inpainting_model, **vae
+            )
 
         # 3c. network -> denoiser -> guided denoiser (-> inpaint blending), NaN-checked
         interpolation = timestep_interp(r.spec.name, r.schedule)
@@ -319,24 +296,6 @@ class Pipeline:
         if not torch.isfinite(x).all():
             raise LdmError(f"the U-Net produced NaN/Inf in {DTYPE_NAMES[self.dtype]}; try fp32")
         return x
-
-    def _encode_each(self, pixels: torch.Tensor, generators) -> torch.Tensor:
-        """VAE-encode the (same) image once per generator, sampling the posterior with it."""
-        pixels = pixels.to(self.device, self.dtype)
-        latents = [self.vae.encode(pixels, generator=g, sample=True) for g in generators]
-        return torch.cat(latents).float()
-
-    def _inpaint_inputs(self, mask, pixels, height, width, generators):
-        """(keep mask for blending, extra U-Net channels for 9-channel models)."""
-        mask_px = image_to_tensor(mask.convert("L"), height, width, normalize=False)
-        mask_px = (mask_px >= 0.5).float()  # white = repaint, binarized like diffusers
-        m = latent_mask(mask_px, height // self.factor, width // self.factor).to(self.device)
-        if not self.is_inpainting_model:
-            return 1.0 - m, None
-        masked = pixels * (mask_px < 0.5)  # the known part of the image only
-        masked_latents = self._encode_each(masked, generators)
-        extra = torch.cat([m.expand(len(generators), -1, -1, -1), masked_latents], dim=1)
-        return None, extra.to(self.dtype)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:

@@ -7,10 +7,40 @@ users set them; the Python API raises the same LdmError.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+from PIL import Image
 
 from ldm.errors import LdmError
-from ldm.sampling.samplers import SPEC, resolve_sampler
+from ldm.sampling.samplers import SPEC, SamplerSpec, resolve_sampler
 from ldm.sampling.schedules import SIGMA_SCHEDULES
+
+
+@dataclass
+class Request:
+    """A checked request: what ``Pipeline.prepare`` decided, read by the later steps."""
+
+    prompts: list[str]
+    negatives: list[str]  # one per prompt
+    seeds: list[int]  # one per prompt; image i draws all its noise from seeds[i]
+    spec: SamplerSpec  # the sampler (ldm.sampling.samplers table entry)
+    schedule: str  # sigma schedule name (a "DPM++ 2M Karras" alias already applied)
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float | None  # the sampler's default filled in (None: the sampler takes none)
+    height: int  # pixels
+    width: int
+    clip_skip: int
+    mode: str  # txt2img | img2img | inpaint
+    init_image: Image.Image | None
+    mask: Image.Image | None  # white = repaint
+    strength: float  # share of the schedule run from the init image
+    batched_guidance: bool  # cond and uncond in one network call
+
+    @property
+    def start_from_image(self) -> bool:
+        return self.init_image is not None and self.strength < 1.0
 
 
 def prompt_lists(prompts, seeds, negative_prompt) -> tuple[list[str], list[str]]:
@@ -28,7 +58,7 @@ def prompt_lists(prompts, seeds, negative_prompt) -> tuple[list[str], list[str]]
     return prompts, negatives
 
 
-def check_sampler(sampler: str, schedule: str):
+def check_sampler(sampler: str, schedule: str) -> tuple[SamplerSpec, str]:
     """Sampler name or A1111 alias + schedule -> (SamplerSpec, schedule name), checked.
 
     A name that implies a schedule ("DPM++ 2M Karras") beats the "default" schedule.
@@ -36,11 +66,15 @@ def check_sampler(sampler: str, schedule: str):
     name, implied = resolve_sampler(sampler)
     if implied and schedule == "default":
         schedule = implied
+    return SPEC[name], check_schedule(schedule)
+
+
+def check_schedule(schedule: str) -> str:
     if schedule not in SIGMA_SCHEDULES:
         raise LdmError(
             f"--schedule {schedule!r} is unknown; choose from {', '.join(SIGMA_SCHEDULES)}"
         )
-    return SPEC[name], schedule
+    return schedule
 
 
 def check_numbers(steps, scale, rescale, eta, height, width, factor) -> None:

@@ -274,3 +274,37 @@ def test_missing_demo_model_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline, "DEFAULT_MODEL", tmp_path / "shapes-demo")
     with pytest.raises(LdmError, match="bundled demo model is missing"):
         load_pipeline(None)
+
+
+def test_encode_hook_and_steps_compose_the_call(ours):
+    """The call = prepare -> encode (or the hook) -> denoise -> decode, and the hook is used."""
+    pipe = ours("sd1")
+    settings = dict(steps=2, sampler="dpmpp_2m_sde", height=16, width=16, negative_prompt="n")
+    whole = pipe(["a", "b"], [1, 2], **settings)
+    seen = []
+
+    def encode(prompts, negatives, clip_skip, guided):
+        seen.append((list(prompts), list(negatives), clip_skip, guided))
+        return pipe.encode_text(prompts, negatives, clip_skip, guided)
+
+    hooked = pipe(["a", "b"], [1, 2], encode=encode, **settings)
+    assert seen == [(["a", "b"], ["n", "n"], 1, True)]
+    request = pipe.prepare(["a", "b"], [1, 2], **settings)
+    assert (request.spec.name, request.eta, request.mode) == ("dpmpp_2m_sde", 1.0, "txt2img")
+    cond, uncond = pipe.encode_text(request.prompts, request.negatives, 1, True)
+    images, _ = pipe.decode(pipe.denoise(request, cond, uncond))
+    for a, b, c in zip(whole, hooked, images):
+        assert np.array_equal(_array(a.image), _array(b.image))
+        assert np.array_equal(_array(a.image), _array(c))
+
+
+def test_unset_settings_come_from_the_model_family(ours):
+    pipe = ours("sd1")
+    defaults = pipe.sampling_defaults
+    assert defaults == dict(sampler="dpmpp_2m", schedule="default", steps=20, guidance_scale=7.5)
+    request = pipe.prepare(["a"], [0])
+    assert (request.spec.name, request.schedule) == (defaults["sampler"], defaults["schedule"])
+    assert (request.steps, request.guidance_scale) == (defaults["steps"], 7.5)
+    assert pipe.prepare(["a"], [0], sampler="DPM++ 2M Karras").schedule == "karras"
+    with pytest.raises(LdmError, match="--schedule"):
+        pipe.prepare(["a"], [0], schedule="bogus")

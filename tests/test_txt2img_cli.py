@@ -140,3 +140,25 @@ def test_script_wrapper_reports_errors_like_the_cli(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == "txt2img.py: error: --steps must be >= 1, got 0\n"
+
+
+def test_accel_choice_is_printed_and_recorded(tiny_sd1, tmp_path, capsys, monkeypatch):
+    from ldm.accel import ENV_VAR, MODES
+
+    with pytest.raises(SystemExit):
+        _run(capsys, "--help")
+    help_text = capsys.readouterr().out
+    assert all(mode in help_text for mode in MODES), help_text[-300:]
+    common = ["--model", tiny_sd1, "--steps", 1, "--H", 16, "--W", 16, "--prompt", "x", "--seed", 3]
+    monkeypatch.setenv(ENV_VAR, "off")  # the default when --accel is not given
+    rc, paths, err = _run(capsys, *common, "--outdir", tmp_path / "a", "--verbose")
+    assert rc == 0 and "ldm: accel: off" in err
+    assert read_png_metadata(paths[0])[1]["accel"] == "off"
+    rc, paths, err = _run(capsys, *common, "--outdir", tmp_path / "b", "--accel", "ldm-cpu")
+    assert rc == 0 and "accel" not in err  # only --verbose says it
+    assert read_png_metadata(paths[0])[1]["accel"] == "ldm-cpu"
+    assert (_pixels(paths[0]) == _pixels(next((tmp_path / "a").iterdir()))).mean() > 0.99
+    monkeypatch.setenv(ENV_VAR, "fast")
+    rc, _, err = _run(capsys, *common, "--outdir", tmp_path / "c")
+    assert rc == 2 and "fast" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-skip", type=int, help="use the output of the n-th last CLIP layer (1)")
     g = p.add_argument_group("defaults for every job (a prompt file line overrides them)")
     g.add_argument("--negative-prompt", help="what to steer away from (default: empty)")
-    g.add_argument("--steps", type=int, help="sampler steps (20)")
+    g.add_argument("--steps", type=int, help="sampler steps (the model family's: 20 for SD)")
     g.add_argument("--guidance-scale", "--scale", type=float, help="CFG scale; <= 1 is off (7.5)")
     g.add_argument("--guidance-rescale", type=float, help="CFG rescale phi (0)")
     g.add_argument("--sampler", help=sampler_help())
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or (state.device if state is not None else None)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+    _family_defaults(defaults, pipe.sampling_defaults)
     apply_accel(pipe, args)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
@@ -138,6 +139,14 @@ def run(args: argparse.Namespace) -> int:
     if main and world > 1:
         _print_totals(outdir, num_jobs)
     return 1 if summary.failed else 0
+
+
+def _family_defaults(defaults: dict, family: dict) -> None:
+    """The model family's sampler, schedule, steps and guidance where no flag set them."""
+    if defaults["sampler"] is None:  # the family's sampler comes with its schedule
+        defaults["schedule"] = defaults["schedule"] or family["schedule"]
+    for key in ("sampler", "steps", "guidance_scale"):
+        defaults[key] = family[key] if defaults[key] is None else defaults[key]
 
 
 def _validate(args, spec, main: bool) -> int:

@@ -24,11 +24,11 @@ from ldm.errors import LdmError
 DEFAULTS = dict(
     prompt=None,
     negative_prompt="",
-    steps=20,
-    guidance_scale=7.5,
+    steps=None,  # None: the model family's (ldm.models.families), 20 for SD 1.x/2.x
+    guidance_scale=None,  # 7.5 for SD 1.x/2.x
     guidance_rescale=0.0,
-    sampler="dpmpp_2m",
-    schedule="default",
+    sampler=None,  # dpmpp_2m for SD 1.x/2.x
+    schedule=None,  # the family's with its sampler, else "default"
     eta=None,
     height=None,
     width=None,
@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="merge a LoRA (diffusers/PEFT or kohya file) with an optional scale; repeatable",
     )
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, help="sampler steps (20)")
+    g.add_argument("--steps", type=int, help="sampler steps (the model family's: 20 for SD)")
     g.add_argument("--guidance-scale", "--scale", type=float, help="CFG scale; <= 1 is off (7.5)")
     g.add_argument("--guidance-rescale", type=float, help="CFG rescale phi, Lin et al. 2023 (0)")
     g.add_argument("--sampler", help=sampler_help())
@@ -165,11 +165,11 @@ def _from_png(path: str, init_image: str | None) -> dict:
 
 def _check_flags(args: argparse.Namespace, s: dict) -> None:
     """Cheap checks before the model loads (the pipeline checks the rest before writing)."""
-    from ldm.request import check_sampler
+    from ldm.request import check_sampler, check_schedule
 
     if not s["prompt"] and s["prompt"] != "":
         raise LdmError("--prompt is required (or --from-png IMAGE)")
-    if s["steps"] < 1:
+    if s["steps"] is not None and s["steps"] < 1:
         raise LdmError(f"--steps must be >= 1, got {s['steps']}")
     for flag, size in (("--height", s["height"]), ("--width", s["width"])):
         if size is not None and size <= 0:
@@ -179,9 +179,12 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
     for flag, n in (("--n-samples", args.n_samples), ("--n-iter", args.n_iter)):
         if n < 1:
             raise LdmError(f"{flag} must be >= 1, got {n}")
-    if not math.isfinite(s["guidance_scale"]):
+    if s["guidance_scale"] is not None and not math.isfinite(s["guidance_scale"]):
         raise LdmError(f"--guidance-scale must be a finite number, got {s['guidance_scale']}")
-    check_sampler(s["sampler"], s["schedule"])
+    if s["sampler"] is not None:
+        check_sampler(s["sampler"], s["schedule"] or "default")
+    if s["schedule"] is not None:
+        check_schedule(s["schedule"])
     if s["model"] is not None and not Path(s["model"]).exists():
         raise LdmError(f"--model {s['model']}: no such file or folder")
     if (args.mask or args.outpaint) and not args.init_image:
