@@ -11,6 +11,7 @@ of the per-pair ldm/diffusers ratios. ``--steps 20 1``: the 1-step run shows the
 
     python scripts/bench_cli.py [--pairs 3] [--steps 20 1] [--workdir DIR]
     python scripts/bench_cli.py --ldm-pythonpath /path/to/other/tree   # an older ldm's CLI
+    python scripts/bench_cli.py --profile --steps 1   # where ldm's process spends time and memory
 """
 
 from __future__ import annotations
@@ -45,6 +46,25 @@ pipe.set_progress_bar_config(disable=True)
 image = pipe({PROMPT!r}, height={SIZE}, width={SIZE}, num_inference_steps=steps,
              guidance_scale={SCALE}, generator=torch.Generator("cpu").manual_seed({SEED})).images[0]
 image.save(out)
+"""
+
+# --profile: one ldm process, phase by phase (wall, CPU, RSS, peak RSS), cProfile of the load.
+PROFILE_SCRIPT = f"""
+import cProfile, pstats, sys, time
+def mark(what, t=[time.perf_counter(), time.process_time()]):
+    kb = dict(l.split(":", 1) for l in open("/proc/self/status"))
+    gb = lambda k: int(kb[k].split()[0]) / 1024**2
+    now, cpu = time.perf_counter(), time.process_time()
+    print(f"{{what:28s}} {{now - t[0]:6.2f}} s wall {{cpu - t[1]:6.2f}} s cpu  "
+          f"RSS {{gb('VmRSS'):5.2f}} GB  peak {{gb('VmHWM'):5.2f}} GB", flush=True)
+    t[:] = now, cpu
+import torch; mark("import torch")
+import ldm.pipeline; mark("import ldm.pipeline")
+prof = cProfile.Profile()
+pipe = prof.runcall(ldm.pipeline.load_pipeline, sys.argv[1], "cpu", "fp32"); mark("load_pipeline")
+pipe([{PROMPT!r}], [{SEED}], steps=int(sys.argv[2]), guidance_scale={SCALE}, sampler="dpmpp_2m",
+     height={SIZE}, width={SIZE}); mark(f"generate {{sys.argv[2]}} step(s)")
+pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 """
 
 
@@ -149,6 +169,7 @@ def main() -> None:
     ap.add_argument("--ldm-python", default=sys.executable, help="python that runs `-m ldm`")
     ap.add_argument("--ldm-pythonpath", help="PYTHONPATH for the ldm side (e.g. another tree)")
     ap.add_argument("--diffusers-python", default=sys.executable, help="python for diffusers")
+    ap.add_argument("--profile", action="store_true", help="ldm's phases and load profile only")
     ap.add_argument("--ldm-args", nargs=argparse.REMAINDER, default=[],
                     help="extra ldm txt2img arguments (last on the line)")  # fmt: skip
     args = ap.parse_args()
@@ -164,7 +185,12 @@ def main() -> None:
         flush=True,
     )
     for steps in args.steps:
-        bench(args, folder, steps)
+        if args.profile:
+            ldm_cmd, ldm_env = commands(args, folder, steps, folder)["ldm"]
+            cmd = [ldm_cmd[0], "-c", PROFILE_SCRIPT, str(folder), str(steps)]
+            subprocess.run(cmd, env=ldm_env, cwd=folder, check=True)
+        else:
+            bench(args, folder, steps)
 
 
 if __name__ == "__main__":
