@@ -94,7 +94,8 @@ def _generate(args: argparse.Namespace) -> tuple[list, list[dict]]:
         if (v := getattr(args, k)) is not None
     }  # flags not given fall back to the pipeline's own defaults
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    apply_accel(pipe, args)
+    if args.accel or args.verbose:  # else the pipeline applies $LDM_ACCEL or auto itself
+        apply_accel(pipe, args)
     outdir = Path(args.outdir) if args.outdir else None
     if outdir:
         outdir.mkdir(parents=True, exist_ok=True)
