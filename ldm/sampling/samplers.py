@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from ldm.sampling.singlestep import (
     sample_heun,
     sample_lms,
 )
+
+if TYPE_CHECKING:  # schedules.py reads this table
+    from ldm.sampling.schedules import NoiseSchedule
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,8 @@ class SamplerSpec:
     k_space: bool = False
     final_sigma: bool = False  # last step lands on abar[0] when set_alpha_to_one is false
 
-    def options(self, schedule, eta: float | None = None) -> dict:
-        """Keyword options that make the function reproduce diffusers' scheduler.
-
-        ``schedule`` is the checkpoint's NoiseSchedule; ``eta`` None means the default eta.
-        """
+    def options(self, schedule: NoiseSchedule, eta: float | None = None) -> dict:
+        """Options that reproduce diffusers' scheduler here (eta None: the sampler's default)."""
         options = {"final_sigma": schedule.final_sigma} if self.final_sigma else {}
         if self.eta is not None:
             options["eta"] = self.eta if eta is None else eta
@@ -126,6 +127,6 @@ def names_help() -> list[str]:
     )
 
 
-def sampler_options(sampler: str, schedule, eta: float | None = None) -> dict:
+def sampler_options(sampler: str, schedule: NoiseSchedule, eta: float | None = None) -> dict:
     """Options that make ``sampler`` reproduce diffusers' scheduler for this NoiseSchedule."""
     return sampler_spec(sampler).options(schedule, eta)
