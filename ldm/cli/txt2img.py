@@ -4,7 +4,8 @@ Flags follow CompVis ``txt2img.py`` and diffusers. Modes: plain text-to-image; `
 (+ ``--strength``) for img2img; ``--mask`` (white = repaint) for inpainting; ``--outpaint
 L,R,U,D`` pads the init image by that many pixels on the left, right, top and bottom and paints
 the new border. ``--from-png IMAGE`` re-renders an image from its embedded record; flags given
-explicitly override the record. Image i of a request with seed s uses seed s + i. The paths
+explicitly override the record. Image i of a request with seed s uses seed s + i. Unset sampling
+flags take the model family's defaults; ``--accel`` picks the accelerator (``ldm.accel``). The paths
 written are printed on stdout, one per line; the progress bar, the seed and notes go to stderr.
 """
 
