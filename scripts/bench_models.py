@@ -1,20 +1,19 @@
-"""Benchmark ldm's U-Net against diffusers' on the same random weights (CPU fp32).
+"""Benchmark ldm's U-Net (with ``ldm.accel`` applied) against diffusers' and OpenVINO's.
 
-Times the forward pass and a train step (forward + backward + AdamW) of an SD 1.5-shaped
-U-Net (32x32 latents, batch 2, 77-token context), prints ldm/diffusers time ratios and the
-forward's achieved FLOP/s as a fraction of a large fp32 matmul measured in the same process
-(the faster of MKL's and oneDNN's, interleaved with the forwards). Both models' train steps use
-the AdamW `ldm train` uses (torch's fused kernel, ldm/train/adamw.py; ``--default-adamw``: torch's
-default for both).
+Same random weights, SD 1.5-shaped U-Net (32x32 latents, batch 2, 77-token context), CPU. The
+forward in fp32 and in bf16: ldm with ``ldm-cpu``, ldm's plain U-Net through ``openvino``
+(converted once, cached in /tmp/ldm-bench-openvino) and diffusers eager, interleaved per round
+with a 4096^2 fp32 matmul (the faster of MKL and oneDNN) as the utilisation reference. Then a
+train step (forward + backward + AdamW as `ldm train` runs it: ``ldm-cpu`` with training=True,
+torch's fused AdamW, tuned malloc) against diffusers', one model at a time in ABBA rounds.
 
     python scripts/bench_models.py            # real SD 1.5 shape (~14 GB free RAM)
     python scripts/bench_models.py --quick    # reduced widths, a few seconds per step
-    python scripts/bench_models.py --no-train --floor --compile   # where the forward's time goes
+    python scripts/bench_models.py --no-train --floor --inductor   # where the forward's time goes
 
-``--floor`` replays the forward's own matmul, convolution and attention kernels alone, in order,
-on the same tensors: the time the forward would take if everything else (norms, activations,
-adds, copies, Python) cost nothing. ``--compile`` also times ldm's forward under
-``torch.compile`` (inductor fuses those elementwise ops; a few minutes of compiling first).
+``--floor`` replays the forward's own matmul, convolution and attention kernels alone, in order:
+the time the forward would take if everything else cost nothing. Run with ``PYTHONPATH`` at a
+tree from before ``ldm.accel`` it times that tree's (internally routed) U-Net, without OpenVINO.
 """
 
 from __future__ import annotations
@@ -26,13 +25,25 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.models.matmul import ONEDNN_MATMUL, PREFER_ONEDNN, cpu_vendor, onednn_linear
+import ldm
 from ldm.train.adamw import AdamW
+
+# with PYTHONPATH at a tree from before issue 18 (before/after runs; ldm's editable install would
+# still resolve ldm.accel from this tree, so look at the files)
+if (Path(ldm.__file__).parent / "accel").is_dir():
+    from ldm import accel
+    from ldm.accel.malloc import tune_cpu_allocator
+    from ldm.accel.matmul import ONEDNN_MATMUL, PREFER_ONEDNN, cpu_vendor, onednn_linear
+else:
+    accel = None
+    from ldm.models.matmul import ONEDNN_MATMUL, PREFER_ONEDNN, cpu_vendor, onednn_linear
+    from ldm.runtime import tune_cpu_allocator
 
 SD15_UNET = dict(
     sample_size=64,
@@ -79,7 +90,7 @@ def inner_product_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> in
 
 # torch's FlopCounterMode has formulas for the CUDA attention kernels but none for the CPU flash
 # kernel that F.scaled_dot_product_attention runs here, and none for oneDNN's inner product
-# (ldm.models.matmul's GEMM on non-Intel CPUs): without these entries it counts them as zero
+# (ldm-cpu's GEMM on non-Intel CPUs): without these entries it counts them as zero
 # FLOPs while their time is in the forward.
 ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
 EXTRA_FLOPS = dict(ATTENTION_FLOPS)
@@ -150,13 +161,155 @@ def make_train_step(
     return step
 
 
+OPENVINO_CACHE = Path("/tmp/ldm-bench-openvino")
+
+
+def build_ldm(config, state: dict, mode: str, dtype: torch.dtype, training: bool = False):
+    """ldm's U-Net on ``state``'s tensors (shared, no copy) with accelerator ``mode`` applied."""
+    from ldm.models.unet import UNet2DConditionModel
+
+    model = UNet2DConditionModel(config).train(training)
+    model.load_state_dict(state, strict=True, assign=True)
+    if accel is not None:  # the tree before issue 18 routes inside the model classes
+        cpu = torch.device("cpu")
+        accel.apply(
+            model, mode, device=cpu, dtype=dtype, training=training, cache_dir=OPENVINO_CACHE
+        )
+    return model
+
+
+def forward_section(name: str, fns: dict, matmuls: dict, repeats: int) -> dict[str, float]:
+    """Interleaved forward timings of ``fns`` (and the matmul reference); prints the ratios."""
+    rounds = timings({**fns, **matmuls}, repeats)
+    rounds["mm"] = [min(ts) for ts in zip(*(rounds.pop(m) for m in matmuls))]
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    line = "  ".join(f"{k} {v:.3f}s" for k, v in med.items() if k != "mm")
+    print(f"forward {name}: {line}")
+    ratios = [f"ldm-cpu/diffusers {med['ldm-cpu'] / med['diffusers']:.3f}"]
+    if "openvino" in med:
+        best = min(med["ldm-cpu"], med["openvino"])  # accel's openvino mode is ldm's path too
+        ratios.append(f"ldm-cpu/openvino {med['ldm-cpu'] / med['openvino']:.3f}")
+        ratios.append(f"ldm best/openvino {best / med['openvino']:.3f} (goal <= 1.0)")
+        per = sorted(a / b for a, b in zip(rounds["ldm-cpu"], rounds["openvino"], strict=True))
+        ratios.append(f"ldm-cpu/openvino per round {', '.join(f'{r:.2f}' for r in per)}")
+    print(f"forward {name} ratios: " + "; ".join(ratios))
+    return {**med, "rounds_ldm": rounds["ldm-cpu"], "rounds_mm": rounds["mm"]}
+
+
+def openvino_forward(config, state: dict, dtype: torch.dtype, inputs: tuple, ref_out):
+    """ldm's plain U-Net through ``accel.apply(..., 'openvino')``, converted (or read) once."""
+    model = build_ldm(config, state, "openvino", dtype)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model(*inputs)
+    print(
+        f"openvino {dtype}: {time.perf_counter() - start:.1f}s to convert (or read) + compile; "
+        f"max |openvino - diffusers| {(out.float() - ref_out).abs().max().item():.2e}"
+    )
+    return model
+
+
+def inference(args, cfg: dict, inputs: tuple, matmuls: dict) -> None:
+    """fp32 then bf16 forwards: ldm-cpu, OpenVINO, diffusers eager, interleaved per round."""
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    from ldm.models.unet import UNetConfig
+
+    torch.manual_seed(0)
+    ref = DiffusersUNet(**cfg).eval()
+    config = UNetConfig.from_diffusers(dict(ref.config))
+    for dtype in (torch.float32, torch.bfloat16):
+        ref.to(dtype)
+        xs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+        inference_in(args, ref, config, dtype, xs, matmuls)
+        gc.collect()
+
+
+def inference_in(args, ref, config, dtype: torch.dtype, xs: tuple, matmuls: dict) -> None:
+    """One dtype's forwards; ldm's models share the reference's weight tensors (no copies)."""
+    state = ref.state_dict()
+    ours = build_ldm(config, state, "ldm-cpu", dtype)
+    with torch.no_grad():
+        ref_out = ref(*xs).sample.float()
+        diff = (ours(*xs).float() - ref_out).abs().max().item()
+    print(f"{dtype}: max |ldm-cpu - diffusers| {diff:.2e}")
+    fns = {"ldm-cpu": lambda: ours(*xs), "diffusers": lambda: ref(*xs)}
+    if accel is not None and not args.no_openvino:
+        ov = openvino_forward(config, state, dtype, xs, ref_out)
+        fns["openvino"] = lambda: ov(*xs)
+    if args.inductor and dtype == torch.float32:
+        compiled = build_ldm(config, state, "inductor", dtype)
+        with torch.no_grad():
+            compiled(*xs)
+        fns["inductor"] = lambda: compiled(*xs)
+    with torch.no_grad():
+        med = forward_section(str(dtype).split(".")[1], fns, matmuls, args.repeats)
+    if dtype == torch.float32:
+        utilisation(ours, xs, med, args)
+
+
+def utilisation(model, inputs: tuple, med: dict, args) -> None:
+    """The ldm-cpu forward's FLOP/s against the interleaved 4096^2 matmul's."""
+    n = 4096
+    flops, attention = forward_flops(model, inputs)
+    achieved, peak = flops / med["ldm-cpu"], 2 * n**3 / med["mm"]
+    print(
+        f"forward {flops / 1e9:.1f} GFLOP ({attention / 1e9:.1f} in attention) -> "
+        f"{achieved / 1e9:.1f} GFLOP/s, {100 * achieved / peak:.0f}% of the matmul's "
+        f"{peak / 1e9:.1f}"
+    )
+    if args.floor:
+        replay = kernel_replay(model, inputs)
+        with torch.no_grad():
+            t = median_time({"ldm-cpu": lambda: model(*inputs), "kernels alone": replay}, 3)
+        print(f"kernels alone {t['kernels alone']:.3f}s against the forward {t['ldm-cpu']:.3f}s")
+
+
+def training(args, cfg: dict, inputs: tuple, target: torch.Tensor) -> None:
+    """Train steps, one model at a time in ABBA rounds (SD 1.5: ~14 GB per model + AdamW)."""
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    from ldm.models.unet import UNetConfig
+
+    if not args.default_malloc:  # as `ldm train` runs; both models train under it
+        print(f"glibc malloc tuned for the train steps: {tune_cpu_allocator()}")
+    torch.manual_seed(0)
+    state = DiffusersUNet(**cfg).state_dict()
+    config = UNetConfig.from_diffusers(cfg)
+
+    def build(name: str):
+        if name == "ldm":
+            return build_ldm(config, state, "ldm-cpu", torch.float32, training=True)
+        model = DiffusersUNet(**cfg).train()
+        model.load_state_dict(state, strict=True)
+        return model
+
+    train: dict[str, list[float]] = {"ldm": [], "diffusers": []}
+    for name in ("ldm", "diffusers", "diffusers", "ldm"):
+        model = build(name)
+        step = make_train_step(model, inputs, target, fused=not args.default_adamw)
+        train[name] += timings({name: step}, max(1, args.repeats // 2))[name]
+        del model, step
+        gc.collect()
+    med = {k: statistics.median(v) for k, v in train.items()}
+    low = {k: min(v) for k, v in train.items()}
+    print(
+        f"train step  ldm (ldm-cpu) {med['ldm']:.3f}s  diffusers {med['diffusers']:.3f}s  "
+        f"ratio {med['ldm'] / med['diffusers']:.3f} (median; min ratio "
+        f"{low['ldm'] / low['diffusers']:.3f}; {len(train['ldm'])} steps each, ABBA rounds; "
+        f"{'default' if args.default_adamw else 'fused'} AdamW)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced widths (64..256)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
     parser.add_argument("--no-train", action="store_true", help="skip the train-step timing")
+    parser.add_argument("--no-inference", action="store_true", help="only the train steps")
+    parser.add_argument("--no-openvino", action="store_true", help="skip OpenVINO")
     parser.add_argument("--floor", action="store_true", help="time the forward's kernels alone")
-    parser.add_argument("--compile", action="store_true", help="time a torch.compile'd forward")
+    parser.add_argument("--inductor", action="store_true", help="also time accel 'inductor'")
     parser.add_argument(
         "--default-malloc", action="store_true", help="train steps under glibc's defaults"
     )
@@ -166,23 +319,12 @@ def main() -> None:
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
 
-    from diffusers import UNet2DConditionModel as DiffusersUNet
-
-    from ldm.models.unet import UNet2DConditionModel, UNetConfig
-
     cfg = QUICK_UNET if args.quick else SD15_UNET
-    torch.manual_seed(0)
-    ref = DiffusersUNet(**cfg).train()
-    ours = UNet2DConditionModel(UNetConfig.from_diffusers(dict(ref.config))).train()
-    ours.load_state_dict(ref.state_dict(), strict=True)  # each model in its default layout
-    n_params = sum(p.numel() for p in ours.parameters())
-
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 32, 32, generator=gen)
     t = torch.tensor([999, 500])
     context = torch.randn(2, 77, cfg["cross_attention_dim"], generator=gen)
     target = torch.randn(2, 4, 32, 32, generator=gen)
-    inputs = (x, t, context)
     n = 4096
     a, b = torch.randn(n, n), torch.randn(n, n)
     bt = b.t().contiguous()  # oneDNN's product takes the weight's (N, K) layout
@@ -191,105 +333,15 @@ def main() -> None:
     matmuls = {"mm MKL": lambda: a @ b, "mm oneDNN": lambda: onednn_linear(a, bt)}
 
     shape = "reduced" if args.quick else "SD 1.5"
-    print(f"U-Net {shape}-shaped, {n_params / 1e6:.0f}M params, latents {tuple(x.shape)}")
+    code = "ldm.accel" if accel else "before ldm.accel"
+    print(f"U-Net {shape}-shaped, latents {tuple(x.shape)}, code: {code}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
-    print(
-        f"CPU vendor {cpu_vendor() or 'unknown'}: ldm's products on "
-        f"{'oneDNN' if PREFER_ONEDNN else 'MKL'} (ldm/models/matmul.py)"
-    )
-    with torch.no_grad():
-        diff = (ref(*inputs).sample - ours(*inputs)).abs().max().item()
-        print(f"max |ldm - diffusers| on the forward: {diff:.2e}")
-        # the matmul is timed interleaved with the forwards, under the same machine load
-        fns = {"ldm": lambda: ours(*inputs), "diffusers": lambda: ref(*inputs), **matmuls}
-        rounds = timings(fns, args.repeats)
-        rounds["mm"] = [min(ts) for ts in zip(*(rounds[name] for name in matmuls))]
-        fwd = {name: statistics.median(ts) for name, ts in rounds.items()}
-    ratio = fwd["ldm"] / fwd["diffusers"]
-    print(
-        f"forward     ldm {fwd['ldm']:.3f}s  diffusers {fwd['diffusers']:.3f}s  ratio {ratio:.3f}"
-    )
-
-    # for transparency: diffusers given the same channels_last weight layout as ldm uses
-    ref.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        fns = {"ldm": lambda: ours(*inputs), "diffusers": lambda: ref(*inputs)}
-        fwd_cl = median_time(fns, args.repeats)
-    ref.to(memory_format=torch.contiguous_format)
-    ratio = fwd_cl["ldm"] / fwd_cl["diffusers"]
-    print(
-        f"forward vs diffusers in channels_last: ldm {fwd_cl['ldm']:.3f}s  "
-        f"diffusers {fwd_cl['diffusers']:.3f}s  ratio {ratio:.3f}"
-    )
-
-    flops, attention = forward_flops(ours, inputs)
-    achieved, peak = flops / fwd["ldm"], 2 * n**3 / fwd["mm"]
-    print(
-        f"forward {flops / 1e9:.1f} GFLOP ({attention / 1e9:.1f} of them in attention's q k^T "
-        f"and p v) -> {achieved / 1e9:.1f} GFLOP/s"
-    )
-    rates = ", ".join(f"{name[3:]} {2 * n**3 / fwd[name] / 1e9:.1f}" for name in matmuls)
-    print(f"fp32 {n}^2 matmul GFLOP/s: {rates}; reference (faster per round) {peak / 1e9:.1f}")
-    print(f"ldm forward at {100 * achieved / peak:.0f}% of the matmul rate")
-    # the machine's speed drifts (other tenants share its memory bandwidth and L3): the same
-    # ratio within each round of the interleaved timings shows how much
-    per_round = sorted(t_mm / t for t, t_mm in zip(rounds["ldm"], rounds["mm"], strict=True))
-    per_round = [100 * flops * r / (2 * n**3) for r in per_round]
-    print(f"per round: {', '.join(f'{u:.0f}%' for u in per_round)}")
-    extra = {}
-    if args.floor:
-        extra["kernels alone"] = kernel_replay(ours, inputs)
-    if args.compile:
-        compiled = torch.compile(ours)
-        start = time.perf_counter()
-        with torch.no_grad():
-            diff = (compiled(*inputs) - ours(*inputs)).abs().max().item()
-        print(f"torch.compile: {time.perf_counter() - start:.0f}s to compile; max diff {diff:.1e}")
-        extra["torch.compile"] = lambda: compiled(*inputs)
-    if extra:  # timed again with the eager forward and the matmul, interleaved
-        with torch.no_grad():
-            fns = {"ldm": lambda: ours(*inputs), **extra, **matmuls}
-            times = timings(fns, args.repeats)
-        times["mm"] = [min(ts) for ts in zip(*(times.pop(name) for name in matmuls))]
-        med = {name: statistics.median(ts) for name, ts in times.items()}
-        for name, seconds in med.items():
-            if name != "mm":
-                util = 100 * flops / seconds / (2 * n**3 / med["mm"])
-                print(f"{name:>14}: {seconds:.3f}s, {util:.0f}% of the matmul rate")
-
+    print(f"CPU vendor {cpu_vendor() or 'unknown'}: ldm-cpu products on "
+          f"{'oneDNN' if PREFER_ONEDNN else 'MKL'}")  # fmt: skip
+    if not args.no_inference:
+        inference(args, cfg, (x, t, context), matmuls)
     if not args.no_train:
-        if not args.default_malloc:  # as `ldm train` runs; both models train under it
-            from ldm.runtime import tune_cpu_allocator
-
-            tuned = tune_cpu_allocator()
-            print(f"glibc malloc tuned for the train steps (ldm/runtime.py): {tuned}")
-        # one model + AdamW state at a time (SD 1.5: 3.4 GB weights + 10 GB grads and moments),
-        # each rebuilt from the same weights in ABBA rounds, so the machine's drift over minutes
-        # hits both alike
-        state = ours.state_dict()
-        config = UNetConfig.from_diffusers(dict(ref.config))
-        del ref, ours
-        gc.collect()
-        build = {
-            "ldm": lambda: UNet2DConditionModel(config),
-            "diffusers": lambda: DiffusersUNet(**cfg),
-        }
-        train: dict[str, list[float]] = {"ldm": [], "diffusers": []}
-        for name in ("ldm", "diffusers", "diffusers", "ldm"):
-            model = build[name]().train()
-            model.load_state_dict(state, strict=True)
-            step = make_train_step(model, inputs, target, fused=not args.default_adamw)
-            train[name] += timings({name: step}, max(1, args.repeats // 2))[name]
-            del model, step
-            gc.collect()
-        med = {k: statistics.median(v) for k, v in train.items()}
-        low = {k: min(v) for k, v in train.items()}
-        print(
-            f"train step  ldm {med['ldm']:.3f}s  diffusers {med['diffusers']:.3f}s  "
-            f"ratio {med['ldm'] / med['diffusers']:.3f} (median; min ratio "
-            f"{low['ldm'] / low['diffusers']:.3f}; {len(train['ldm'])} steps each, ABBA rounds; "
-            f"{'default' if args.default_adamw else 'fused'} AdamW)"
-        )
+        training(args, cfg, (x, t, context), target)
 
 
 if __name__ == "__main__":

@@ -45,11 +45,20 @@ def resolve(mode: str | None, device: torch.device, dtype: torch.dtype) -> Decis
 
 
 def _auto(device: torch.device, dtype: torch.dtype) -> Decision:
-    """The measured rule (docs/benchmarks.md, "Accelerators"): CPU -> ldm-cpu, else off."""
+    """The measured rule (docs/benchmarks.md, "Accelerators"): CPU -> ldm-cpu, else off.
+
+    OpenVINO's forward is faster on the CPU, but it converts once per input shape (tens of
+    seconds, more than a typical run saves), keeps a second copy of the weights, and its last
+    bits differ from torch's, so a seed's image would depend on what happens to be cached.
+    """
     if device.type != "cpu":
         return Decision("off", f"auto: {device.type} -> off (stock modules)")
     name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
-    return Decision("ldm-cpu", f"auto: CPU {name} -> ldm-cpu (docs/benchmarks.md)")
+    return Decision(
+        "ldm-cpu",
+        f"auto: CPU {name} -> ldm-cpu (openvino is faster per step but converts per shape and "
+        "holds a second copy of the weights: --accel openvino; docs/benchmarks.md)",
+    )
 
 
 def apply(
