@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--linear", action="store_true", help="weight-first matmul, cold weights")
     parser.add_argument("--products", action="store_true", help="a training linear's products")
     parser.add_argument(
-        "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/accel/malloc.py)"
+        "--tuned-malloc", action="store_true", help="ldm train's malloc (ldm/accel/malloc.py)"
     )
     args = parser.parse_args()
     if args.tuned_malloc:

@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
-        "--tuned-malloc", action="store_true", help="ldm train's malloc setting (ldm/accel/malloc.py)"
+        "--tuned-malloc", action="store_true", help="ldm train's malloc (ldm/accel/malloc.py)"
     )
     args = parser.parse_args()
     if args.quick:
