@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.dtypes import DTYPES, to_dtype
+from ldm.dtypes import to_dtype
 from ldm.errors import CheckpointError, LdmError
 from ldm.formats.diffusers_folder import load_folder
 from ldm.formats.single_file import load_single_file
@@ -18,7 +18,6 @@ from ldm.io import atomic_write_text
 from ldm.models.parts import ModelParts
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes-demo"
-__all__ = ["DEFAULT_MODEL", "DTYPES", "load_model", "model_hash", "resolve_device", "resolve_dtype"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -102,6 +101,3 @@ def _stat(f: Path) -> tuple[int, int]:
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm"
-
-
-load_parts = load_model  # TEMP(integration): pipeline.py still imports this name

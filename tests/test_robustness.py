@@ -461,6 +461,7 @@ def test_leftover_temp_folder_of_a_killed_write_is_ignored(tmp_path):
 def test_atomic_writes_keep_the_old_file_on_a_full_disk(tmp_path, monkeypatch):
     import safetensors.torch
 
+    from ldm.formats import safe_load
     from ldm.io import atomic_save, atomic_write_text
 
     text = tmp_path / "config.yaml"
@@ -474,8 +475,7 @@ def test_atomic_writes_keep_the_old_file_on_a_full_disk(tmp_path, monkeypatch):
         atomic_save(text, half_then_full)
     weights = tmp_path / "w.safetensors"
     save_state_dict({"w": torch.ones(8)}, weights)
-    monkeypatch.setattr(safetensors.torch, "save_file",
-                        _half_then_enospc(safetensors.torch.save_file))  # fmt: skip
+    monkeypatch.setattr(safe_load, "save_file", _half_then_enospc(safetensors.torch.save_file))
     with pytest.raises(OSError):
         save_state_dict({"w": torch.zeros(8)}, weights)
     monkeypatch.undo()

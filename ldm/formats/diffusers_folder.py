@@ -10,7 +10,6 @@ beside the target and renames it, so a half-written folder never appears under t
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -36,7 +35,8 @@ WEIGHT_NAMES = {  # preference order: full-precision safetensors first, pickles 
     "transformers": ("model.safetensors", "model.fp16.safetensors",
                      "pytorch_model.bin", "pytorch_model.fp16.bin"),
 }  # fmt: skip
-DIFFUSERS_FORMAT_VERSION = "0.32.0"  # the oldest diffusers whose folder layout we write
+# "_diffusers_version" in what we write: the oldest diffusers whose folder layout this is
+DIFFUSERS_FORMAT_VERSION = "0.32.0"
 DEFAULT_MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
     "feature_extractor": [None, None],
@@ -261,11 +261,7 @@ def save_folder(
 
 
 def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> None:
-    # the version diffusers' own save_pretrained would record (read without importing diffusers)
-    try:
-        version = importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        version = DIFFUSERS_FORMAT_VERSION
+    version = DIFFUSERS_FORMAT_VERSION
     meta = {"format": "pt"}  # transformers refuses safetensors files without it
     for name, module, class_name in (
         ("unet", parts.unet, "UNet2DConditionModel"),
