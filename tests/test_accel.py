@@ -8,6 +8,7 @@ from tiny import UNET_SD1, UNET_SD2, VAE
 
 from ldm import accel
 from ldm.accel import openvino as accel_openvino
+from ldm.accel.conv import Conv2d as RoutedConv2d
 from ldm.errors import LdmError
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.unet import UNet2DConditionModel, UNetConfig
@@ -181,3 +182,23 @@ def test_openvino_decodes_like_the_plain_autoencoder(tmp_path):
 def test_openvino_refuses_training(tmp_path):
     with pytest.raises(LdmError, match="inference only"):
         accel.apply(_unet(), "openvino", device=CPU, dtype=torch.float32, training=True)
+
+
+def test_ldm_cpu_on_a_peft_wrapped_unet():
+    """LoRA training wraps proj_in (a 1x1 conv in SD 1.x) and the attention linears; ldm-cpu
+    routes the wrapped base layers and leaves peft's own classes alone."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    plain = _unet()
+    targets = ["proj_in", "proj_out", "to_q", "to_v"]
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False)
+    inject_adapter_in_model(config, plain)
+    fast = copy.deepcopy(plain)
+    before = plain.state_dict()
+    accel.apply(fast, "ldm-cpu", device=CPU, dtype=torch.float32, training=True)
+    proj_in = fast.down_blocks[0].attentions[0].proj_in
+    assert type(proj_in.base_layer) is RoutedConv2d and type(proj_in) is not RoutedConv2d
+    _same_state(before, fast)
+    x, context = _inputs()
+    with torch.no_grad():
+        _close(fast(x, 20, context), plain(x, 20, context), 1e-5)
