@@ -28,6 +28,9 @@ import json
 import re
 from pathlib import Path
 
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
 from ldm import __version__
 from ldm.errors import LdmError
 from ldm.io import atomic_save
@@ -230,8 +233,6 @@ def save_png(image, path: str | Path, infotext: str, record: dict | None = None)
     The text goes in a tEXt chunk when it is Latin-1, else in an iTXt chunk (PIL decides, as for
     A1111); the record is ASCII JSON. Written atomically: the file appears complete or not at all.
     """
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()
     info.add_text("parameters", infotext)
     if record is not None:
@@ -241,8 +242,6 @@ def save_png(image, path: str | Path, infotext: str, record: dict | None = None)
 
 def read_png_metadata(path: str | Path) -> tuple[str | None, dict | None]:
     """(infotext, record) stored in an image; None for each that is absent."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.load()  # text chunks after the image data are only read here

@@ -19,15 +19,19 @@ import torch
 from PIL import Image
 
 from ldm import __version__
+from ldm.accel import apply as apply_accel
 from ldm.denoiser import Denoiser
 from ldm.dtypes import DTYPE_NAMES
 from ldm.errors import LdmError
+from ldm.formats.lora import apply_lora
 from ldm.guidance import cfg
 from ldm.loading import DEFAULT_MODEL, load_model, model_hash, resolve_device, resolve_dtype
 from ldm.modes import blend_known, encode_each, image_to_tensor, inpaint_inputs, load_image
 from ldm.request import Request, check_modes, check_numbers, check_sampler, prompt_lists
 from ldm.sampling.noise import make_noise
 from ldm.sampling.schedules import NoiseSchedule, get_sigmas, init_noise_scale, timestep_interp
+from ldm.text.encoders import CLIPTextEncoder
+from ldm.text.prompts import encode_cond_uncond, encode_prompts
 
 # callback(step, num_steps) after each sampler step (the CLI drives a progress bar with it)
 StepCallback = Callable[[int, int], None]
@@ -110,9 +114,7 @@ class Pipeline:
     @property
     def sampling_defaults(self) -> dict:
         """The model family's sampler, schedule, steps and guidance scale (ldm.models.families)."""
-        family = getattr(self.parts, "family", None)
-        if family is None:  # a ModelParts made without a family: SD 1.x/2.x's defaults
-            return dict(sampler="dpmpp_2m", schedule="default", steps=20, guidance_scale=7.5)
+        family = self.parts.family
         return dict(sampler=family.sampler, schedule=family.schedule, steps=family.steps,
                     guidance_scale=family.guidance_scale)  # fmt: skip
 
@@ -126,8 +128,6 @@ class Pipeline:
 
     def apply_lora(self, path: str | Path, scale: float = 1.0):
         """Merge a LoRA file (diffusers/PEFT or kohya keys) into the weights; returns the report."""
-        from ldm.formats.lora import apply_lora
-
         if self.accel is not None:
             raise LdmError("merge LoRAs before the first image (the model is already accelerated)")
         report = apply_lora(self.parts, path, scale)
@@ -141,11 +141,9 @@ class Pipeline:
         ``ldm.accel.Decision`` for the U-Net, which the records name.
         """
         if self.accel is None:
-            from ldm.accel import apply
-
             mode = self.accel_mode if mode is None else mode
-            self.accel = apply(self.unet, mode, device=self.device, dtype=self.dtype)
-            apply(self.vae, mode, device=self.device, dtype=self.dtype)
+            self.accel = apply_accel(self.unet, mode, device=self.device, dtype=self.dtype)
+            apply_accel(self.vae, mode, device=self.device, dtype=self.dtype)
         return self.accel
 
     # ---- the call -----------------------------------------------------------------------------
@@ -231,9 +229,6 @@ class Pipeline:
 
         The ``encode`` argument of the call replaces it (ldm batch encodes each prompt once).
         """
-        from ldm.text.encoders import CLIPTextEncoder
-        from ldm.text.prompts import encode_cond_uncond, encode_prompts
-
         encoder = CLIPTextEncoder(self.text_model, self.tokenizer, clip_skip=clip_skip)
         if guided:  # one batch, so prompts and negatives get the same number of 75-token chunks
             cond, uncond = encode_cond_uncond(encoder, prompts, negatives)

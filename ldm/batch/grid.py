@@ -7,10 +7,13 @@ import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 from ldm.batch import manifest
 from ldm.batch.jobs import Job
 from ldm.batch.names import grid_name, inside
 from ldm.batch.run import job_name
+from ldm.infotext import save_png
 
 LABEL_HEIGHT = 14  # pixels per line of label text (PIL's default bitmap font is ~11 px high)
 
@@ -40,16 +43,12 @@ def _axes(jobs: list[Job]) -> tuple[list, list, dict]:
 
 
 def _open(path: Path):
-    from PIL import Image
-
     with Image.open(path) as image:
         return image.convert("RGB")
 
 
 def make_grid(jobs: list[Job], outdir: Path):
     """The labelled grid image of one entry's images (read back from ``outdir``)."""
-    from PIL import Image, ImageDraw
-
     cols, rows, cells = _axes(jobs)
     images = {key: _open(inside(outdir, job_name(job))) for key, job in cells.items()}
     w, h = next(iter(images.values())).size
@@ -71,8 +70,6 @@ def make_grid(jobs: list[Job], outdir: Path):
 
 def write_grids(jobs: Iterable[Job], outdir: str | Path) -> list[Path]:
     """Grids of entries with several images, all finished; existing grids are kept."""
-    from ldm.infotext import save_png
-
     outdir = Path(outdir)
     finished = {n for n, e in manifest.read(outdir).items() if e.get("status") == "ok"}
     written = []

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.errors import LdmError
+from ldm.request import check_sampler
 
 # parameter -> type; every txt2img parameter a job may set
 PARAMS: dict[str, type] = {
@@ -335,8 +336,6 @@ def _entry_seeds(params: dict, count: int, raw: dict, spec: JobSpec) -> list[int
 
 def _check(p: dict, spec: JobSpec) -> dict:
     """Validate one job's parameters and resolve names (A1111 sampler aliases, default size)."""
-    from ldm.request import check_sampler
-
     sampler, schedule = check_sampler(p["sampler"], p["schedule"])
     p = dict(p, sampler=sampler.name, schedule=schedule)
     if not 1 <= p["steps"] <= MAX_STEPS:

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from ldm.errors import LdmError
+from ldm.infotext import read_png_metadata
 
 MANIFEST = "manifest.jsonl"
 # record keys that must equal the job's parameters for an unlisted file to be adopted
@@ -127,8 +128,6 @@ def status(name: str, params: dict, path: Path, entry: dict | None, model_hash: 
 
 def _is_image_of(path: Path, params: dict, model_hash: str) -> bool:
     """Whether an unlisted file carries this job's record (written, then the process died)."""
-    from ldm.infotext import read_png_metadata
-
     try:
         _, record = read_png_metadata(path)
     except LdmError:

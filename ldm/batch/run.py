@@ -22,6 +22,10 @@ from ldm.batch import manifest
 from ldm.batch.jobs import Job
 from ldm.batch.names import image_name, inside
 from ldm.errors import LdmError
+from ldm.infotext import infotext_from_record, save_png
+from ldm.text.cond import Cond
+from ldm.text.encoders import CLIPTextEncoder
+from ldm.text.prompts import encode_prompts, prompt_chunks
 
 # parameters one pipeline call shares (the prompt, negative prompt and seed are per image)
 SHARED = ("steps", "guidance_scale", "guidance_rescale", "sampler", "schedule", "eta", "height",
@@ -73,8 +77,6 @@ class TextCache:
         self.num_chunks = lru_cache(maxsize=65536)(self._num_chunks)
 
     def _encoder(self, clip_skip: int):
-        from ldm.text.encoders import CLIPTextEncoder
-
         if clip_skip not in self.encoders:
             pipe = self.pipe
             self.encoders[clip_skip] = CLIPTextEncoder(pipe.text_model, pipe.tokenizer, clip_skip)
@@ -82,8 +84,6 @@ class TextCache:
 
     def _num_chunks(self, text: str) -> int:
         """75-token chunks of an A1111 prompt (1 without tokenizing when it cannot be more)."""
-        from ldm.text.prompts import prompt_chunks
-
         encoder = self._encoder(1)
         if len(text.encode("utf-8")) <= encoder.chunk_length and "BREAK" not in text:
             return 1  # a CLIP token covers at least one byte
@@ -98,8 +98,6 @@ class TextCache:
 
     def encode(self, prompts: list[str], negatives: list[str], clip_skip: int, guided: bool):
         """(cond, uncond or None) on the pipeline's device, as ``Pipeline.encode_text``."""
-        from ldm.text.cond import Cond
-
         texts = list(prompts) + (list(negatives) if guided else [])
         n = max(self.num_chunks(t) for t in texts)
         both = Cond.cat([self._one(t, clip_skip, n) for t in texts])
@@ -108,8 +106,6 @@ class TextCache:
         return (both[: len(prompts)], both[len(prompts) :]) if guided else (both, None)
 
     def _one(self, text: str, clip_skip: int, num_chunks: int):
-        from ldm.text.prompts import encode_prompts
-
         key = (text, clip_skip, num_chunks)
         if key in self.conds:
             self.conds.move_to_end(key)
@@ -273,8 +269,6 @@ def _reason(e: Exception) -> str:
 
 
 def _save(generated, path: Path) -> None:
-    from ldm.infotext import infotext_from_record, save_png
-
     save_png(generated.image, path, infotext_from_record(generated.record), generated.record)
 
 

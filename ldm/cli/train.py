@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldm.config import load_config
     from ldm.accel.malloc import tune_cpu_allocator
+    from ldm.config import load_config
     from ldm.train.config import TrainConfig
     from ldm.train.loop import train
 

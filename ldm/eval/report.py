@@ -17,6 +17,7 @@ from PIL import Image
 from ldm.data.shapes import TASKS, Prompt, PromptError, parse_prompt
 from ldm.errors import LdmError
 from ldm.eval.judge import judge
+from ldm.infotext import parse_infotext, read_png_metadata
 from ldm.io import atomic_write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -45,8 +46,6 @@ def read_prompt_file(path: str | Path) -> tuple[list[tuple[int, str]], list[dict
 
 def _prompt_from_png(path: Path) -> str | None:
     """The prompt stored in an image: ldm's record, else the A1111 ``parameters`` text."""
-    from ldm.infotext import parse_infotext, read_png_metadata
-
     infotext, record = read_png_metadata(path)
     if not record and infotext:
         record = parse_infotext(infotext)

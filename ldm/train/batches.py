@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ldm.data.shapes import ShapesDataset
 from ldm.train.config import DataConfig
 
 
@@ -25,8 +26,6 @@ class ShapesBatches:
     """The shapes world as an endless indexed stream (optionally a fixed pool of cache_size)."""
 
     def __init__(self, data: DataConfig, batch_size: int, rank: int = 0, world: int = 1):
-        from ldm.data.shapes import ShapesDataset
-
         self.dataset = ShapesDataset(
             seed=data.shapes_seed,
             mix=data.shapes_mix,

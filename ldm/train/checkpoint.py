@@ -16,8 +16,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ldm.errors import CheckpointError
+from ldm.formats.safe_load import load_state_dict
 
 PREFIX = "step-"
 
@@ -40,8 +42,6 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write one checkpoint atomically, then delete all but the newest ``keep``."""
-    from safetensors.torch import save_file
-
     for part, sd in weights.items():
         bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
@@ -72,8 +72,6 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
     """(weights by part, optimizer state, state dict) of one checkpoint folder."""
-    from ldm.formats.safe_load import load_state_dict
-
     path = Path(path)
     state_file = path / "state.json"
     if not state_file.is_file():

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ldm.data.buckets import BucketManager
+from ldm.data.folders import open_source
+from ldm.data.loader import BatchIterator
 from ldm.errors import LdmError
 from ldm.train.config import DataConfig
 
@@ -16,10 +19,6 @@ class FolderBatches:
 
     def __init__(self, data: DataConfig, batch_size: int, seed: int, rank: int, world: int,
                  run_dir: Path | None = None):  # fmt: skip
-        from ldm.data.buckets import BucketManager
-        from ldm.data.folders import open_source
-        from ldm.data.loader import BatchIterator
-
         source = open_source(data.source)
         buckets = None
         if data.buckets:

@@ -9,14 +9,17 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from ldm.config import save_config
+from ldm.grid import image_grid
+from ldm.infotext import save_png
+from ldm.pipeline import Pipeline
 
 
 class _Bar:
     def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled,
                         dynamic_ncols=True, file=sys.stderr)  # fmt: skip
 
@@ -83,10 +86,6 @@ class RunLog:
     @torch.no_grad()
     def validate(self, parts, cfg, stage, global_step: int, emas: dict, data) -> Path | None:
         """A grid at fixed prompts and seeds (diffusion stages) or reconstructions (VAE)."""
-        from ldm.grid import image_grid
-        from ldm.infotext import save_png
-        from ldm.pipeline import Pipeline
-
         device = next(parts.unet.parameters()).device
         modules = [parts.vae, parts.unet, parts.text_encoder]
         trainable = [(p, p.requires_grad) for m in modules for p in m.parameters()]
@@ -135,7 +134,5 @@ class RunLog:
 
 
 def _to_pil(x: torch.Tensor):
-    from PIL import Image
-
     arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
