@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -62,13 +61,14 @@ MALFORMED = {  # name -> (header, data bytes, header length override, expected w
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_safetensors_is_refused_fast(tmp_path, case):
+def test_malformed_safetensors_is_refused_before_any_tensor(tmp_path, case, monkeypatch):
     header, data, length, words = MALFORMED[case]
     path = _raw_safetensors(tmp_path / "bad.safetensors", header, data, length)
-    start = time.perf_counter()
+    made = []  # the header is judged before a single tensor is built from the data
+    monkeypatch.setattr(torch, "frombuffer", lambda *a, **k: made.append(a) or torch.zeros(0))
     with pytest.raises(CheckpointError) as e:
         load_state_dict(path)
-    assert time.perf_counter() - start < 1.0
+    assert made == []
     msg = _one_line(e.value)
     assert str(path) in msg and words in msg
 

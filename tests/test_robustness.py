@@ -16,7 +16,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -151,14 +150,12 @@ def test_huge_header_claim_allocates_nothing(tmp_path, claim):
     path = tmp_path / "claim.safetensors"
     path.write_bytes(struct.pack("<Q", claim) + b'{"a": 1}')
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         with pytest.raises(CheckpointError) as e:
             load_state_dict(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - start < 1.0
     assert peak < 1 << 20, peak  # the claimed header was never read into memory
     assert str(path) in _one_line(e.value)
 
@@ -329,17 +326,14 @@ def test_million_line_prompt_file_is_streamed(tmp_path):
     warm.write_text("a\n")
     validate(warm, spec)  # lazy imports happen here, not while measuring
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         num_jobs, invalid, num_invalid = validate(path, spec)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    seconds = time.perf_counter() - start
     assert (num_jobs, num_invalid) == (3, 1)
     assert invalid[0].line == 999_999 and "513" in invalid[0].message
     assert peak < 2 * 2**20, peak  # the file is ~9 MB; holding its lines would take far more
-    assert seconds < 30
 
 
 def test_batch_refuses_a_bad_line_by_number(tiny_sd1, tmp_path, capsys):
