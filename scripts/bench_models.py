@@ -170,11 +170,10 @@ def build_ldm(config, state: dict, mode: str, dtype: torch.dtype, training: bool
 
     model = UNet2DConditionModel(config).train(training)
     model.load_state_dict(state, strict=True, assign=True)
-    if accel is not None:  # the tree before issue 18 routes inside the model classes
-        cpu = torch.device("cpu")
-        accel.apply(
-            model, mode, device=cpu, dtype=dtype, training=training, cache_dir=OPENVINO_CACHE
-        )
+    if accel is None:  # the tree before issue 18: routes inside the classes, channels_last
+        return model.to(memory_format=torch.channels_last)  # its constructor's (undone by assign)
+    cpu = torch.device("cpu")
+    accel.apply(model, mode, device=cpu, dtype=dtype, training=training, cache_dir=OPENVINO_CACHE)
     return model
 
 
