@@ -4,7 +4,9 @@ A line is appended and fsynced only after its image was renamed into place (see
 :func:`ldm.io.atomic_path`), so the manifest never lists an image that is not complete on disk.
 Lines are written with one ``write`` on an ``O_APPEND`` descriptor: processes of a sharded run
 share the file without locks (POSIX appends to a local file do not interleave), and a line torn
-by a crash is ignored on reading and cut off by :func:`repair`.
+by a crash is ignored on reading and cut off by :func:`repair`. One output has one line: runs on
+one folder claim batches (ldm.batch.lock), a writer never appends a name twice, the reader keeps
+the last line of a name, and :func:`compact` rewrites the file (atomically) when no one appends.
 
 On a re-run each job is ``done`` (manifest line with the same parameters, file present, sha256
 equal), ``adopt`` (the file is complete but its line was lost: the process died between the rename
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from ldm.errors import LdmError
 from ldm.infotext import read_png_metadata
+from ldm.io import atomic_path
 
 MANIFEST = "manifest.jsonl"
 # record keys that must equal the job's parameters for an unlisted file to be adopted
@@ -30,19 +33,79 @@ _RECORD_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", 
 
 def read(outdir: str | Path) -> dict[str, dict]:
     """name -> the last manifest line about it (torn or foreign lines are skipped)."""
+    tail = Tail(outdir)
+    tail.update(final=True)
+    return tail.entries
+
+
+def _parse(raw: bytes) -> dict | None:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None  # a line torn by a crash: its image is re-checked from the file
+    return entry if isinstance(entry, dict) and isinstance(entry.get("name"), str) else None
+
+
+class Tail:
+    """The manifest read incrementally: ``update()`` adds the lines appended since the last call
+    (by this or other processes) to ``entries``; a line still being written waits for its
+    newline."""
+
+    def __init__(self, outdir: str | Path):
+        self.path = Path(outdir) / MANIFEST
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+
+    def update(self, final: bool = False) -> dict[str, dict]:
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return self.entries
+        with f:
+            if os.fstat(f.fileno()).st_size < self.offset:  # compacted: read it again
+                self.entries, self.offset = {}, 0
+            f.seek(self.offset)
+            for raw in f:
+                if not raw.endswith(b"\n") and not final:
+                    break  # not complete yet (or torn: repair cuts it)
+                self.offset += len(raw)
+                entry = _parse(raw)
+                if entry is not None:
+                    self.entries[entry["name"]] = entry
+        return self.entries
+
+
+def compact(outdir: str | Path) -> bool:
+    """Keep the last line of each name (and drop torn ones), rewritten atomically; only when no
+    process appends (see ldm.batch.lock). True if the file changed."""
     path = Path(outdir) / MANIFEST
-    entries: dict[str, dict] = {}
     if not path.exists():
-        return entries
+        return False
+    kept: dict[str, bytes] = {}
+    other: list[bytes] = []  # valid JSON lines without a name: not ours to drop
+    total = 0
     with open(path, "rb") as f:
         for raw in f:
-            try:
-                entry = json.loads(raw)
-            except ValueError:
-                continue  # a line torn by a crash: its image is re-checked from the file
-            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                entries[entry["name"]] = entry
-    return entries
+            total += 1
+            entry = _parse(raw)
+            if entry is not None:
+                kept.pop(entry["name"], None)  # the last line of a name keeps its place
+                kept[entry["name"]] = raw if raw.endswith(b"\n") else raw + b"\n"
+            elif raw.strip() and _is_json(raw):
+                other.append(raw if raw.endswith(b"\n") else raw + b"\n")
+    if len(kept) + len(other) == total:
+        return False
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"".join(other) + b"".join(kept.values()))
+    return True
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+        return True
+    except ValueError:
+        return False
 
 
 def repair(outdir: str | Path) -> None:
@@ -85,11 +148,17 @@ class Writer:
     def __init__(self, outdir: str | Path):
         path = Path(outdir) / MANIFEST
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.names: set[str] = set()
 
-    def append(self, entry: dict) -> None:
+    def append(self, entry: dict) -> bool:
+        """Append a line; False (nothing written) if this writer already wrote its name."""
+        if entry["name"] in self.names:
+            return False
         line = json.dumps(entry, ensure_ascii=True, sort_keys=True) + "\n"
         os.write(self.fd, line.encode("ascii"))
         os.fsync(self.fd)
+        self.names.add(entry["name"])
+        return True
 
     def close(self) -> None:
         os.close(self.fd)

@@ -6,11 +6,15 @@ decides the padding of the text context) are gathered per key in file order and 
 ``batch_size`` jobs. Batch k belongs to process ``k % world``. A re-run rebuilds the same batches
 and runs a batch again when any of its images is missing, writing only those: every image is
 always made in the same batch as in an uninterrupted single-process run, so the bytes are equal
-(each image also draws all its noise from its own seed, see ldm.pipeline).
+(each image also draws all its noise from its own seed, see ldm.pipeline). With ``claims``
+(ldm.batch.lock) a batch is made only under its claim, after the manifest is read again, so runs
+sharing a folder (``--join``) never make an image twice; a batch claimed by another live process is
+waited for at the end, and made if that process died.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from ldm.batch import manifest
 from ldm.batch.jobs import Job
+from ldm.batch.lock import Claims
 from ldm.batch.names import image_name, inside
 from ldm.errors import LdmError
 from ldm.infotext import infotext_from_record, save_png
@@ -35,7 +40,8 @@ MAX_OPEN_GROUPS = 64  # bounds memory when a file mixes many settings
 
 @dataclass
 class Event:
-    """What happened to one image (for progress bars): ok, adopted, failed."""
+    """What happened to one image (for progress bars): ok, adopted, failed, elsewhere (made by
+    another process meanwhile)."""
 
     job: Job
     name: str
@@ -49,6 +55,7 @@ class Summary:
 
     total: int = 0  # images of this process
     skipped: int = 0  # already finished by an earlier run
+    others: int = 0  # made meanwhile by another process on the folder (--join)
     made: int = 0
     adopted: int = 0  # complete files whose manifest line was lost, recorded now
     failed: int = 0
@@ -147,6 +154,8 @@ def run_batches(
     batch_size: int = 4,
     rank: int = 0,
     world: int = 1,
+    claims: Claims | None = None,
+    every_batch: bool = False,
     on_plan: Callable[[int, int], None] | None = None,
     on_image: Callable[[Event], None] | None = None,
 ) -> Summary:
@@ -154,6 +163,8 @@ def run_batches(
 
     ``on_plan(total, already_done)`` is called once before the first image, ``on_image`` after
     each image. Failures (NaN, out of memory) are recorded in the manifest and the run goes on.
+    ``claims``: take each batch's claim first (runs sharing the folder); ``every_batch``: offer
+    to make every batch, not only this rank's shard (a process joining another run).
     """
     outdir = Path(outdir)
     cache = TextCache(pipe)
@@ -163,7 +174,7 @@ def run_batches(
     entries = manifest.read(outdir)
     plan: dict[int, list[str]] = {}
     for k, batch in enumerate(batches(jobs(), batch_size, cache.job_chunks)):
-        if k % world != rank:
+        if k % world != rank and not every_batch:
             continue
         states = [
             manifest.status(
@@ -186,13 +197,68 @@ def run_batches(
     # 2. run the batches with work, writing only the missing images
     start = time.perf_counter()
     outdir.mkdir(parents=True, exist_ok=True)
-    with manifest.Writer(outdir) as writer:
-        for k, batch in enumerate(batches(jobs(), batch_size, cache.job_chunks)):
-            if k in plan:
-                _run_batch(pipe, cache, batch, plan.pop(k), outdir, writer, summary, rank, on_image)
+    run = _BatchRunner(pipe, cache, outdir, summary, rank, on_image)
+    with manifest.Writer(outdir) as run.writer:
+        if claims is None:
+            for k, batch in enumerate(batches(jobs(), batch_size, cache.job_chunks)):
+                if k in plan:
+                    run(batch, plan.pop(k))
+        else:
+            busy = _run_claimed(run, claims, jobs, batch_size, plan, wait=False)
+            _run_claimed(run, claims, jobs, batch_size, busy, wait=True)
     summary.seconds = time.perf_counter() - start
     summary.encoded, summary.reused = cache.encoded, cache.reused
     return summary
+
+
+def _run_claimed(run, claims: Claims, jobs, batch_size: int, plan: dict, wait: bool) -> dict:
+    """Make the planned batches whose claim we get; those held by others are returned (with
+    ``wait``, each is waited for, then made if its maker died before finishing it)."""
+    busy: dict[int, list[str]] = {}
+    for k, batch in enumerate(batches(jobs(), batch_size, run.cache.job_chunks) if plan else ()):
+        if k not in plan:
+            continue
+        states = plan.pop(k)
+        claim = claims.take(job_name(batch[0]), wait=wait)
+        if claim is None:
+            busy[k] = states
+            continue
+        with claim:
+            run(batch, run.recheck(batch, states))
+        if not plan:
+            break
+    return busy
+
+
+class _BatchRunner:
+    """Makes one batch's missing images, saving each and appending its manifest line."""
+
+    def __init__(self, pipe, cache, outdir, summary, rank, on_image):
+        self.pipe, self.cache, self.outdir, self.summary = pipe, cache, outdir, summary
+        self.rank, self.on_image = rank, on_image
+        self.tail = manifest.Tail(outdir)
+        self.writer: manifest.Writer
+
+    def recheck(self, batch: list[Job], states: list[str]) -> list[str]:
+        """The states again, from the manifest as it is now (other processes append to it)."""
+        entries = self.tail.update()
+        fresh = []
+        for job, state in zip(batch, states):
+            if state != "done":
+                name = job_name(job)
+                path = inside(self.outdir, name)
+                state = manifest.status(name, job.params, path, entries.get(name),
+                                        self.pipe.model_hash)  # fmt: skip
+                if state == "done":
+                    self.summary.others += 1
+                    if self.on_image:
+                        self.on_image(Event(job, name, "elsewhere"))
+            fresh.append(state)
+        return fresh
+
+    def __call__(self, batch: list[Job], states: list[str]) -> None:
+        _run_batch(self.pipe, self.cache, batch, states, self.outdir, self.writer, self.summary,
+                   self.rank, self.on_image)  # fmt: skip
 
 
 def _run_batch(pipe, cache, batch, states, outdir, writer, summary, rank, on_image) -> None:
@@ -275,5 +341,5 @@ def _save(generated, path: Path) -> None:
 def _entry(job: Job, name: str, rank: int, **fields) -> dict:
     return dict(
         name=name, path=name, job=dict(index=job.index, line=job.line, entry=job.entry),
-        params=job.params, rank=rank, **fields,
+        params=job.params, rank=rank, pid=os.getpid(), **fields,
     )  # fmt: skip

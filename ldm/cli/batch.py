@@ -8,14 +8,19 @@ against ``manifest.jsonl`` and their sha256) are skipped. Shard over N processes
 of their outputs equals a single-process run. On CPU, where ``accelerate launch --cpu`` starts one
 process unless MPI is set up, use ``accelerate launch --multi_gpu --num_processes N -m ldm batch
 --device cpu ...`` or ``torchrun --nproc_per_node N -m ldm batch ...``. Exit status 1 when some
-images failed (they are listed in the manifest with the reason).
+images failed (they are listed in the manifest with the reason). A second run on a folder that a
+live run works on is refused (exit 2), or with ``--join`` shares its work (ldm.batch.lock).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
@@ -60,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output and throughput")
     g.add_argument("--outdir", default="outputs/batch", help="(default: outputs/batch)")
     g.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
+    g.add_argument(
+        "--join", action="store_true",
+        help="share the work of a run already writing to --outdir (same command): make the "
+        "batches it has not claimed; without it such a run is refused",
+    )  # fmt: skip
     g.add_argument("--grid", action="store_true", help="a labelled grid per prompt (grids/)")
     g.add_argument("--max-size", type=int, default=4096, help="largest side in pixels (4096)")
     g.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
@@ -70,6 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ldm.batch.jobs import JobSpec, parse_seeds, parse_sweep
 
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     # 1. flags, before anything slow
     if args.batch_size < 1:
         raise LdmError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -88,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     defaults = {k: getattr(args, k) for k in FLAG_PARAMS}
     rank, world, state = _processes(args.device)
     main = rank == 0
+    if not args.join:  # refused at once when a live run holds the folder (checked again below)
+        _on_main(state, main, lambda: _refuse_if_busy(Path(args.outdir)))
 
     # 2. the model, then every job validated before the first image
     from ldm.pipeline import load_pipeline
@@ -104,29 +117,19 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     num_jobs = _validate(args, spec, main)
 
-    # 3. the output folder: leftovers of a killed run cleaned by one process, then all go
-    from ldm.batch import manifest
-    from ldm.batch.jobs import Job, iter_jobs
-    from ldm.batch.run import run_batches
+    # 3. the output folder: registered by rank 0 (refused if busy; leftovers of dead runs
+    # cleared), then by the other ranks as members of its run
+    from ldm.batch.lock import Claims, Lease, this_process
 
     outdir = Path(args.outdir)
-    if main:
-        outdir.mkdir(parents=True, exist_ok=True)
-        manifest.clean_temp_files(outdir)
-        manifest.repair(outdir)
-    _barrier(state)
-
-    def jobs():
-        return (j for j in iter_jobs(args.prompts, spec) if isinstance(j, Job))
-
-    bar = _Bar(args.no_progress, rank, world)
+    me = this_process(started, _signature(args, spec, pipe))
+    got = _on_main(state, main, lambda: _register(outdir, me, args.join), lambda x: x.joined)
+    lease = got if main else Lease.acquire(outdir, me, member=True)
+    joined = lease.joined if main else got
     try:
-        summary = run_batches(
-            pipe, jobs, outdir, batch_size=args.batch_size, rank=rank, world=world,
-            on_plan=bar.start, on_image=bar.update,
-        )  # fmt: skip
+        summary = _run(args, spec, pipe, outdir, rank, world, Claims(outdir), joined)
     finally:
-        bar.close()
+        lease.release()
 
     # 4. summary (and grids, once every process is done)
     _print_summary(summary, rank, world)
@@ -134,11 +137,86 @@ def run(args: argparse.Namespace) -> int:
     if main and args.grid:
         from ldm.batch.grid import write_grids
 
-        grids = write_grids(jobs(), outdir)
+        grids = write_grids(_jobs(args, spec), outdir)
         print(f"ldm batch: {len(grids)} grid(s) written to {outdir / 'grids'}", file=sys.stderr)
     if main and world > 1:
         _print_totals(outdir, num_jobs)
     return 1 if summary.failed else 0
+
+
+def _jobs(args, spec):
+    from ldm.batch.jobs import Job, iter_jobs
+
+    return (j for j in iter_jobs(args.prompts, spec) if isinstance(j, Job))
+
+
+def _run(args, spec, pipe, outdir, rank, world, claims, joined: bool):
+    from ldm.batch.run import run_batches
+
+    bar = _Bar(args.no_progress, rank, world)
+    try:
+        return run_batches(
+            pipe, lambda: _jobs(args, spec), outdir, batch_size=args.batch_size, rank=rank,
+            world=world, claims=claims, every_batch=joined, on_plan=bar.start, on_image=bar.update,
+        )  # fmt: skip
+    finally:
+        bar.close()
+
+
+def _refuse_if_busy(outdir: Path) -> None:
+    from ldm.batch.lock import busy, refusal
+
+    live = busy(outdir)
+    if live:
+        raise refusal(outdir, live)
+
+
+def _register(outdir: Path, me, join: bool):
+    """Rank 0: register on the folder (a Lease); if it joined a live run, every rank does."""
+    from ldm.batch.lock import Lease
+
+    lease = Lease.acquire(outdir, me, join=join)
+    for gone in lease.gone:
+        print(f"ldm batch: took over {outdir}: the run that held it is gone ({gone.describe()})",
+              file=sys.stderr)  # fmt: skip
+    if lease.joined:
+        print(f"ldm batch: joined the run on {outdir} ({lease.others[0].describe()})",
+              file=sys.stderr)  # fmt: skip
+    elif join:
+        print(f"ldm batch: --join: no live run on {outdir}; starting one", file=sys.stderr)
+    return lease
+
+
+def _signature(args, spec, pipe) -> str:
+    """What decides the images and their batches: joiners must have the same (sha256)."""
+    digest = hashlib.sha256()
+    with open(args.prompts, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    fields = dict(spec=dataclasses.asdict(spec), batch_size=args.batch_size,
+                  model=pipe.model_hash, dtype=str(pipe.dtype))  # fmt: skip
+    digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _on_main(state, main: bool, fn, public=lambda result: result):
+    """``fn()`` on rank 0, which gets its result; the other ranks get ``public(result)``, or
+    all raise its LdmError (a refusal stops the whole run, not only rank 0)."""
+    if state is None:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    result, outcome = None, [None, None]
+    if main:
+        try:
+            result = fn()
+            outcome = [public(result), None]
+        except LdmError as e:
+            outcome = [None, str(e)]
+    shared, error = broadcast_object_list(outcome)
+    if error is not None:
+        raise LdmError(error)
+    return result if main else shared
 
 
 def _family_defaults(defaults: dict, family: dict) -> None:
@@ -222,9 +300,10 @@ class _Bar:
 
 def _print_summary(s, rank: int, world: int) -> None:
     who = f"rank {rank}: " if world > 1 else ""
+    others = f", {s.others} made meanwhile by another process" if s.others else ""
     print(
         f"ldm batch: {who}{s.made} made, {s.skipped} already done, {s.adopted} recovered, "
-        f"{s.failed} failed of {s.total} in {s.seconds:.1f} s "
+        f"{s.failed} failed of {s.total}{others} in {s.seconds:.1f} s "
         f"({s.images_per_s:.2f} images/s); text encodings: {s.encoded} computed, "
         f"{s.reused} reused",
         file=sys.stderr,
