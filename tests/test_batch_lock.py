@@ -225,3 +225,12 @@ def test_manifest_dedupes_when_writing_reading_and_compacting(tmp_path):
         {"name": "b.png", "status": "ok"},
         {"name": "a.png", "status": "ok"},
     ]
+
+
+def test_an_outdir_that_is_a_file_is_refused_in_one_line(tiny_sd1, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a\n")
+    (tmp_path / "out").write_text("mine")
+    assert main(command(tiny_sd1, tmp_path / "p.txt", tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("ldm: error: --outdir ") and "Traceback" not in err
+    assert (tmp_path / "out").read_text() == "mine"

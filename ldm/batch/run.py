@@ -21,16 +21,19 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ldm.batch import manifest
 from ldm.batch.jobs import Job
-from ldm.batch.lock import Claims
 from ldm.batch.names import image_name, inside
 from ldm.errors import LdmError
 from ldm.infotext import infotext_from_record, save_png
 from ldm.text.cond import Cond
 from ldm.text.encoders import CLIPTextEncoder
 from ldm.text.prompts import encode_prompts, prompt_chunks
+
+if TYPE_CHECKING:  # fcntl: POSIX only, and only runs that share a folder need it
+    from ldm.batch.lock import Claims
 
 # parameters one pipeline call shares (the prompt, negative prompt and seed are per image)
 SHARED = ("steps", "guidance_scale", "guidance_rescale", "sampler", "schedule", "eta", "height",

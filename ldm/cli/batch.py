@@ -175,7 +175,10 @@ def _register(outdir: Path, me, join: bool):
     """Rank 0: register on the folder (a Lease); if it joined a live run, every rank does."""
     from ldm.batch.lock import Lease
 
-    lease = Lease.acquire(outdir, me, join=join)
+    try:
+        lease = Lease.acquire(outdir, me, join=join)
+    except OSError as e:  # not a folder, no permission, read-only filesystem
+        raise LdmError(f"--outdir {outdir}: cannot write there ({e.strerror or e})") from e
     for gone in lease.gone:
         print(f"ldm batch: took over {outdir}: the run that held it is gone ({gone.describe()})",
               file=sys.stderr)  # fmt: skip
