@@ -234,3 +234,20 @@ def test_an_outdir_that_is_a_file_is_refused_in_one_line(tiny_sd1, tmp_path, cap
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("ldm: error: --outdir ") and "Traceback" not in err
     assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_two_plain_runs_started_together_one_is_refused(folder, tiny_sd1, reference):
+    """The issue's case: both pass the early check while neither holds the folder; registering
+    under the lock lets exactly one in."""
+    out = folder / "out"
+    runs = [start(tiny_sd1, folder), start(tiny_sd1, folder)]
+    wait_for(lambda: sum(p.poll() is not None for p in runs) == 1 and held_claims(out) == 1)
+    (folder / "go").touch()
+    errs = [p.communicate(timeout=HANG_GUARD)[1] for p in runs]
+    (winner, w_err), (loser, l_err) = sorted(zip(runs, errs), key=lambda r: r[0].returncode)
+    assert (winner.returncode, loser.returncode) == (0, 2), w_err[-2000:] + l_err[-2000:]
+    assert f"pid {winner.pid} on " in l_err.splitlines()[-1] and "Traceback" not in l_err
+    made = writes(folder)
+    assert {pid for pid, _ in made} == {winner.pid} and len(made) == NUM_IMAGES
+    assert len(check_manifest(out)) == NUM_IMAGES
+    assert outputs(out) == reference

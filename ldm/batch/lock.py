@@ -167,10 +167,10 @@ class Lease:
     manifest line, duplicate manifest lines. ``gone`` lists the dead holders it took over from.
     """
 
-    def __init__(self, outdir: Path, fd: int, path: Path, others: list[Holder], gone):
+    def __init__(self, outdir: Path, fd: int, path: Path, others, gone, member: bool):
         self.outdir, self.fd, self.path = outdir, fd, path
         self.others, self.gone = others, gone  # live holders when we came; dead ones cleared
-        self.joined = bool(others)
+        self.joined = bool(others) and not member
 
     @classmethod
     def acquire(
@@ -189,8 +189,9 @@ class Lease:
                 )
             if not live and not member:
                 _fresh_start(outdir, root)
-            fd, path = _register(root, Holder(**{**asdict(me), "joined": bool(live)}))
-        return cls(outdir, fd, path, live, gone)
+            joined = bool(live) and not member
+            fd, path = _register(root, Holder(**{**asdict(me), "joined": joined}))
+        return cls(outdir, fd, path, live, gone, member)
 
     def release(self) -> None:
         """Unregister; the last process out compacts the manifest and removes the lock folder."""
@@ -201,7 +202,10 @@ class Lease:
             live, _ = _scan(root)
             if live:
                 return
-            manifest.compact(self.outdir)
+            try:
+                manifest.compact(self.outdir)
+            except OSError:
+                pass  # a full disk: the old file is intact and readers keep a name's last line
             for sub in ("claims", "procs"):
                 shutil.rmtree(root / sub, ignore_errors=True)
             mutex.path.unlink(missing_ok=True)  # still locked by us: waiters will start over
