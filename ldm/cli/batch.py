@@ -128,19 +128,20 @@ def run(args: argparse.Namespace) -> int:
     joined = lease.joined if main else got
     try:
         summary = _run(args, spec, pipe, outdir, rank, world, Claims(outdir), joined)
+
+        # 4. summary (and grids, once every process is done)
+        _print_summary(summary, rank, world)
+        _barrier(state)
+        if main and args.grid:
+            from ldm.batch.grid import write_grids
+
+            grids = write_grids(_jobs(args, spec), outdir)
+            print(f"ldm batch: {len(grids)} grid(s) written to {outdir / 'grids'}",
+                  file=sys.stderr)  # fmt: skip
+        if main and world > 1:
+            _print_totals(outdir, num_jobs)
     finally:
         lease.release()
-
-    # 4. summary (and grids, once every process is done)
-    _print_summary(summary, rank, world)
-    _barrier(state)
-    if main and args.grid:
-        from ldm.batch.grid import write_grids
-
-        grids = write_grids(_jobs(args, spec), outdir)
-        print(f"ldm batch: {len(grids)} grid(s) written to {outdir / 'grids'}", file=sys.stderr)
-    if main and world > 1:
-        _print_totals(outdir, num_jobs)
     return 1 if summary.failed else 0
 
 
