@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -158,10 +159,11 @@ def _check_layout(path: Path, header: dict, data_size: int) -> None:
 
 
 def _load_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Read tensors one at a time in file order, each cast to ``dtype`` as soon as it is read.
+    """Copy tensors out one at a time in file order, each cast to ``dtype`` on the way.
 
-    Plain reads instead of a memory map: the process holds the result plus one tensor, never
-    the whole file besides (mapped pages count towards its memory until the map is closed).
+    Each tensor is read through its own short-lived memory map: the cast reads the page cache
+    directly (no intermediate buffer to fill), and the process never holds more of the file
+    than one tensor besides the result (mapped pages count towards its memory until unmapped).
     The header was validated first, so every offset and length below is known to be in bounds.
     """
     header = read_safetensors_header(path)
@@ -173,17 +175,24 @@ def _load_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str,
     tensors = {}
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + n)
         for _, name, info in entries:
             begin, end = info["data_offsets"]
-            buffer = bytearray(end - begin)
-            if f.readinto(buffer) != len(buffer):
-                raise CheckpointError(f"{path}: file is truncated (reading tensor {name!r})")
             stored = DTYPES[info["dtype"]][1]
-            t = torch.frombuffer(buffer, dtype=stored) if buffer else torch.empty(0, dtype=stored)
-            t = t.reshape(info["shape"])
-            tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            t = _mapped(f, 8 + n + begin, end - begin, stored).reshape(info["shape"])
+            cast = dtype if dtype is not None and t.is_floating_point() else stored
+            tensors[name] = t.to(cast, copy=True)  # a copy: the map goes when t does
     return tensors
+
+
+def _mapped(f, offset: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor viewing ``length`` bytes of ``f`` at ``offset`` through a private map."""
+    if length == 0:
+        return torch.empty(0, dtype=dtype)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps begin on a page boundary
+    view = mmap.mmap(f.fileno(), offset - start + length, offset=start, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(
+        view, dtype=dtype, offset=offset - start, count=length // dtype.itemsize
+    )
 
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
