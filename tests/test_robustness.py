@@ -410,8 +410,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, w
     good = {"unet": {"w": torch.arange(4.0)}, "vae": {"v": torch.ones(3)}}
     first = ck.save_checkpoint(run, 1, good, {"step": 1}, {"global_step": 1}, keep=1)
     if where == "weights":
-        monkeypatch.setattr(safetensors.torch, "save_file",
-                            _half_then_enospc(safetensors.torch.save_file))  # fmt: skip
+        monkeypatch.setattr(ck, "save_file", _half_then_enospc(safetensors.torch.save_file))
     elif where == "optimizer":
 
         def broken_save(obj, f, *args, **kwargs):
