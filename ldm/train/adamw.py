@@ -6,7 +6,7 @@ project's 2-core CPU an SD 1.5-shaped U-Net's optimizer step alone took 1.2-1.9 
 and 0.36-0.57 s the second (docs/benchmarks.md). Two things in the fused CPU kernel (torch 2.14)
 need care, both about memory layout:
 - it is slow on tensors that are not contiguous: ldm's U-Net keeps its conv weights
-  channels_last (``ldm.models.unet``), and a 1280 x 2560 x 3 x 3 weight's update took 0.32 s
+  channels_last (``ldm.accel.cpu``), and a 1280 x 2560 x 3 x 3 weight's update took 0.32 s
   instead of 0.07 s. The update is elementwise, so any memory order does as long as parameter,
   gradient and moments share it: ``AdamW`` hands the kernel such tensors as flat views;
 - it computes wrong values when a gradient or moment is laid out differently from its parameter

@@ -204,10 +204,10 @@ def start_run(cfg: TrainConfig, accelerator, resume: bool) -> tuple[Run, dict, t
     device = accelerator.device
     for name in PARTS:
         getattr(parts, name).to(device)
-    if not cfg.channels_last:
-        parts.unet.to(memory_format=torch.contiguous_format)
     dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # autocast's compute dtype
     decision = accel.apply(parts.unet, cfg.accel, device=device, dtype=dtype, training=True)
+    if not cfg.channels_last:  # ldm-cpu's routes work in either layout; it picks channels_last
+        parts.unet.to(memory_format=torch.contiguous_format)
     log.info(f"accelerator: {decision.mode} ({decision.reason})")
     return Run(cfg, accelerator, parts, log, run_dir, start["global_step"]), start, resumed
 
