@@ -98,7 +98,8 @@ def build_folder(folder: Path) -> Path:
 
 def run_process(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one child process; its output is shown on failure."""
-    start = time.perf_counter()  # cwd: `python -m ldm` must not pick up ./ldm of the caller
+    # cwd: `python -m ldm` must not pick up a ./ldm folder (hence "ldm-out" for the images)
+    start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -118,7 +119,7 @@ def commands(args, folder: Path, steps: int, out: Path) -> dict[str, tuple[list[
         args.ldm_python, "-m", "ldm", "txt2img", "--model", str(folder), "--prompt", PROMPT,
         "--H", str(SIZE), "--W", str(SIZE), "--steps", str(steps), "--sampler", "dpmpp_2m",
         "--guidance-scale", str(SCALE), "--seed", str(SEED), "--device", "cpu",
-        "--outdir", str(out / "ldm"), "--no-progress", *args.ldm_args,
+        "--outdir", str(out / "ldm-out"), "--no-progress", *args.ldm_args,
     ]  # fmt: skip
     diffusers_cmd = [args.diffusers_python, "-c", DIFFUSERS_SCRIPT, str(folder), str(steps)]
     diffusers_cmd.append(str(out / "diffusers.png"))
@@ -127,7 +128,7 @@ def commands(args, folder: Path, steps: int, out: Path) -> dict[str, tuple[list[
 
 def max_pixel_difference(out: Path) -> int:
     """Largest |ldm - diffusers| over the last pair's pixels: both did the same work."""
-    ours = sorted((out / "ldm").rglob("*.png"), key=lambda p: p.stat().st_mtime)[-1]
+    ours = sorted((out / "ldm-out").rglob("*.png"), key=lambda p: p.stat().st_mtime)[-1]
     a = np.asarray(Image.open(ours).convert("RGB"), dtype=np.int16)
     b = np.asarray(Image.open(out / "diffusers.png").convert("RGB"), dtype=np.int16)
     return int(np.abs(a - b).max())
