@@ -90,24 +90,29 @@ class _Mutex:
         os.close(self.fd)
 
 
-def _scan(root: Path) -> tuple[list[Holder], list[Holder]]:
-    """(live, gone) holders; the files of the gone ones are removed (call under the mutex)."""
-    live, gone = [], []
-    for path in sorted((root / "procs").glob("*.json")):
+def _holder_files(root: Path):
+    """(path, open fd, Holder or None) of each process file; the fd is closed after the step."""
+    for path in sorted((root / "procs").glob("*.json")) if root.is_dir() else []:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             continue
         try:
-            holder = _read_holder(fd)
-            if _flock(fd, path, blocking=False):
-                path.unlink(missing_ok=True)  # nobody holds it: its process is gone
-                if holder is not None:
-                    gone.append(holder)
-            elif holder is not None:
-                live.append(holder)
+            yield path, fd, _read_holder(fd)
         finally:
             os.close(fd)
+
+
+def _scan(root: Path) -> tuple[list[Holder], list[Holder]]:
+    """(live, gone) holders; the files of the gone ones are removed (call under the mutex)."""
+    live, gone = [], []
+    for path, fd, holder in _holder_files(root):
+        if _flock(fd, path, blocking=False):
+            path.unlink(missing_ok=True)  # nobody holds it: its process is gone
+            if holder is not None:
+                gone.append(holder)
+        elif holder is not None:
+            live.append(holder)
     live.sort(key=lambda h: h.started)
     return live, gone
 
@@ -121,19 +126,11 @@ def _read_holder(fd: int) -> Holder | None:
 
 def busy(outdir: str | Path) -> list[Holder]:
     """The live holders of ``outdir``, read-only (nothing is created): a fast early check."""
-    root = Path(outdir) / LOCK_DIR
-    live = []
-    for path in sorted((root / "procs").glob("*.json")) if root.is_dir() else []:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            holder = _read_holder(fd)
-            if holder is not None and not _probe_free(fd):
-                live.append(holder)
-        finally:
-            os.close(fd)
+    live = [
+        holder
+        for _, fd, holder in _holder_files(Path(outdir) / LOCK_DIR)
+        if holder is not None and not _probe_free(fd)
+    ]
     return sorted(live, key=lambda h: h.started)
 
 
