@@ -133,9 +133,7 @@ def from_folder(model_index: dict, text_encoder_config: dict | None, source: str
         raise CheckpointError(
             f"{source}: pipeline class {pipeline_class!r} is not one ldm loads ({', '.join(known)})"
         )
-    # SD 1.x and 2.x share a pipeline class: OpenCLIP uses exact GELU, OpenAI's CLIP quick_gelu
-    act = (text_encoder_config or {}).get("hidden_act", "quick_gelu")
-    return FAMILIES["sd2" if act == "gelu" else "sd1"]
+    return _by_text_activation((text_encoder_config or {}).get("hidden_act", "quick_gelu"))
 
 
 def from_keys(keys: Iterable[str], source: str) -> Family:
@@ -157,4 +155,9 @@ def from_keys(keys: Iterable[str], source: str) -> Family:
 
 def from_text_encoder(text_encoder) -> Family:
     """The family of a built model, from its text encoder (the only part that differs)."""
-    return FAMILIES["sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"]
+    return _by_text_activation(text_encoder.config.hidden_act)
+
+
+def _by_text_activation(hidden_act: str) -> Family:
+    """SD 1.x and 2.x share a pipeline class: OpenCLIP uses exact GELU, OpenAI's CLIP quick_gelu."""
+    return FAMILIES["sd2" if hidden_act == "gelu" else "sd1"]
