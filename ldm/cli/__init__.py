@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("ldm.cli.convert", "convert between diffusers folders and single files"),
     "shapes": ("ldm.cli.shapes", "the shapes world: export a procedural image-caption dataset"),
     "eval": ("ldm.cli.eval", "score images or a model with the shapes judge"),
+    "serve": ("ldm.cli.serve", "serve A1111, ComfyUI and OpenAI image APIs and a web page"),
 }
 
 
