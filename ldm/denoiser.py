@@ -277,6 +277,8 @@ class Denoiser(torch.nn.Module):
         kwargs = {"encoder_hidden_states": cond.context}
         if cond.mask is not None:
             kwargs["encoder_attention_mask"] = cond.mask
+        if cond.time_ids is not None:  # SDXL added conditioning, in diffusers' calling form
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
         out = self.network(x_in, c_noise, **kwargs)
         out = getattr(out, "sample", out)  # diffusers' UNet returns an output record
         return out.float() if self.dtype is not None else out

@@ -27,10 +27,18 @@ from ldm.formats.lora import apply_lora
 from ldm.guidance import cfg
 from ldm.loading import DEFAULT_MODEL, load_model, model_hash, resolve_device, resolve_dtype
 from ldm.modes import blend_known, encode_each, image_to_tensor, inpaint_inputs, load_image
-from ldm.request import Request, check_modes, check_numbers, check_sampler, prompt_lists
+from ldm.request import (
+    Request,
+    check_fraction,
+    check_modes,
+    check_numbers,
+    check_sampler,
+    prompt_lists,
+)
 from ldm.sampling.noise import make_noise
 from ldm.sampling.schedules import NoiseSchedule, get_sigmas, init_noise_scale, timestep_interp
-from ldm.text.encoders import CLIPTextEncoder
+from ldm.text.encoders import TextEncoder, text_encoder_for
+from ldm.text.micro import MicroConditioning, with_time_ids
 from ldm.text.prompts import encode_cond_uncond, encode_prompts
 
 # callback(step, num_steps) after each sampler step (the CLI drives a progress bar with it)
@@ -76,8 +84,9 @@ class Pipeline:
         self.parts = parts
         self.unet = parts.unet.eval().requires_grad_(False)
         self.vae = parts.vae.eval().requires_grad_(False)
-        self.text_model = parts.text_encoder.eval().requires_grad_(False)
-        self.tokenizer = parts.tokenizer
+        for _, model, _ in parts.text_modules():
+            model.eval().requires_grad_(False)
+        self._text_encoders: dict[int, TextEncoder] = {}  # per clip skip
         self.schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
         self.device, self.dtype = device, dtype
         self.model_path = Path(parts.path) if parts.path is not None else None
@@ -117,6 +126,18 @@ class Pipeline:
         family = self.parts.family
         return dict(sampler=family.sampler, schedule=family.schedule, steps=family.steps,
                     guidance_scale=family.guidance_scale)  # fmt: skip
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL base: an empty negative prompt is zero context and pooled, not encoded text."""
+        default = self.parts.family.force_zeros_for_empty_prompt
+        return bool(self.parts.model_index.get("force_zeros_for_empty_prompt", default))
+
+    def text_encoder(self, clip_skip: int = 1) -> TextEncoder:
+        """The family's text encoder(s) behind one interface (ldm.text.encoders), per clip skip."""
+        if clip_skip not in self._text_encoders:
+            self._text_encoders[clip_skip] = text_encoder_for(self.parts, clip_skip)
+        return self._text_encoders[clip_skip]
 
     # ---- memory and speed switches -------------------------------------------------------------
     # (no attention slicing: on the CPU torch's SDPA already runs attention in blocks)
@@ -167,6 +188,7 @@ class Pipeline:
         cond, uncond = (encode or self.encode_text)(
             request.prompts, request.negatives, request.clip_skip, request.guidance_scale > 1.0
         )
+        cond, uncond = self.condition(request, cond, uncond)
         latents = self.denoise(request, cond, uncond, callback)
         images, retried = self.decode(latents)
         return [
@@ -193,6 +215,9 @@ class Pipeline:
         mask: Image.Image | str | Path | None = None,
         clip_skip: int = 1,
         batched_guidance: bool = True,
+        micro: MicroConditioning | None = None,  # SDXL size/crop/aesthetic conditioning
+        denoising_start: float | None = None,  # start part-way (a refiner after its base)
+        denoising_end: float | None = None,  # stop part-way (a base before its refiner)
     ) -> Request:
         """Step 1: check the whole request before any work (one LdmError per bad value)."""
         family = self.sampling_defaults
@@ -215,13 +240,15 @@ class Pipeline:
         width = self.default_size[1] if width is None else width
         check_numbers(steps, guidance_scale, guidance_rescale, eta, height, width, self.factor)
         check_modes(strength, clip_skip, init_image, mask, self.is_inpainting_model)
+        check_fraction("--denoising-start", denoising_start)
+        check_fraction("--denoising-end", denoising_end)
         if spec.eta is not None and eta is None:
             eta = spec.eta  # the sampler's own default (ancestral and SDE 1, DDIM 0)
         mode = "txt2img" if init_image is None else ("inpaint" if mask is not None else "img2img")
         return Request(
             prompts, negatives, [int(s) for s in seeds], spec, schedule, steps, guidance_scale,
             guidance_rescale, eta, height, width, clip_skip, mode, init_image, mask, strength,
-            batched_guidance,
+            batched_guidance, micro or MicroConditioning(), denoising_start, denoising_end,
         )  # fmt: skip
 
     def encode_text(self, prompts, negatives, clip_skip, guided):
@@ -229,7 +256,7 @@ class Pipeline:
 
         The ``encode`` argument of the call replaces it (ldm batch encodes each prompt once).
         """
-        encoder = CLIPTextEncoder(self.text_model, self.tokenizer, clip_skip=clip_skip)
+        encoder = self.text_encoder(clip_skip)
         if guided:  # one batch, so prompts and negatives get the same number of 75-token chunks
             cond, uncond = encode_cond_uncond(encoder, prompts, negatives)
             return _lean(cond.to(self.device, self.dtype)), _lean(
@@ -237,42 +264,77 @@ class Pipeline:
             )
         return _lean(encode_prompts(encoder, prompts).to(self.device, self.dtype)), None
 
+    def condition(self, r: Request, cond, uncond):
+        """Step 2b: zero empty negatives (SDXL base), add the size/crop ids (SDXL)."""
+        if uncond is not None and self.force_zeros_for_empty_prompt:
+            empty = torch.tensor([n == "" for n in r.negatives], device=uncond.context.device)
+            if empty.any():  # as diffusers' negative_prompt=None: zero context and pooled
+                keep = ~empty  # (B,)
+                uncond = type(uncond)(
+                    uncond.context * keep[:, None, None].to(uncond.context.dtype),
+                    None
+                    if uncond.pooled is None
+                    else uncond.pooled * keep[:, None].to(uncond.pooled.dtype),
+                    uncond.mask,
+                )
+        kind = self.parts.family.micro_conditioning
+        if kind is None:
+            return cond, uncond
+        positive, negative = r.micro.ids(kind, r.height, r.width)
+        uncond = None if uncond is None else with_time_ids(uncond, negative)
+        return with_time_ids(cond, positive), uncond
+
     @torch.inference_mode()
-    def denoise(self, r: Request, cond, uncond, callback: StepCallback | None = None):
+    def denoise(
+        self,
+        r: Request,
+        cond,
+        uncond,
+        callback: StepCallback | None = None,
+        *,
+        generators: list[torch.Generator] | None = None,  # None: one per seed, fresh
+        start_latents: torch.Tensor | None = None,  # (B, C, h, w) at the first sigma (hand-off)
+    ):
         """Step 3: seeded noise -> sigmas -> guided sampler -> (B, C, h, w) float32 latents."""
         # 3a. sigmas: the full schedule, cut at `strength` when starting from an image
         sigmas = get_sigmas(r.schedule, r.steps, self.schedule, sampler=r.spec.name)
         sigmas = sigmas.to(self.device)
-        if r.start_from_image:
+        interpolation = timestep_interp(r.spec.name, r.schedule)
+        denoiser = Denoiser(self.unet, self.schedule, interpolation, dtype=self.dtype)
+        if r.denoising_start is not None or r.denoising_end is not None:
+            sigmas = _part_of(sigmas, denoiser, r.denoising_start, r.denoising_end)
+        elif r.start_from_image:
             # as diffusers' img2img: skip the first steps - int(steps * strength) steps
             sigmas = sigmas[r.steps - min(int(r.steps * r.strength), r.steps) :]
             if len(sigmas) < 2:
                 raise LdmError(f"--strength {r.strength} x --steps {r.steps} leaves no step to run")
 
         # 3b. per-image generators and starting latents (encode first, then noise: as diffusers)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in r.seeds]
+        if generators is None:
+            generators = [torch.Generator("cpu").manual_seed(s) for s in r.seeds]
         h, w = r.height // self.factor, r.width // self.factor
         latent_shape = (1, self.vae.latent_channels, h, w)
         init_latents = keep = extra = None
-        vae = dict(device=self.device, dtype=self.dtype)
+        vae = self._vae_for_pixels()  # (module, device=, dtype=)
         if r.init_image is not None:
             pixels = image_to_tensor(r.init_image, r.height, r.width)
             if r.start_from_image or (r.mode == "inpaint" and not self.is_inpainting_model):
-                init_latents = encode_each(self.vae, pixels, generators, **vae)
-        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
-        noise = noise.to(self.device, torch.float32)
-        if r.start_from_image:
-            x = init_latents + noise * sigmas[0]  # VE form of diffusers' add_noise
+                init_latents = encode_each(vae[0], pixels, generators, **vae[1])
+        if start_latents is not None:  # the refiner continues the base's latents: no new noise
+            x = start_latents.to(self.device, torch.float32)
         else:
-            x = noise * init_noise_scale(sigmas, self.schedule, r.spec.name)  # as diffusers
+            noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
+            noise = noise.to(self.device, torch.float32)
+            if r.start_from_image:
+                x = init_latents + noise * sigmas[0]  # VE form of diffusers' add_noise
+            else:
+                x = noise * init_noise_scale(sigmas, self.schedule, r.spec.name)  # as diffusers
         if r.mode == "inpaint":
             keep, extra = inpaint_inputs(
-                self.vae, r.mask, pixels, generators, self.is_inpainting_model, **vae
+                vae[0], r.mask, pixels, generators, self.is_inpainting_model, **vae[1]
             )
 
         # 3c. network -> denoiser -> guided denoiser (-> inpaint blending), NaN-checked
-        interpolation = timestep_interp(r.spec.name, r.schedule)
-        denoiser = Denoiser(self.unet, self.schedule, interpolation, dtype=self.dtype)
         denoise = cfg(
             denoiser, cond, uncond, r.guidance_scale, rescale=r.guidance_rescale,
             batched=r.batched_guidance, concat=extra,
@@ -295,7 +357,8 @@ class Pipeline:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
         """Step 4: latents -> images, each again in fp32 if it came out NaN/Inf (and which did)."""
-        pixels = self.vae.decode(latents.to(self.dtype)).float()
+        vae, where = self._vae_for_pixels()
+        pixels = vae.decode(latents.to(where["dtype"])).float()
         retried = [False] * len(pixels)
         for i in range(len(pixels)):
             if not torch.isfinite(pixels[i]).all():
@@ -307,6 +370,14 @@ class Pipeline:
         arrays = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         arrays = arrays.permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays], retried
+
+    def _vae_for_pixels(self) -> tuple[torch.nn.Module, dict]:
+        """The VAE and dtype to encode/decode with: fp32 under fp16 where the family honours
+        the VAE config's ``force_upcast`` (diffusers' SDXL pipelines: its VAE overflows)."""
+        family = self.parts.family
+        if self.dtype == torch.float16 and family.vae_upcast and self.vae.config.force_upcast:
+            return self._fp32_vae(), dict(device=self.device, dtype=torch.float32)
+        return self.vae, dict(device=self.device, dtype=self.dtype)
 
     def _fp32_vae(self):
         if self.dtype == torch.float32:
@@ -343,10 +414,28 @@ class Pipeline:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+def _part_of(sigmas: torch.Tensor, denoiser, start: float | None, end: float | None):
+    """The sigmas of diffusers' ``denoising_start`` / ``denoising_end`` (SDXL base + refiner).
+
+    Both cut the schedule where the timestep falls below (1 - fraction) * T: the base keeps the
+    steps at or above it and ends at the cut sigma; the refiner runs from that sigma on.
+    """
+    t = denoiser.sigma_to_t(sigmas[:-1])  # timestep of each step
+    T = denoiser.schedule.num_train_timesteps
+    fraction = end if end is not None else start
+    cutoff = int(round(T - fraction * T))
+    before = int((t >= cutoff).sum())  # steps the base runs
+    if end is not None:
+        return sigmas[: before + 1]
+    if before >= len(sigmas) - 1:
+        raise LdmError(f"--denoising-start {start} leaves no step to run")
+    return sigmas[before:]
+
+
 def _lean(cond):
     """Drop an all-True token mask: attending everywhere needs no mask, and SDPA is faster."""
     if cond.mask is not None and bool(cond.mask.all()):
-        return type(cond)(cond.context, cond.pooled, None)
+        return type(cond)(cond.context, cond.pooled, None, cond.time_ids)
     return cond
 
 

@@ -7,13 +7,14 @@ users set them; the Python API raises the same LdmError.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
 from ldm.errors import LdmError
 from ldm.sampling.samplers import SPEC, SamplerSpec, resolve_sampler
 from ldm.sampling.schedules import SIGMA_SCHEDULES
+from ldm.text.micro import MicroConditioning
 
 
 @dataclass
@@ -37,6 +38,11 @@ class Request:
     mask: Image.Image | None  # white = repaint
     strength: float  # share of the schedule run from the init image
     batched_guidance: bool  # cond and uncond in one network call
+    micro: MicroConditioning = field(default_factory=MicroConditioning)  # SDXL size/crop ids
+    # run only part of the schedule (diffusers' SDXL base + refiner hand-off): a fraction of
+    # the training timesteps, 0.8 = stop (end) or start where 80 % of the noise is removed
+    denoising_start: float | None = None
+    denoising_end: float | None = None
 
     @property
     def start_from_image(self) -> bool:
@@ -91,6 +97,11 @@ def check_numbers(steps, scale, rescale, eta, height, width, factor) -> None:
             raise LdmError(f"{flag} must be a positive integer, got {size}")
         if size % factor:
             raise LdmError(f"{flag} {size} is not a multiple of {factor} (the VAE's latent factor)")
+
+
+def check_fraction(flag: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise LdmError(f"{flag} must be between 0 and 1 (exclusive), got {value}")
 
 
 def check_modes(strength, clip_skip, init_image, mask, inpainting_model) -> None:

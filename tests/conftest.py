@@ -21,3 +21,19 @@ def tiny_sd2(tmp_path_factory) -> Path:
     from tiny import make_tiny_folder
 
     return make_tiny_folder(tmp_path_factory.mktemp("tiny_sd2"), "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny random SDXL-shaped diffusers folder (text_time U-Net, two CLIP encoders, Euler)."""
+    from tiny import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory) -> Path:
+    """A tiny random SDXL-refiner-shaped folder (second encoder only, aesthetic score ids)."""
+    from tiny import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl_refiner"), refiner=True, seed=1)

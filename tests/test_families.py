@@ -20,22 +20,44 @@ def test_registry_entries_are_complete():
         assert family.name == name
         assert family.network in NETWORKS
         assert family.text_encoders and family.prediction_type
-        assert {"unet", "vae", "text_encoder", "scheduler"} <= set(family.single_file)
+        assert {"unet", "vae", "scheduler"} <= set(family.single_file)
+        assert {s.subfolder for s in family.text_encoders} <= set(family.single_file)
     assert set(families.KNOWN_ELSEWHERE).isdisjoint(
         f.pipeline_class for f in families.FAMILIES.values()
     )
     assert "CLIPTextModel" in TEXT_MODELS
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2"])
-def test_folder_family_is_detected_and_survives_a_round_trip(kind, tiny_sd1, tiny_sd2, tmp_path):
-    folder = {"sd1": tiny_sd1, "sd2": tiny_sd2}[kind]
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "sdxl-refiner"])
+def test_folder_family_is_detected_and_survives_a_round_trip(kind, request, tmp_path):
+    fixture = {"sd1": "tiny_sd1", "sd2": "tiny_sd2", "sdxl": "tiny_sdxl"}.get(
+        kind, "tiny_sdxl_refiner"
+    )
+    folder = request.getfixturevalue(fixture)
     parts = load_folder(folder)
     assert parts.family is families.get(kind)
     saved = save_folder(parts, tmp_path / "copy")
     index = json.loads((saved / "model_index.json").read_text())
     assert index["_class_name"] == parts.family.pipeline_class
     assert load_folder(saved).family is parts.family
+    for spec, model, _ in parts.text_modules():  # every encoder saved, bit for bit
+        again = getattr(load_folder(saved), spec.subfolder)
+        assert type(again) is type(model)
+        for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+            assert torch.equal(a, b), k
+
+
+def test_sdxl_folders_load_in_diffusers_after_ldm_saves_them(
+    tiny_sdxl, tiny_sdxl_refiner, tmp_path
+):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = save_folder(load_folder(tiny_sdxl), tmp_path / "base")
+    refiner = save_folder(load_folder(tiny_sdxl_refiner), tmp_path / "refiner")
+    pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    assert pipe.config.force_zeros_for_empty_prompt
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
+    assert pipe.text_encoder is None and pipe.config.requires_aesthetics_score
 
 
 def test_loaded_weights_are_the_files_own(tiny_sd1):
@@ -57,7 +79,6 @@ def test_loaded_weights_are_the_files_own(tiny_sd1):
 @pytest.mark.parametrize(
     "pipeline_class, words",
     [
-        ("StableDiffusionXLPipeline", "SDXL models are not supported"),
         ("StableDiffusion3Pipeline", "Stable Diffusion 3 models are not supported"),
         ("FluxPipeline", "FLUX.1 models are not supported"),
         ("KandinskyPipeline", "pipeline class 'KandinskyPipeline' is not one ldm loads"),

@@ -102,7 +102,7 @@ def test_config_round_trip_through_diffusers() -> None:
     "field, value",
     [
         ("class_embed_type", "timestep"),
-        ("addition_embed_type", "text_time"),
+        ("addition_embed_type", "text"),  # text_time (SDXL) works; the others are refused
         ("only_cross_attention", True),
         ("resnet_time_scale_shift", "scale_shift"),
         ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
@@ -113,6 +113,11 @@ def test_config_round_trip_through_diffusers() -> None:
 def test_unsupported_field_is_a_config_error(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         UNetConfig.from_diffusers(dict(UNET_SD1, **{field: value}))
+
+
+def test_text_time_without_its_sizes_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="addition_time_embed_dim"):
+        UNetConfig.from_diffusers(dict(UNET_SD1, addition_embed_type="text_time"))
 
 
 def test_default_valued_unsupported_fields_are_accepted() -> None:

@@ -4,6 +4,9 @@
 kind "sd1" is SD 1.x-shaped (conv proj_in, fixed head count, eps, PNDM/steps_offset=1 scheduler
 config, CLIP quick_gelu); kind "sd2" is SD 2.x-shaped (linear proj, per-block head dims,
 upcast_attention, v-prediction, gelu text encoder). The tokenizer is ldm's offline CLIP BPE.
+``make_tiny_sdxl(path, refiner=False)`` writes a ``StableDiffusionXLPipeline`` folder shaped like
+diffusers' own SDXL test components (text_time U-Net, CLIP + CLIP-with-projection, Euler
+"leading"), or the refiner's ``StableDiffusionXLImg2ImgPipeline`` (second encoder only, 5 ids).
 """
 
 from __future__ import annotations
@@ -97,5 +100,66 @@ def make_tiny_folder(path: str | Path, kind: str = "sd1", seed: int = 0) -> Path
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+UNET_SDXL = dict(
+    UNET_SD2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    upcast_attention=False,
+    transformer_layers_per_block=(1, 2),
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    cross_attention_dim=64,  # 32 (CLIP) + 32 (CLIP with projection)
+    projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled + 6 ids x 8
+)
+UNET_SDXL_REFINER = dict(
+    UNET_SDXL, cross_attention_dim=32, projection_class_embeddings_input_dim=32 + 5 * 8
+)
+SCHEDULER_SDXL = dict(
+    SCHEDULER_SD1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    sample_max_value=1.0,
+)
+
+
+def make_tiny_sdxl(path: str | Path, refiner: bool = False, seed: int = 0) -> Path:
+    """Write a tiny random SDXL base (or refiner) diffusers folder at ``path`` and return it."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.text.tokenizer import build_clip_tokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**(UNET_SDXL_REFINER if refiner else UNET_SDXL))
+    vae = AutoencoderKL(**VAE, scaling_factor=0.13025)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act="quick_gelu"))
+    text_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**TEXT, hidden_act="gelu", projection_dim=32)
+    )
+    scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_SDXL)
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")  # OpenCLIP pads with id 0, as SDXL's does
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_2, tokenizer=None,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        )  # fmt: skip
+    else:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=build_clip_tokenizer(),
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        )  # fmt: skip
     pipe.save_pretrained(path, safe_serialization=True)
     return path

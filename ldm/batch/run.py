@@ -29,7 +29,6 @@ from ldm.batch.names import image_name, inside
 from ldm.errors import LdmError
 from ldm.infotext import infotext_from_record, save_png
 from ldm.text.cond import Cond
-from ldm.text.encoders import CLIPTextEncoder
 from ldm.text.prompts import encode_prompts, prompt_chunks
 
 if TYPE_CHECKING:  # fcntl: POSIX only, and only runs that share a folder need it
@@ -82,15 +81,11 @@ class TextCache:
     def __init__(self, pipe, capacity: int = 4096):
         self.pipe, self.capacity = pipe, capacity
         self.conds: OrderedDict = OrderedDict()
-        self.encoders: dict = {}
         self.encoded = self.reused = 0
         self.num_chunks = lru_cache(maxsize=65536)(self._num_chunks)
 
     def _encoder(self, clip_skip: int):
-        if clip_skip not in self.encoders:
-            pipe = self.pipe
-            self.encoders[clip_skip] = CLIPTextEncoder(pipe.text_model, pipe.tokenizer, clip_skip)
-        return self.encoders[clip_skip]
+        return self.pipe.text_encoder(clip_skip)
 
     def _num_chunks(self, text: str) -> int:
         """75-token chunks of an A1111 prompt (1 without tokenizing when it cannot be more)."""
@@ -112,7 +107,7 @@ class TextCache:
         n = max(self.num_chunks(t) for t in texts)
         both = Cond.cat([self._one(t, clip_skip, n) for t in texts])
         if both.mask is not None and bool(both.mask.all()):
-            both = Cond(both.context, both.pooled, None)  # no mask needed: faster attention
+            both = Cond(both.context, both.pooled, None, both.time_ids)  # no mask: faster SDPA
         return (both[: len(prompts)], both[len(prompts) :]) if guided else (both, None)
 
     def _one(self, text: str, clip_skip: int, num_chunks: int):

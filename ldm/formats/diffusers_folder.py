@@ -79,18 +79,24 @@ def load_folder(
         scheduler_config["prediction_type"] = normalize_prediction_type(prediction_type)
     where = path / "unet"
     unet_config, vae_config = read_json(where / "config.json"), read_json(path / "vae/config.json")
-    text_config = read_json(path / "text_encoder" / "config.json")
+    text_config_path = path / "text_encoder" / "config.json"
+    text_config = read_json(text_config_path) if text_config_path.exists() else None
     family = families.from_folder(model_index, text_config, str(path))
     unet = build_network(unet_config, where, family=family.name, empty=True)
     load_weights(unet, load_part(where, "diffusers", dtype), str(where), device, dtype)
     vae = build_vae(vae_config, path / "vae", empty=True)
     vae_state = fix_vae_keys(load_part(path / "vae", "diffusers", dtype))
     load_weights(vae, vae_state, str(path / "vae"), device, dtype)
-    text_encoder = load_text_model(path / "text_encoder", text_config, device, dtype)
-    tokenizer = load_tokenizer(path / "tokenizer")
+    text = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+    for spec in family.text_encoders:  # SDXL: text_encoder_2/ and tokenizer_2/ too
+        folder = path / spec.subfolder
+        config = read_json(folder / "config.json")
+        text[spec.subfolder] = load_text_model(folder, config, device, dtype)
+        text[spec.tokenizer] = load_tokenizer(path / spec.tokenizer)
     return ModelParts(
-        unet, vae, text_encoder, tokenizer, scheduler_config, model_index, path, path.name,
-        family=family,
+        unet, vae, text["text_encoder"], text["tokenizer"], scheduler_config, model_index, path,
+        path.name, family=family, text_encoder_2=text["text_encoder_2"],
+        tokenizer_2=text["tokenizer_2"],
     )  # fmt: skip
 
 
@@ -175,7 +181,7 @@ def load_text_model(
     keep = {k: v for k, v in config.items() if not k.startswith("_")}
     model = build_text_encoder(keep, arch, empty=True)
     state_dict = load_part(folder, "transformers", dtype)
-    if arch == "CLIPTextModel":
+    if arch.startswith("CLIPTextModel"):
         state_dict = fit_clip_keys(state_dict, model)
     elif "shared.weight" in state_dict:  # T5 ties its token embedding; files keep one copy
         state_dict.setdefault("encoder.embed_tokens.weight", state_dict["shared.weight"])
@@ -272,16 +278,10 @@ def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> N
         _write_json(root / name / "config.json", config)
         weights = cast(module.state_dict(), dtype)
         save_state_dict(weights, root / name / "diffusion_pytorch_model.safetensors", meta)
-    # the classic ``text_model.``-prefixed keys: what every transformers version loads
-    text_state = cast(parts.text_encoder.state_dict(), dtype)
-    text_state = {"text_model." + k.removeprefix("text_model."): v for k, v in text_state.items()}
-    text_config = parts.text_encoder.config.to_dict()
-    text_config["architectures"] = ["CLIPTextModel"]
-    text_config["dtype"] = str(dtype or parts.text_encoder.dtype).removeprefix("torch.")
-    _write_json(root / "text_encoder" / "config.json", text_config)
-    save_state_dict(text_state, root / "text_encoder" / "model.safetensors", meta)
-    parts.tokenizer.save_pretrained(str(root / "tokenizer"))
-    _compact_json(root / "tokenizer" / "tokenizer.json")
+    for spec, model, tokenizer in parts.text_modules():
+        _write_text_encoder(model, root / spec.subfolder, dtype, meta)
+        tokenizer.save_pretrained(str(root / spec.tokenizer))
+        _compact_json(root / spec.tokenizer / "tokenizer.json")
     scheduler = dict(parts.scheduler_config)
     scheduler.setdefault("_class_name", _scheduler_class(parts))
     scheduler["_diffusers_version"] = version
@@ -289,7 +289,34 @@ def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> N
     index = {**DEFAULT_MODEL_INDEX, **parts.model_index, "_diffusers_version": version}
     index["_class_name"] = parts.family.pipeline_class
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    if parts.family.name.startswith("sdxl"):  # diffusers' SDXL pipelines take no safety checker
+        for key in ("safety_checker", "requires_safety_checker"):
+            index.pop(key, None)
+        index.setdefault("force_zeros_for_empty_prompt", parts.family.force_zeros_for_empty_prompt)
+        if parts.family.micro_conditioning == "aesthetic":
+            index["requires_aesthetics_score"] = True
+    for spec in parts.family.text_encoders:
+        model = getattr(parts, spec.subfolder)
+        index[spec.subfolder] = ["transformers", type(model).__name__]
+        index[spec.tokenizer] = ["transformers", "CLIPTokenizer"]
+    if parts.text_encoder is None:  # the SDXL refiner: diffusers' index names the empty slots
+        index["text_encoder"], index["tokenizer"] = [None, None], [None, None]
     _write_json(root / "model_index.json", index)
+
+
+def _write_text_encoder(model, folder: Path, dtype: torch.dtype | None, meta: dict) -> None:
+    """A transformers CLIP text model as config.json + model.safetensors."""
+    # the classic ``text_model.``-prefixed keys: what every transformers version loads
+    text_state = cast(model.state_dict(), dtype)
+    text_state = {
+        k if k.startswith("text_projection.") else "text_model." + k.removeprefix("text_model."): v
+        for k, v in text_state.items()
+    }
+    text_config = model.config.to_dict()
+    text_config["architectures"] = [type(model).__name__]
+    text_config["dtype"] = str(dtype or model.dtype).removeprefix("torch.")
+    _write_json(folder / "config.json", text_config)
+    save_state_dict(text_state, folder / "model.safetensors", meta)
 
 
 def _scheduler_class(parts: ModelParts) -> str:

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
 from ldm.config import load_config
 from ldm.errors import ConfigError
@@ -36,6 +42,7 @@ NETWORKS = {"UNet2DConditionModel": (UNetConfig, UNet2DConditionModel)}
 # a text encoder's transformers architecture -> (config class, model class)
 TEXT_MODELS = {
     "CLIPTextModel": (CLIPTextConfig, CLIPTextModel),
+    "CLIPTextModelWithProjection": (CLIPTextConfig, CLIPTextModelWithProjection),  # SDXL's 2nd
     "T5EncoderModel": (T5Config, T5EncoderModel),
 }
 _BAD_CONFIG = (ValueError, TypeError, ZeroDivisionError)  # an inconsistent architecture

@@ -22,13 +22,56 @@ _SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_l
                      set_alpha_to_one=False, clip_sample=False, trained_betas=None)  # fmt: skip
 
 
+def _sdxl_single_file(refiner: bool) -> dict:
+    """The public SDXL 1.0 base / refiner diffusers configs (what a single file cannot say)."""
+    unet = dict(
+        sample_size=128, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, upcast_attention=False,
+    )  # fmt: skip
+    if refiner:
+        unet.update(attention_head_dim=[6, 12, 24, 24], block_out_channels=[384, 768, 1536, 1536],
+                    cross_attention_dim=1280, transformer_layers_per_block=4,
+                    projection_class_embeddings_input_dim=2560,  # 1280 pooled + 5 ids x 256
+                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
+                                      "CrossAttnDownBlock2D", "DownBlock2D"],
+                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                    "UpBlock2D"])  # fmt: skip
+    else:
+        unet.update(attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280],
+                    cross_attention_dim=2048, transformer_layers_per_block=[1, 2, 10],
+                    projection_class_embeddings_input_dim=2816,  # 1280 pooled + 6 ids x 256
+                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
+                                      "CrossAttnDownBlock2D"],
+                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                    "UpBlock2D"])  # fmt: skip
+    bigg = dict(architectures=["CLIPTextModelWithProjection"], hidden_act="gelu",
+                hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                num_hidden_layers=32, projection_dim=1280, max_position_embeddings=77,
+                vocab_size=49408, layer_norm_eps=1e-5)  # fmt: skip
+    clip_l = dict(architectures=["CLIPTextModel"], hidden_act="quick_gelu", hidden_size=768,
+                  intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                  projection_dim=768, max_position_embeddings=77, vocab_size=49408,
+                  layer_norm_eps=1e-5)  # fmt: skip
+    scheduler = dict(_SD_SCHEDULER, _class_name="EulerDiscreteScheduler", prediction_type="epsilon",
+                     timestep_spacing="leading", interpolation_type="linear",
+                     use_karras_sigmas=False, sample_max_value=1.0)  # fmt: skip
+    out = dict(unet=unet, vae=dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+               text_encoder_2=bigg, scheduler=scheduler)  # fmt: skip
+    if not refiner:
+        out["text_encoder"] = clip_l
+    return out
+
+
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder of a family and where its parts live in a diffusers folder."""
 
     kind: str  # "clip" (OpenAI CLIP), "openclip" (OpenCLIP in CLIP's layout), "t5"
-    subfolder: str = "text_encoder"  # weights + config.json
-    tokenizer: str = "tokenizer"  # tokenizer files
+    subfolder: str = "text_encoder"  # weights + config.json (also the ModelParts attribute)
+    tokenizer: str = "tokenizer"  # tokenizer files (also the ModelParts attribute)
+    # context: "last" = clip skip from the last layer, through the final LayerNorm (SD 1.x/2.x);
+    # "penultimate" = from the penultimate layer, no final LayerNorm (SDXL, as diffusers counts)
+    hidden: str = "last"
 
 
 @dataclass(frozen=True)
@@ -40,7 +83,7 @@ class Family:
     pipeline_class: str  # model_index.json "_class_name" that diffusers writes for it
     network: str  # the latent network's diffusers class name (ldm.models.build.NETWORKS)
     text_encoders: tuple[TextEncoderSpec, ...]  # in the order their outputs are combined
-    text_combine: str  # "single": one encoder's hidden states are the context
+    text_combine: str  # "single": one encoder's context; "concat": contexts side by side (D axis)
     prediction_type: str  # parametrisation: epsilon | v_prediction | sample | flow
     vae_scaling_factor: float  # latents ~ unit variance (LDM App. G)
     vae_shift_factor: float | None = None  # subtracted before scaling (None: 0)
@@ -48,6 +91,13 @@ class Family:
     schedule: str = "default"  # default sigma schedule ("default": the checkpoint's spacing)
     steps: int = 20  # default number of sampler steps
     guidance_scale: float = 7.5  # default classifier-free guidance scale
+    # SDXL micro-conditioning ids (ldm.text.micro): None, "size" (original size, crop, target
+    # size: 6 ids) or "aesthetic" (original size, crop, aesthetic score: 5 ids, the refiner)
+    micro_conditioning: str | None = None
+    # an empty negative prompt means zero context and pooled (model_index.json may override)
+    force_zeros_for_empty_prompt: bool = False
+    also_pipelines: tuple[str, ...] = ()  # other model_index classes that hold this family
+    vae_upcast: bool = False  # fp16: run the VAE in fp32 when its config says force_upcast
     # what an original single file's keys cannot say: diffusers config fields per component
     single_file: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -91,25 +141,64 @@ FAMILIES: dict[str, Family] = {
                 ),
             ),  # fmt: skip
         ),
+        Family(
+            name="sdxl",
+            label="Stable Diffusion XL",
+            pipeline_class="StableDiffusionXLPipeline",
+            also_pipelines=("StableDiffusionXLInpaintPipeline", "StableDiffusionXLImg2ImgPipeline"),
+            network="UNet2DConditionModel",
+            text_encoders=(
+                TextEncoderSpec("clip", hidden="penultimate"),  # CLIP ViT-L
+                TextEncoderSpec("openclip", "text_encoder_2", "tokenizer_2", "penultimate"),  # bigG
+            ),
+            text_combine="concat",
+            prediction_type="epsilon",
+            vae_scaling_factor=0.13025,
+            sampler="euler",  # the checkpoint's EulerDiscreteScheduler
+            steps=30,
+            guidance_scale=5.0,  # diffusers' SDXL default
+            micro_conditioning="size",
+            force_zeros_for_empty_prompt=True,
+            vae_upcast=True,
+            single_file=_sdxl_single_file(refiner=False),
+        ),
+        Family(
+            name="sdxl-refiner",
+            label="Stable Diffusion XL refiner",
+            pipeline_class="StableDiffusionXLImg2ImgPipeline",
+            network="UNet2DConditionModel",
+            text_encoders=(
+                TextEncoderSpec("openclip", "text_encoder_2", "tokenizer_2", "penultimate"),
+            ),
+            text_combine="concat",
+            prediction_type="epsilon",
+            vae_scaling_factor=0.13025,
+            sampler="euler",
+            steps=30,
+            guidance_scale=5.0,
+            micro_conditioning="aesthetic",
+            vae_upcast=True,
+            single_file=_sdxl_single_file(refiner=True),
+        ),
     )
 }
 
 # families other tools load and ldm does not yet: pipeline class / single-file key -> label
 KNOWN_ELSEWHERE = {
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL refiner",
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
     "FluxPipeline": "FLUX.1",
     "LatentConsistencyModelPipeline": "LCM",
 }
 SINGLE_FILE_MARKERS = (  # a key fragment that identifies a family, checked in this order
-    ("conditioner.embedders.", "SDXL"),
     ("joint_blocks.", "Stable Diffusion 3"),
     ("double_blocks.", "FLUX.1"),
 )
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # OpenAI CLIP (SD 1.x)
 OPENCLIP_PREFIX = "cond_stage_model.model."  # OpenCLIP (SD 2.x)
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP bigG
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP bigG only
 
 
 def get(name: str) -> Family:
@@ -128,11 +217,21 @@ def from_folder(model_index: dict, text_encoder_config: dict | None, source: str
     pipeline_class = model_index.get("_class_name", "StableDiffusionPipeline")
     if pipeline_class in KNOWN_ELSEWHERE:
         raise _unsupported(KNOWN_ELSEWHERE[pipeline_class], source)
-    known = sorted({f.pipeline_class for f in FAMILIES.values()})
-    if pipeline_class not in known:
+    holders = [
+        f for f in FAMILIES.values() if pipeline_class in (f.pipeline_class, *f.also_pipelines)
+    ]
+    if not holders:
+        known = sorted(
+            {c for f in FAMILIES.values() for c in (f.pipeline_class, *f.also_pipelines)}
+        )
         raise CheckpointError(
             f"{source}: pipeline class {pipeline_class!r} is not one ldm loads ({', '.join(known)})"
         )
+    if holders[0].name == "sdxl":
+        # the refiner: second encoder only, aesthetic-score ids (diffusers' img2img pipeline flag)
+        no_first = (model_index.get("text_encoder") or [None])[0] is None
+        refiner = model_index.get("requires_aesthetics_score", False) or no_first
+        return FAMILIES["sdxl-refiner" if refiner else "sdxl"]
     return _by_text_activation((text_encoder_config or {}).get("hidden_act", "quick_gelu"))
 
 
@@ -146,6 +245,10 @@ def from_keys(keys: Iterable[str], source: str) -> Family:
         raise CheckpointError(
             f"{source}: no U-Net weights ({UNET_PREFIX}*): not a Stable Diffusion file"
         )
+    if any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in keys):
+        return FAMILIES["sdxl"]
+    if any(k.startswith(REFINER_OPENCLIP_PREFIX) for k in keys):
+        return FAMILIES["sdxl-refiner"]
     if any(k.startswith(OPENCLIP_PREFIX) for k in keys):
         return FAMILIES["sd2"]
     if any(k.startswith(CLIP_PREFIX) for k in keys):

@@ -9,23 +9,32 @@ from typing import Any
 
 import torch
 
-from ldm.models.families import FAMILIES, Family
+from ldm.models.families import FAMILIES, Family, TextEncoderSpec
 
 
 @dataclass
 class ModelParts:
-    """ldm's network and VAE, a transformers text encoder, and what is known about them."""
+    """ldm's network and VAE, transformers text encoders, and what is known about them."""
 
     unet: torch.nn.Module  # the latent network (ldm.models.unet.UNet2DConditionModel)
     vae: torch.nn.Module  # ldm.models.autoencoder.AutoencoderKL
-    text_encoder: torch.nn.Module  # transformers.CLIPTextModel
-    tokenizer: Any  # transformers.CLIPTokenizer
+    text_encoder: torch.nn.Module | None  # transformers.CLIPTextModel (None: SDXL refiner)
+    tokenizer: Any  # transformers.CLIPTokenizer (None with no text_encoder)
     scheduler_config: dict  # diffusers scheduler_config.json (betas, prediction_type, ...)
     model_index: dict = field(default_factory=dict)  # model_index.json as read (or {})
     path: Path | None = None  # where it was loaded from
     name: str = ""  # a short display name (folder or file stem)
     inferred: dict[str, str] = field(default_factory=dict)  # guessed, not read (single files)
     family: Family = FAMILIES["sd1"]  # ldm.models.families entry
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: transformers CLIPTextModelWithProjection
+    tokenizer_2: Any = None  # SDXL: its CLIPTokenizer (pads with id 0, as OpenCLIP)
+
+    def text_modules(self) -> list[tuple[TextEncoderSpec, torch.nn.Module, Any]]:
+        """(spec, text model, tokenizer) for each of the family's text encoders, in order."""
+        return [
+            (spec, getattr(self, spec.subfolder), getattr(self, spec.tokenizer))
+            for spec in self.family.text_encoders
+        ]
 
     @property
     def prediction_type(self) -> str:

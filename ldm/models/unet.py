@@ -1,9 +1,9 @@
 """Latent U-Net with cross-attention to the text (Rombach et al. 2022, "LDM", Sec. 3.3).
 
 Parameter names follow diffusers' ``UNet2DConditionModel`` so its state dicts load with
-strict=True both ways. Covers SD 1.x (conv proj, fixed head count) and SD 2.x (linear proj,
-per-block head counts, upcast attention); SDXL's added conditioning is a later step (the config
-field is recognised and refused with a clear error).
+strict=True both ways. Covers SD 1.x (conv proj, fixed head count), SD 2.x (linear proj,
+per-block head counts, upcast attention) and SDXL (transformer depth per level, and the
+"text_time" added conditioning: pooled text + embedded size/crop ids, Podell et al. 2023 Sec. 2.2).
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ _UNSUPPORTED: dict[str, Any] = {
     "encoder_hid_dim_type": None,
     "num_attention_heads": None,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -47,7 +45,6 @@ _UNSUPPORTED: dict[str, Any] = {
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
     "time_cond_proj_dim": None,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -102,6 +99,9 @@ class UNetConfig:
     resnet_time_scale_shift: str = "default"
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    addition_embed_type: str | None = None  # SDXL: "text_time" (pooled text + size ids)
+    addition_time_embed_dim: int | None = None  # SDXL: sinusoid width per time id (256)
+    projection_class_embeddings_input_dim: int | None = None  # pooled width + ids x 256
 
     def __post_init__(self) -> None:
         for name in ("down_block_types", "up_block_types", "block_out_channels"):
@@ -127,12 +127,18 @@ class UNetConfig:
             "mid_block_type": ("UNetMidBlock2DCrossAttn",),
             "act_fn": ("silu",),
             "resnet_time_scale_shift": ("default",),
+            "addition_embed_type": (None, "text_time"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unet config: {name}={getattr(self, name)!r} is not supported")
         for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block"):
             _per_block(getattr(self, name), n, name)
+        if self.addition_embed_type == "text_time" and not (
+            self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
+        ):
+            raise ConfigError("unet config: text_time needs addition_time_embed_dim and "
+                              "projection_class_embeddings_input_dim")  # fmt: skip
         for ch, heads in zip(self.block_out_channels, self.heads()):
             if ch % heads:
                 raise ConfigError(f"unet config: attention_head_dim {heads} does not divide {ch}")
@@ -155,8 +161,7 @@ class UNetConfig:
                 kwargs[key] = value
             elif key in _UNSUPPORTED:
                 if not _is_default(value, _UNSUPPORTED[key]):
-                    hint = " (SDXL added conditioning)" if value == "text_time" else ""
-                    raise ConfigError(f"unet config: {key}={value!r}{hint} is not supported by ldm")
+                    raise ConfigError(f"unet config: {key}={value!r} is not supported by ldm")
             else:
                 raise ConfigError(f"unet config: unknown field {key!r}")
         return cls(**kwargs)
@@ -295,6 +300,8 @@ class UNet2DConditionModel(nn.Module):
             c.in_channels, chs[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2
         )
         self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
+        if c.addition_embed_type == "text_time":  # add_time_proj is the parameter-free sinusoid
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb_ch)
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(c.down_block_types):
@@ -344,14 +351,18 @@ class UNet2DConditionModel(nn.Module):
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """sample (B, C, H, W), timestep scalar or (B,), context (B, L, D), mask (B, L) 1=keep."""
+        """sample (B, C, H, W), timestep scalar or (B,), context (B, L, D), mask (B, L) 1=keep;
+        SDXL: added_cond_kwargs {"text_embeds": (B, P) pooled text, "time_ids": (B, N)}."""
         c = self.config
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t
         emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = self.time_embedding(emb.to(sample.dtype))
+        if c.addition_embed_type == "text_time":
+            temb = temb + self._text_time(added_cond_kwargs, temb.dtype)
         context = encoder_hidden_states
         bias = None
         if encoder_attention_mask is not None:
@@ -373,3 +384,15 @@ class UNet2DConditionModel(nn.Module):
             h = block(h, block_skips, temb, context, bias, size)
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
         return h.contiguous()  # NCHW, whichever layout the convolutions chose
+
+    def _text_time(self, added: dict[str, torch.Tensor] | None, dtype: torch.dtype):
+        """SDXL's added embedding: MLP([pooled text, sinusoid(id) for each time id])."""
+        if not added or added.get("text_embeds") is None or added.get("time_ids") is None:
+            raise ValueError("an SDXL U-Net needs added_cond_kwargs text_embeds and time_ids")
+        text, ids = added["text_embeds"], added["time_ids"]
+        c = self.config
+        ids_emb = timestep_embedding(
+            ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift
+        )  # (B * N, 256)
+        ids_emb = ids_emb.reshape(text.shape[0], -1)  # (B, N * 256)
+        return self.add_embedding(torch.cat([text, ids_emb.to(text.dtype)], dim=-1).to(dtype))

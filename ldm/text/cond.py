@@ -14,11 +14,13 @@ class Cond:
     context: (B, L, D) token embeddings, the cross-attention keys/values.
     pooled:  (B, P) pooled text embedding, or None (used by SDXL-style added conditioning).
     mask:    (B, L) bool, True for real tokens, or None (all tokens attend).
+    time_ids: (B, N) SDXL micro-conditioning (sizes, crop, aesthetic; ldm.text.micro), or None.
     """
 
     context: torch.Tensor
     pooled: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.context.shape[0]
@@ -29,13 +31,16 @@ class Cond:
                 return None
             return t.to(device=device, dtype=dtype if floating else None)
 
-        return Cond(move(self.context), move(self.pooled), move(self.mask, floating=False))
+        return Cond(
+            move(self.context), move(self.pooled), move(self.mask, floating=False),
+            move(self.time_ids, floating=False),  # ids stay float32: sizes like 1024 are exact
+        )  # fmt: skip
 
     def __getitem__(self, index) -> Cond:
         def pick(t):
             return None if t is None else t[index]
 
-        return Cond(self.context[index], pick(self.pooled), pick(self.mask))
+        return Cond(self.context[index], pick(self.pooled), pick(self.mask), pick(self.time_ids))
 
     def repeat(self, n: int) -> Cond:
         """Each row repeated n times in place: [a, b] -> [a, a, b, b] (for n images per prompt)."""
@@ -43,7 +48,7 @@ class Cond:
         def rep(t):
             return None if t is None else t.repeat_interleave(n, dim=0)
 
-        return Cond(rep(self.context), rep(self.pooled), rep(self.mask))
+        return Cond(rep(self.context), rep(self.pooled), rep(self.mask), rep(self.time_ids))
 
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
@@ -63,4 +68,5 @@ class Cond:
             torch.cat([c.context for c in conds]),
             cat([c.pooled for c in conds]),
             cat([c.mask for c in conds]),
+            cat([c.time_ids for c in conds]),
         )

@@ -80,19 +80,21 @@ class CLIPTextEncoder(TextEncoder):
     skipped layers instead: A1111 ``clip_skip=N`` equals diffusers ``clip_skip=N-1`` (A1111 2 =
     diffusers 1 = the penultimate layer). The pooled vector is always from the last layer (as SDXL
     uses it); with a ``CLIPTextModelWithProjection`` it is the projected ``text_embeds``.
+    ``penultimate`` (SDXL): the context is counted from the penultimate layer and skips the final
+    LayerNorm, as diffusers' SDXL pipeline does: ``hidden_states[-(clip_skip + 1)]``.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, clip_skip: int = 1):
+    def __init__(self, model: nn.Module, tokenizer, clip_skip: int = 1, penultimate: bool = False):
         super().__init__()
         self.model = model  # transformers CLIPTextModel or CLIPTextModelWithProjection
         self.tokenizer = tokenizer  # transformers CLIPTokenizer(Fast) from the same folder
         config = model.config
-        if not 1 <= clip_skip <= config.num_hidden_layers:
-            raise LdmError(
-                f"--clip-skip {clip_skip}: must be between 1 and {config.num_hidden_layers} "
-                "(1 = last layer, 2 = penultimate)"
-            )
-        self.clip_skip = clip_skip
+        most = config.num_hidden_layers - penultimate
+        if not 1 <= clip_skip <= most:
+            first = "penultimate" if penultimate else "last"
+            raise LdmError(f"--clip-skip {clip_skip}: must be between 1 and {most} "
+                           f"(1 = the {first} layer, 2 = the one before)")  # fmt: skip
+        self.clip_skip, self.penultimate = clip_skip, penultimate
         self.max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
         self.bos_token_id = tokenizer.bos_token_id
         self.eos_token_id = tokenizer.eos_token_id
@@ -105,8 +107,12 @@ class CLIPTextEncoder(TextEncoder):
 
     def encode_ids(self, input_ids: torch.Tensor) -> Cond:
         input_ids = input_ids.to(self.device)
-        out = self.model(input_ids=input_ids, output_hidden_states=self.clip_skip > 1)
-        if self.clip_skip == 1:
+        out = self.model(
+            input_ids=input_ids, output_hidden_states=self.clip_skip > 1 or self.penultimate
+        )
+        if self.penultimate:
+            context = out.hidden_states[-(self.clip_skip + 1)]
+        elif self.clip_skip == 1:
             context = out.last_hidden_state
         else:
             # hidden_states = (embeddings, layer 1, ..., layer n): -N is N-1 layers before the end
@@ -201,3 +207,49 @@ class T5TextEncoder(TextEncoder):
         weights = mask.unsqueeze(-1).to(context.dtype)  # (B, L, 1)
         pooled = (context * weights).sum(1) / weights.sum(1).clamp(min=1)
         return Cond(context, pooled, mask)
+
+
+class ConcatTextEncoder(TextEncoder):
+    """Several encoders on the same prompt, contexts side by side (SDXL, Podell et al. 2023).
+
+    Context = the encoders' contexts concatenated on the feature axis (768 + 1280 = 2048 for
+    SDXL); pooled = the last encoder's (OpenCLIP bigG's projected embedding). The encoders share
+    CLIP's BPE, so one tokenization serves all; each gets its own padding id after the first
+    end-of-text (OpenCLIP pads with 0). ``widths`` lets emphasis weights be applied per encoder,
+    as A1111 does (ldm.text.prompts).
+    """
+
+    def __init__(self, encoders: list[TextEncoder]):
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        first = encoders[0]
+        self.tokenizer = first.tokenizer
+        self.max_length = first.max_length
+        self.bos_token_id, self.eos_token_id = first.bos_token_id, first.eos_token_id
+        self.pad_token_id = first.pad_token_id
+        self.widths: list[int] = []  # context width of each encoder, set by encode_ids
+
+    def encode_ids(self, input_ids: torch.Tensor) -> Cond:
+        input_ids = input_ids.to(self.device)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        first_eos = (input_ids == self.eos_token_id).int().argmax(dim=1, keepdim=True)  # (B, 1)
+        padding = positions[None, :] > first_eos  # (B, L)
+        outs = [e.encode_ids(input_ids.masked_fill(padding, e.pad_token_id)) for e in self.encoders]
+        self.widths = [o.context.shape[-1] for o in outs]
+        context = torch.cat([o.context for o in outs], dim=-1)  # (B, L, sum of widths)
+        mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        return Cond(context, outs[-1].pooled, mask)
+
+
+def text_encoder_for(parts, clip_skip: int = 1) -> TextEncoder:
+    """The family's text encoder(s) of a ``ModelParts``, behind the one TextEncoder interface."""
+    encoders = []
+    for spec, model, tokenizer in parts.text_modules():
+        if spec.kind == "t5":
+            encoders.append(T5TextEncoder(model, tokenizer))
+        else:  # CLIP and OpenCLIP in transformers' CLIP layout
+            penultimate = spec.hidden == "penultimate"
+            encoders.append(CLIPTextEncoder(model, tokenizer, clip_skip, penultimate))
+    if parts.family.text_combine == "single":
+        return encoders[0]
+    return ConcatTextEncoder(encoders)

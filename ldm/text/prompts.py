@@ -179,7 +179,9 @@ def encode_prompts(encoder, prompts: list[str], *, min_chunks: int = 1) -> Cond:
             start = 0 if encoder.bos_token_id is None else 1
             token_weights = torch.ones(context.shape[1], device=context.device)
             token_weights[start : start + len(w)] = torch.tensor(w)
-            weighted.append(_weighted(context[i], token_weights))
+            # per encoder when several sit side by side (A1111 weights each embedder's output)
+            parts = context[i].split(getattr(encoder, "widths", None) or [context.shape[-1]], -1)
+            weighted.append(torch.cat([_weighted(p, token_weights) for p in parts], dim=-1))
         else:
             weighted.append(context[i])
     context = torch.stack(weighted)  # (B * n, L, D)

@@ -50,8 +50,14 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_clip_tokenizer(directory: str | Path, model_max_length: int = 77) -> Path:
-    """Write a transformers ``CLIPTokenizer`` folder (vocab.json, merges.txt, configs)."""
+def write_clip_tokenizer(
+    directory: str | Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>"
+) -> Path:
+    """Write a transformers ``CLIPTokenizer`` folder (vocab.json, merges.txt, configs).
+
+    ``pad_token``: CLIP pads with its end-of-text token; SDXL's second (OpenCLIP) tokenizer
+    pads with "!" (id 0), as OpenCLIP does.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
@@ -61,7 +67,7 @@ def write_clip_tokenizer(directory: str | Path, model_max_length: int = 77) -> P
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
     }
     config = {
         "tokenizer_class": "CLIPTokenizer",
@@ -74,9 +80,15 @@ def write_clip_tokenizer(directory: str | Path, model_max_length: int = 77) -> P
     return directory
 
 
-def build_clip_tokenizer(directory: str | Path | None = None, model_max_length: int = 77):
+def build_clip_tokenizer(
+    directory: str | Path | None = None,
+    model_max_length: int = 77,
+    pad_token: str = "<|endoftext|>",
+):
     """A ``transformers.CLIPTokenizer`` made offline; written to ``directory`` if given."""
     if directory is not None:
-        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(directory, model_max_length)))
+        written = write_clip_tokenizer(directory, model_max_length, pad_token)
+        return CLIPTokenizer.from_pretrained(str(written))
     with tempfile.TemporaryDirectory() as tmp:
-        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, model_max_length)))
+        written = write_clip_tokenizer(tmp, model_max_length, pad_token)
+        return CLIPTokenizer.from_pretrained(str(written))
