@@ -27,7 +27,7 @@ class ThreadedServer:
         self.server = server
         self.port = port or free_port()
         config = uvicorn.Config(create_app(server), host=server.config.host, port=self.port,
-                                log_level="warning", ws="websockets")  # fmt: skip
+                                log_level="warning")  # fmt: skip
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
 
