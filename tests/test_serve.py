@@ -65,8 +65,17 @@ def _blocking_job(models, started: threading.Event, release: threading.Event) ->
 
 
 def test_txt2img_batch_seeds_info_and_the_cli_bytes(api, tmp_path, capsys):
-    r = api.txt2img(prompt="a red circle", negative_prompt="blue", seed=11, batch_size=2,
-                    steps=3, cfg_scale=6.5, sampler_name="DPM++ 2M", scheduler="karras", **SIZE)  # fmt: skip
+    r = api.txt2img(
+        prompt="a red circle",
+        negative_prompt="blue",
+        seed=11,
+        batch_size=2,
+        steps=3,
+        cfg_scale=6.5,
+        sampler_name="DPM++ 2M",
+        scheduler="karras",
+        **SIZE,
+    )
     assert len(r.images) == 2 and not r.json["images"][0].startswith("data:")
     info = r.info
     assert info["seed"] == 11 and info["all_seeds"] == [11, 12]
