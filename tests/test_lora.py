@@ -159,8 +159,8 @@ def test_scale_unmatched_keys_and_conv(tiny_sd1, tmp_path):
         f"{conv_stem}.alpha": torch.tensor(1.0),  # scale alpha / rank = 0.5
         f"{q_stem}.lora_down.weight": qd,
         f"{q_stem}.lora_up.weight": qu,
-        "lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,  # LDM names: not ours
-        "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up,
+        "lora_unet_input_blocks_9_1_proj_in.lora_down.weight": down,  # sgm name, no such block
+        "lora_unet_input_blocks_9_1_proj_in.lora_up.weight": up,
         "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": qd,  # [64, 32] weight
         "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": qu,
         "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": qd,  # LoHa: not LoRA
@@ -174,11 +174,11 @@ def test_scale_unmatched_keys_and_conv(tiny_sd1, tmp_path):
     ]
     assert report.unmatched == [
         "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a",
-        "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
-        "lora_unet_input_blocks_1_1_proj_in.lora_up.weight",
+        "lora_unet_input_blocks_9_1_proj_in.lora_down.weight",
+        "lora_unet_input_blocks_9_1_proj_in.lora_up.weight",
     ]
     assert len(report.mismatched) == 1 and "mlp_fc1" in report.mismatched[0]
-    assert "4 keys matched nothing" in report.warning() and "input_blocks_1_1" in report.warning()
+    assert "4 keys matched nothing" in report.warning() and "input_blocks_9_1" in report.warning()
     expected = before_conv + 0.7 * 0.5 * (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
     torch.testing.assert_close(proj_in, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, before_out + 0.7 * qu @ qd, rtol=1e-6, atol=1e-6)

@@ -1,15 +1,13 @@
 """LoRA files (Hu et al. 2021, "LoRA: Low-Rank Adaptation"): read, write and merge into weights.
 
-Two layouts are in use. diffusers/PEFT (``pytorch_lora_weights.safetensors``):
-``unet.<module path>.lora_A.weight`` (down, [rank, in]) and ``.lora_B.weight`` (up, [out, rank]);
-the text encoder under ``text_encoder.text_model.<path>``; alpha, when not equal to the rank,
-lives in the ``lora_adapter_metadata`` JSON of the safetensors header (diffusers >= 0.34). kohya /
-A1111: ``lora_unet_<module_path_with_underscores>.lora_down.weight``, ``.lora_up.weight`` and a
-scalar ``.alpha`` (``lora_te_`` for the text encoder). Either way a module's weight moves by
+A pair (down, up) and an optional scalar alpha move one module's weight by
 ΔW = scale · (alpha / rank) · up @ down (1x1 / kxk convolutions: up and down flattened to 2-D).
-Modules are matched in underscore space, so one lookup serves both layouts; the text encoder's
-``text_model.`` prefix (transformers < 5) is optional on both sides. Keys that match nothing are
-reported, never dropped silently.
+Layouts read: diffusers/PEFT (``unet.<path>.lora_A.weight`` / ``.lora_B.weight``; alpha in the
+``lora_adapter_metadata`` JSON of the header, diffusers >= 0.34), kohya / A1111
+(``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
+``lora_te1_`` / ``lora_te2_`` for SDXL's two text encoders, sgm block names for SDXL's U-Net) and
+ComfyUI's (``diffusion_model.<sgm path>``); lora_names.py says which module a key names. Keys
+that match nothing are reported, never dropped silently.
 """
 
 from __future__ import annotations
@@ -24,28 +22,29 @@ from pathlib import Path
 import torch
 
 from ldm.errors import CheckpointError, LdmError
+from ldm.formats.lora_names import (
+    PARTS,
+    TEXT_MODEL,
+    diffusers_name,
+    flat,
+    is_sdxl,
+    kohya_name,
+    module_index,
+    sgm_names,
+    split_key,
+)
 from ldm.formats.safe_load import load_state_dict, read_safetensors_header, save_state_dict
 
+__all__ = ["TEXT_MODEL", "module_index"]  # re-exported for ldm.train.lora and older callers
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
-PARTS = ("unet", "text_encoder")
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-TEXT_MODEL = "text_model."  # transformers < 5 nests CLIP under it; files keep it
-
-# (down suffix, up suffix) of the diffusers/PEFT spellings, newest first
-DIFFUSERS_SUFFIXES = (
-    (".lora_A.weight", ".lora_B.weight"),
-    (".lora.down.weight", ".lora.up.weight"),
-    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-)
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight")
 
 
 @dataclass
 class LoraModule:
     """One low-rank pair: ΔW = (alpha / rank) · up @ down for the module ``name`` of ``part``."""
 
-    part: str  # "unet" or "text_encoder"
-    name: str  # module path ("down_blocks.0....to_q") or kohya stem ("down_blocks_0_..._to_q")
+    part: str  # "unet", "text_encoder" or "text_encoder_2"
+    name: str  # module path ("down_blocks.0....to_q") or as the file spells it (kohya stem)
     down: torch.Tensor  # lora_A / lora_down: [rank, in] or [rank, in, kh, kw]
     up: torch.Tensor  # lora_B / lora_up: [out, rank] or [out, rank, 1, 1]
     alpha: float | None = None  # None: alpha = rank (scale 1)
@@ -68,7 +67,7 @@ class LoraModule:
 class LoraWeights:
     """A parsed LoRA file: its layout, its low-rank pairs, and the keys that were not LoRA."""
 
-    format: str  # "diffusers" or "kohya"
+    format: str  # "diffusers", "kohya" or "comfyui"
     modules: list[LoraModule]
     unknown: list[str] = field(default_factory=list)  # keys no parser understood
     path: Path | None = None
@@ -112,19 +111,35 @@ def parse_lora_arg(spec: str) -> tuple[Path, float]:
 
 
 def load_lora(path: str | os.PathLike) -> LoraWeights:
-    """Read a diffusers/PEFT or kohya LoRA file (safe loader); the layout is detected from keys."""
+    """Read a LoRA file of any layout lora_names.py knows (safe loader); pairs keep file names."""
     path = Path(path)
     state_dict = load_state_dict(path)
     metadata = _adapter_metadata(path) if path.suffix == ".safetensors" else {}
-    kohya, left = _parse_kohya(state_dict, path)
-    diffusers, unknown = _parse_diffusers({k: state_dict[k] for k in left}, metadata, path)
-    if not kohya and not diffusers:
+    modules, layouts, used = [], [], set()
+    for key in state_dict:
+        found = split_key(key)
+        if found is None or found[3] not in state_dict:
+            continue  # not a LoRA down weight, or one without its up weight: reported as unknown
+        part, name, layout, up_key, stem = found
+        keys, alpha_key = [key, up_key], stem + ".alpha"
+        alpha = state_dict.get(alpha_key)
+        if alpha is not None:
+            if alpha.numel() != 1:
+                raise CheckpointError(f"{path}: {alpha_key} is not a scalar")
+            keys.append(alpha_key)
+            alpha = float(alpha.reshape(()))
+        elif layout == "diffusers":
+            alpha = _metadata_alpha(metadata, part, name, state_dict[key].shape[0])
+        used.update(keys)
+        layouts.append(layout)
+        modules.append(_pair(part, name, state_dict[key], state_dict[up_key], alpha, keys, path))
+    if not modules:
         raise CheckpointError(
             f"{path}: no LoRA weights found (expected diffusers/PEFT lora_A/lora_B or kohya "
             f"lora_down/lora_up keys; first key is {next(iter(state_dict), 'none')!r})"
         )
-    layout = "kohya" if len(kohya) >= len(diffusers) else "diffusers"
-    return LoraWeights(layout, kohya + diffusers, sorted(unknown), path)
+    layout = max(dict.fromkeys(layouts), key=layouts.count)  # the most common; ties: first seen
+    return LoraWeights(layout, modules, sorted(k for k in state_dict if k not in used), path)
 
 
 def _adapter_metadata(path: Path) -> dict:
@@ -148,55 +163,6 @@ def _pair(part, name, down, up, alpha, keys, path) -> LoraModule:
     return LoraModule(part, name, down, up, alpha, keys)
 
 
-def _parse_kohya(state_dict: dict, path: Path) -> tuple[list[LoraModule], list[str]]:
-    """kohya pairs (``lora_unet_*`` / ``lora_te_*``) and the keys left for other parsers."""
-    modules, used = [], set()
-    down_suffix, up_suffix = KOHYA_SUFFIXES
-    for key in state_dict:
-        part = next((p for p, pre in KOHYA_PREFIX.items() if key.startswith(pre)), None)
-        if part is None or not key.endswith(down_suffix):
-            continue
-        stem = key[: -len(down_suffix)]
-        up_key, alpha_key = stem + up_suffix, stem + ".alpha"
-        if up_key not in state_dict:
-            continue  # reported as unknown
-        alpha = state_dict.get(alpha_key)
-        if alpha is not None and alpha.numel() != 1:
-            raise CheckpointError(f"{path}: {alpha_key} is not a scalar")
-        keys = [key, up_key] + ([alpha_key] if alpha is not None else [])
-        used.update(keys)
-        name = stem[len(KOHYA_PREFIX[part]) :]
-        alpha = None if alpha is None else float(alpha)
-        modules.append(_pair(part, name, state_dict[key], state_dict[up_key], alpha, keys, path))
-    return modules, [k for k in state_dict if k not in used]
-
-
-def _parse_diffusers(state_dict: dict, metadata: dict, path: Path):
-    """diffusers/PEFT pairs (``unet.*`` / ``text_encoder.*``) and the keys nobody understood."""
-    modules, used = [], set()
-    for key in state_dict:
-        part = next((p for p in PARTS if key.startswith(p + ".")), None)
-        match = next(((d, u) for d, u in DIFFUSERS_SUFFIXES if key.endswith(d)), None)
-        if part is None or match is None:
-            continue
-        stem = key[: -len(match[0])]
-        up_key = stem + match[1]
-        if up_key not in state_dict:
-            continue
-        name = stem[len(part) + 1 :]
-        keys = [key, up_key]
-        alpha_key = stem + ".alpha"  # old diffusers conversions of kohya files kept it here
-        alpha = state_dict.get(alpha_key)
-        if alpha is not None:
-            keys.append(alpha_key)
-            alpha = float(alpha.reshape(-1)[0])
-        else:
-            alpha = _metadata_alpha(metadata, part, name, state_dict[key].shape[0])
-        used.update(keys)
-        modules.append(_pair(part, name, state_dict[key], state_dict[up_key], alpha, keys, path))
-    return modules, [k for k in state_dict if k not in used]
-
-
 def _metadata_alpha(metadata: dict, part: str, name: str, rank: int) -> float | None:
     """PEFT LoraConfig fields (lora_alpha, alpha_pattern, use_rslora) -> this module's alpha."""
     config = {k[len(part) + 1 :]: v for k, v in metadata.items() if k.startswith(part + ".")}
@@ -214,43 +180,76 @@ def _metadata_alpha(metadata: dict, part: str, name: str, rank: int) -> float | 
 # --- applying ---------------------------------------------------------------------------------
 
 
-def _flat(name: str) -> str:
-    """A module path or kohya stem in underscore space, without the optional text_model prefix."""
-    name = name.replace(".base_layer", "").replace(".", "_")
-    return name.removeprefix("text_model_")
+def _indexes(parts) -> dict[str, dict]:
+    """Per part, its modules by underscore name (the U-Net also under its sgm names)."""
+    out = {}
+    if (unet := getattr(parts, "unet", None)) is not None:
+        out["unet"] = module_index(unet, getattr(unet, "config", None))
+    for part in PARTS[1:]:
+        if (module := getattr(parts, part, None)) is not None:
+            out[part] = module_index(module)
+    return out
 
 
-def module_index(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Module]]:
-    """Linear and Conv2d modules of ``model`` by underscore name -> (dotted path, module)."""
-    index = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and ".lora_" not in name:
-            index[_flat(name)] = (name.replace(".base_layer", ""), module)
-    return index
+def resolve_lora(parts, lora: LoraWeights | str | os.PathLike):
+    """Match every pair to a module of ``parts``: ([(pair named by module path, module)], report).
 
-
-@torch.no_grad()
-def apply_lora(parts, lora: LoraWeights | str | os.PathLike, scale: float = 1.0) -> LoraReport:
-    """Merge W += scale · (alpha / rank) · up @ down into parts.unet / .text_encoder in place."""
+    The returned pairs carry the module's dotted path as their name (ready for the writers);
+    pairs naming no module, or whose ΔW does not fit the weight's shape, go to the report.
+    """
     if not isinstance(lora, LoraWeights):
         lora = load_lora(lora)
     report = LoraReport(str(lora.path or "(in memory)"), unmatched=list(lora.unknown))
-    indexes = {p: module_index(m) for p in PARTS if (m := getattr(parts, p, None)) is not None}
+    indexes = _indexes(parts)
+    resolved = []
     for pair in lora.modules:
-        found = indexes.get(pair.part, {}).get(_flat(pair.name))
+        part = pair.part
+        if part == "text_encoder" and part not in indexes:
+            part = "text_encoder_2"  # SDXL refiner: bigG alone; ComfyUI gives it lora_te_ keys
+        found = indexes.get(part, {}).get(flat(pair.name))
         if found is None:
             report.unmatched.extend(pair.keys)
             continue
         path, module = found
         weight = module.weight
-        delta = pair.delta()  # [out, in · kh · kw]
-        if delta.shape != (weight.shape[0], weight[0].numel()):
+        out_in = (pair.up.shape[0], pair.down[0].numel())  # ΔW is [out, in · kh · kw]
+        if out_in != (weight.shape[0], weight[0].numel()):
             report.mismatched.append(
-                f"{pair.keys[0]} (LoRA {list(delta.shape)} vs weight {list(weight.shape)})"
+                f"{pair.keys[0]} (LoRA {list(out_in)} vs weight {list(weight.shape)})"
             )
             continue
-        weight.add_((scale * delta).reshape(weight.shape).to(weight.device, weight.dtype))
-        report.matched.append(f"{pair.part}.{path}")
+        named = LoraModule(part, path, pair.down, pair.up, pair.alpha, pair.keys)
+        resolved.append((named, module))
+        report.matched.append(f"{part}.{path}")
+    return resolved, report
+
+
+@torch.no_grad()
+def apply_lora(parts, lora: LoraWeights | str | os.PathLike, scale: float = 1.0) -> LoraReport:
+    """Merge W += scale · (alpha / rank) · up @ down into the parts' modules, in place."""
+    resolved, report = resolve_lora(parts, lora)
+    for pair, module in resolved:
+        weight = module.weight
+        delta = scale * pair.delta()  # [out, in · kh · kw]
+        weight.add_(delta.reshape(weight.shape).to(weight.device, weight.dtype))
+    return report
+
+
+def convert_lora(parts, src, dst: str | os.PathLike, layout: str, dtype=None) -> LoraReport:
+    """Rewrite LoRA file ``src`` for ``parts``' model as ``layout`` "kohya" or "diffusers".
+
+    Every key must apply to the model (a converted file that lost keys would hide them).
+    """
+    resolved, report = resolve_lora(parts, src)
+    if report.warning():
+        raise LdmError(report.warning() + " (not converted)")
+    modules = [pair for pair, _ in resolved]
+    if layout == "kohya":
+        save_kohya_lora(modules, dst, dtype, unet_config=parts.unet.config)
+    elif layout == "diffusers":
+        save_diffusers_lora(modules, dst, dtype)
+    else:
+        raise LdmError(f"LoRA layout {layout!r}: choose kohya or diffusers")
     return report
 
 
@@ -266,12 +265,13 @@ def save_diffusers_lora(
 ) -> Path:
     """Write ``unet.<path>.lora_A/B.weight`` keys (what ``load_lora_weights`` reads), atomically.
 
+    ``text_encoder.`` / ``text_encoder_2.`` pairs keep transformers' ``text_model.`` level.
     alpha / rank is folded into lora_B, so the file means the same to every reader: diffusers with
     or without adapter metadata, ComfyUI, and ``apply_lora`` all use alpha = rank.
     """
     state_dict, alphas = {}, {}
     for m in modules:
-        stem = f"{m.part}.{TEXT_MODEL if m.part == 'text_encoder' else ''}{m.name}"
+        stem = diffusers_name(m.part, m.name)
         state_dict[f"{stem}.lora_A.weight"] = _cast(m.down, dtype)
         state_dict[f"{stem}.lora_B.weight"] = _cast(m.up.float() * m.scale, dtype)
         alphas[stem] = m.alpha
@@ -285,14 +285,28 @@ def save_diffusers_lora(
 
 
 def save_kohya_lora(
-    modules: list[LoraModule], path: str | os.PathLike, dtype: torch.dtype | None = None
+    modules: list[LoraModule],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    unet_config=None,
 ) -> Path:
-    """Write kohya/A1111 keys ``lora_unet_<path_with_underscores>.lora_down/.lora_up/.alpha``."""
-    state_dict = {}
-    ranks, alphas = set(), set()
+    """Write kohya/A1111 keys ``<stem>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+
+    Stems as kohya's networks/lora.py writes them: SD 1.x/2.x ``lora_unet_<diffusers path>`` and
+    ``lora_te_``; SDXL (``unet_config`` with text_time, or a text_encoder_2 pair)
+    ``lora_unet_<sgm path>`` (``input_blocks_4_1_...``), ``lora_te1_`` and ``lora_te2_``.
+    """
+    sdxl = (unet_config is not None and is_sdxl(unet_config)) or any(
+        m.part == "text_encoder_2" for m in modules
+    )
+    sgm = None
+    if sdxl and unet_config is not None:
+        sgm = sgm_names(unet_config, [m.name for m in modules if m.part == "unet"])
+    state_dict, ranks, alphas = {}, set(), set()
     for m in modules:
-        dotted = (TEXT_MODEL if m.part == "text_encoder" else "") + m.name
-        stem = KOHYA_PREFIX[m.part] + dotted.replace(".", "_")
+        stem = kohya_name(m.part, m.name, sdxl, sgm)
+        if f"{stem}.alpha" in state_dict:
+            raise LdmError(f"LoRA: two pairs for the module {stem!r}")
         alpha = float(m.rank if m.alpha is None else m.alpha)
         state_dict[f"{stem}.lora_down.weight"] = _cast(m.down, dtype)
         state_dict[f"{stem}.lora_up.weight"] = _cast(m.up, dtype)
@@ -302,6 +316,11 @@ def save_kohya_lora(
     metadata = {"ss_network_module": "networks.lora"}  # what kohya's tools look for
     if len(ranks) == 1 and len(alphas) == 1:
         metadata |= {"ss_network_dim": str(ranks.pop()), "ss_network_alpha": str(alphas.pop())}
+    if sdxl:  # A1111 and kohya read the base model from these (sd-scripts library/sai_model_spec)
+        metadata |= {
+            "ss_base_model_version": "sdxl_base_v1-0",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        }
     path = Path(path)
     save_state_dict(state_dict, path, metadata=metadata)
     return path
