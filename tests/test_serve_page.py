@@ -1,0 +1,367 @@
+"""The web page of ``ldm serve`` in a real browser: headless Chromium driven by Playwright.
+
+The server runs as ``python -m ldm serve`` on a free port with the bundled demo model; the browser
+is the distribution's Chromium (Playwright's own browser download is not used). Without either,
+the tests skip and say what is missing. Tiny jobs (64x64, 3 steps) keep each test to seconds.
+What the page shows is checked against independent sources: the infotext embedded in the PNG the
+page displays, and infotexts written by ``ldm.infotext`` (not by the page) for the dropped PNGs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm.infotext import format_infotext
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+)
+expect = sync_api.expect
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+STARTUP_S = 120  # model loading on a busy 2-core machine
+UI_TIMEOUT_MS = 60_000  # one tiny job, with other tests running beside it
+
+
+def find_chromium() -> str | None:
+    """The system Chromium: $LDM_CHROMIUM, else the first of CHROMIUM_NAMES on PATH."""
+    named = os.environ.get("LDM_CHROMIUM")
+    if named:
+        return named if Path(named).is_file() else None
+    return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, headers: dict | None = None):
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+class Server:
+    """``python -m ldm serve`` in a subprocess; stopped with SIGINT (Ctrl-C), as a user would."""
+
+    def __init__(self, workdir: Path, *extra: str, headers: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = workdir / f"serve-{self.port}.log"
+        cmd = [sys.executable, "-m", "ldm", "serve", "--port", str(self.port), *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=log, env=env)
+        self._wait_ready(headers or {})
+
+    def _wait_ready(self, headers: dict) -> None:
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"ldm serve exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                http_json(self.url + "sdapi/v1/samplers", headers)
+                return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        pytest.fail(f"ldm serve did not answer within {STARTUP_S} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = find_chromium()
+    if chromium is None:
+        where = os.environ.get("LDM_CHROMIUM") or f"{', '.join(CHROMIUM_NAMES)} on PATH"
+        pytest.skip(
+            f"no system Chromium found ({where}): install the distribution's package "
+            "(`apt-get install chromium`) or set LDM_CHROMIUM to its executable"
+        )
+    with sync_api.sync_playwright() as p:
+        # --no-sandbox: CI and containers run as root, where Chromium's sandbox cannot start
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, browser):
+    pytest.importorskip("fastapi", reason="ldm serve needs fastapi (the dev extras install it)")
+    s = Server(tmp_path_factory.mktemp("serve"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def samplers(server) -> list[dict]:
+    return http_json(server.url + "sdapi/v1/samplers")
+
+
+class Page:
+    """One browser tab on the page, failing the test on any script error or outside request."""
+
+    def __init__(self, browser, url: str, **context_args):
+        self.context = browser.new_context(**context_args)
+        self.context.set_default_timeout(UI_TIMEOUT_MS)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(f"script error: {e}"))
+        self.page.on("request", lambda r: self._check_request(r.url, url))
+        self.response = self.page.goto(url)
+
+    def _check_request(self, requested: str, base: str) -> None:
+        if not requested.startswith((base, "data:")):  # the page must work offline
+            self.errors.append(f"request outside the server: {requested}")
+
+    def ready(self):
+        expect(self.page.locator("body")).to_have_attribute("data-ready", "1")
+        return self.page
+
+    def close(self) -> None:
+        self.context.close()
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def tab(browser, server):
+    t = Page(browser, server.url)
+    yield t
+    t.close()
+
+
+def choice(items: list[dict], *names: str) -> dict:
+    """The sampler/scheduler entry with one of ``names`` as name, label or alias."""
+    keys = {n.lower() for n in names}
+    for item in items:
+        spellings = [item.get("name"), item.get("label"), *(item.get("aliases") or [])]
+        if keys & {str(s).lower() for s in spellings if s}:
+            return item
+    pytest.fail(f"the server lists none of {names}: {[i.get('name') for i in items]}")
+
+
+def fill(page, **fields) -> None:
+    for name, value in fields.items():
+        if name in ("sampler_name", "scheduler"):
+            page.select_option(f"#{name}", value)
+        else:
+            page.fill(f"#{name}", str(value))
+
+
+def png_bytes(infotext: str | None, size=(32, 32)) -> bytes:
+    info = PngInfo()
+    if infotext is not None:
+        info.add_text("parameters", infotext)
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def shown_png(card) -> tuple[Image.Image, str | None]:
+    """The PNG a gallery card displays, decoded from its data: URL, with its embedded infotext."""
+    src = card.locator("img").get_attribute("src")
+    assert src.startswith("data:image/png;base64,")
+    image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    image.load()
+    return image, image.info.get("parameters")
+
+
+def generate(page, expected_cards: int):
+    page.click("#generate")
+    cards = page.locator("#gallery .card")
+    expect(cards).to_have_count(expected_cards)
+    return cards
+
+
+def test_generate_shows_gallery_with_infotext(tab, server, samplers):
+    page = tab.ready()
+    sampler = choice(samplers, "Euler a", "euler_ancestral")["name"]
+    fill(page, prompt="a red circle", negative_prompt="blurry", sampler_name=sampler)
+    fill(page, scheduler="karras", steps=3, cfg_scale=5, width=64, height=64)
+    fill(page, seed=1234, batch_size=2, n_iter=1)
+    cards = generate(page, 2)
+
+    shown = {}
+    for i in range(2):
+        text = cards.nth(i).locator(".infotext").inner_text()
+        image, embedded = shown_png(cards.nth(i))
+        assert image.size == (64, 64)
+        assert embedded is not None and embedded.strip() == text.strip()  # same record twice
+        shown[text] = image
+    seeds = sorted(int(t.split("Seed: ")[1].split(",")[0]) for t in shown)
+    assert seeds == [1234, 1235]  # A1111's all_seeds: seed + i
+    for text in shown:
+        assert text.startswith("a red circle\nNegative prompt: blurry\n")
+        for part in ("Steps: 3", f"Sampler: {sampler}", "Schedule type: Karras", "CFG scale: 5"):
+            assert part in text
+        assert "Size: 64x64" in text
+    expect(page.locator("#progress-text")).to_have_text("idle")
+
+
+def test_reuse_settings_from_gallery_image(tab, samplers):
+    page = tab.ready()
+    sampler = choice(samplers, "DPM++ 2M", "dpmpp_2m")["name"]
+    fill(page, prompt="two blue squares,\nside by side", negative_prompt="", steps=2)
+    fill(page, sampler_name=sampler, scheduler="exponential", cfg_scale=6.5)
+    fill(page, width=64, height=64, seed=31, batch_size=1, n_iter=1)
+    cards = generate(page, 1)
+
+    default = page.locator("#sampler_name option").first.get_attribute("value")
+    fill(page, prompt="other", negative_prompt="x", steps=9, cfg_scale=1, seed=-1)
+    fill(page, sampler_name=default, scheduler="karras", width=128, height=96)
+    cards.first.locator(".reuse").click()
+    expect(page.locator("#prompt")).to_have_value("two blue squares,\nside by side")
+    got = {k: page.input_value(f"#{k}") for k in ("steps", "cfg_scale", "seed", "width", "height")}
+    assert got == {"steps": "2", "cfg_scale": "6.5", "seed": "31", "width": "64", "height": "64"}
+    assert page.input_value("#negative_prompt") == ""
+    assert page.input_value("#sampler_name") == sampler
+    assert page.input_value("#scheduler") == "exponential"
+
+
+def drop_file(page, data: bytes, name: str) -> None:
+    """A real drop event carrying ``data`` as a File, as dragging it from a file manager does."""
+    transfer = page.evaluate_handle(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, { type: "image/png" }));
+            return dt;
+        }""",
+        [base64.b64encode(data).decode(), name],
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def test_dropped_png_fills_the_form(tab, samplers):
+    page = tab.ready()
+    params = dict(prompt="a green triangle, small", negative_prompt="noise:\nmore noise")
+    params.update(steps=7, sampler="euler_ancestral", schedule="karras", guidance_scale=3.5)
+    params.update(seed=4242, width=96, height=128, model="shapes-demo", clip_skip=2)
+    drop_file(page, png_bytes(format_infotext(params)), "dropped.png")  # ldm's own writer
+
+    expect(page.locator("#prompt")).to_have_value(params["prompt"])
+    assert page.input_value("#negative_prompt") == params["negative_prompt"]
+    got = {k: page.input_value(f"#{k}") for k in ("steps", "cfg_scale", "seed", "width", "height")}
+    assert got == {"steps": "7", "cfg_scale": "3.5", "seed": "4242", "width": "96", "height": "128"}
+    assert page.input_value("#sampler_name") == choice(samplers, "Euler a")["name"]
+    assert page.input_value("#scheduler") == "karras"
+    expect(page.locator("#message")).to_contain_text("dropped.png")
+
+    # A1111 < 1.9 folds the schedule into the sampler name; no "Schedule type" key
+    old = "a cat\nSteps: 5, Sampler: DPM++ 2M Karras, CFG scale: 6, Seed: 9, Size: 64x96"
+    page.set_input_files(
+        "#png-file", files=[{"name": "old.png", "mimeType": "image/png", "buffer": png_bytes(old)}]
+    )
+    expect(page.locator("#prompt")).to_have_value("a cat")
+    assert page.input_value("#negative_prompt") == ""
+    assert page.input_value("#sampler_name") == choice(samplers, "DPM++ 2M")["name"]
+    assert page.input_value("#scheduler") == "karras"
+    assert (page.input_value("#width"), page.input_value("#height")) == ("64", "96")
+
+    drop_file(page, png_bytes(None), "plain.png")  # no parameters: the form stays, a message says
+    expect(page.locator("#message")).to_contain_text("plain.png carries no generation settings")
+    assert page.input_value("#prompt") == "a cat"
+
+
+def test_progress_bar_eta_and_preview(tab):
+    """The page's rendering of /progress, on answers given by the test (a real job is too short
+    to be seen at a fixed point), then back on the real server's idle answer."""
+    page = tab.ready()
+    preview = base64.b64encode(png_bytes(None, (16, 16))).decode()
+    running = {
+        "progress": 0.5,
+        "eta_relative": 3.25,
+        "state": {
+            "job_count": 2,
+            "job_no": 1,
+            "sampling_step": 5,
+            "sampling_steps": 10,
+            "queue_pending": 3,
+        },  # fmt: skip
+        "current_image": preview,
+    }
+    page.route("**/sdapi/v1/progress*", lambda route: route.fulfill(json=running))
+    expect(page.locator("#progress-text")).to_contain_text("step 5/10")
+    assert (
+        page.inner_text("#progress-text") == "50% · step 5/10 · batch 2/2 · 3 waiting · ETA 3.3 s"
+    )
+    assert page.get_attribute("#progress", "aria-valuenow") == "50"
+    expect(page.locator("#preview")).to_be_visible()
+    assert page.get_attribute("#preview", "src") == f"data:image/png;base64,{preview}"
+
+    page.unroute("**/sdapi/v1/progress*")
+    expect(page.locator("#progress-text")).to_have_text("idle")
+    expect(page.locator("#preview")).to_be_hidden()
+
+
+def test_long_job_shows_progress_queue_and_interrupts(tab):
+    page = tab.ready()
+    # the largest job the default limits allow in one batch: long enough to be seen running
+    fill(page, prompt="a slow yellow star", steps=150, width=256, height=256, seed=5)
+    fill(page, batch_size=1, n_iter=4)
+    page.click("#generate")
+    expect(page.locator("#progress-text")).to_contain_text("step ")
+    expect(page.locator("#queue li.running")).to_have_count(1)
+    expect(page.locator("#queue li.running")).to_contain_text("a slow yellow star")
+    page.click("#interrupt")
+    # the server's answer says it was interrupted (info.interrupted); finished batches are kept
+    expect(page.locator("#message")).to_contain_text("interrupted after")
+    assert page.locator("#gallery .card").count() < 4
+    assert "error" not in (page.get_attribute("#message", "class") or "")
+    expect(page.locator("#progress-text")).to_have_text("idle")
+    expect(page.locator("#queue li")).to_have_text(["empty"])
+
+
+def test_page_behind_basic_auth(browser, tmp_path_factory):
+    pytest.importorskip("fastapi", reason="ldm serve needs fastapi (the dev extras install it)")
+    basic = "Basic " + base64.b64encode(b"ann:s3cret").decode()
+    server = Server(tmp_path_factory.mktemp("auth"), "--api-auth", "ann:s3cret",
+                    headers={"Authorization": basic})  # fmt: skip
+    try:
+        anonymous = browser.new_context()
+        try:  # headless Chromium cancels the login dialog: a failed navigation, or the 401 page
+            status = anonymous.new_page().goto(server.url).status
+        except sync_api.Error as e:
+            assert "ERR_INVALID_AUTH_CREDENTIALS" in str(e)
+            status = 401
+        assert status == 401
+        assert anonymous.request.get(server.url + "static/app.js").status == 401
+        anonymous.close()
+
+        t = Page(browser, server.url, http_credentials={"username": "ann", "password": "s3cret"})
+        page = t.ready()
+        fill(page, prompt="a locked door", steps=2, width=64, height=64, seed=3)
+        generate(page, 1)
+        assert "Seed: 3," in page.locator("#gallery .infotext").first.inner_text()
+        expect(page.locator("#queue li")).to_have_text(["empty"])  # the polled routes pass too
+        t.close()
+    finally:
+        server.stop()
