@@ -36,7 +36,13 @@ from ldm.request import (
     prompt_lists,
 )
 from ldm.sampling.noise import make_noise
-from ldm.sampling.schedules import NoiseSchedule, get_sigmas, init_noise_scale, timestep_interp
+from ldm.sampling.schedules import (
+    NoiseSchedule,
+    get_sigmas,
+    init_noise_scale,
+    part_of_schedule,
+    timestep_interp,
+)
 from ldm.text.encoders import TextEncoder, text_encoder_for
 from ldm.text.micro import MicroConditioning, with_time_ids
 from ldm.text.prompts import encode_cond_uncond, encode_prompts
@@ -302,7 +308,9 @@ class Pipeline:
         interpolation = timestep_interp(r.spec.name, r.schedule)
         denoiser = Denoiser(self.unet, self.schedule, interpolation, dtype=self.dtype)
         if r.denoising_start is not None or r.denoising_end is not None:
-            sigmas = _part_of(sigmas, denoiser, r.denoising_start, r.denoising_end)
+            t = denoiser.sigma_to_t(sigmas[:-1])  # the timestep of each step
+            T = self.schedule.num_train_timesteps
+            sigmas = part_of_schedule(sigmas, t, T, r.denoising_start, r.denoising_end)
         elif r.start_from_image:
             # as diffusers' img2img: skip the first steps - int(steps * strength) steps
             sigmas = sigmas[r.steps - min(int(r.steps * r.strength), r.steps) :]
@@ -414,24 +422,6 @@ class Pipeline:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def _part_of(sigmas: torch.Tensor, denoiser, start: float | None, end: float | None):
-    """The sigmas of diffusers' ``denoising_start`` / ``denoising_end`` (SDXL base + refiner).
-
-    Both cut the schedule where the timestep falls below (1 - fraction) * T: the base keeps the
-    steps at or above it and ends at the cut sigma; the refiner runs from that sigma on.
-    """
-    t = denoiser.sigma_to_t(sigmas[:-1])  # timestep of each step
-    T = denoiser.schedule.num_train_timesteps
-    fraction = end if end is not None else start
-    cutoff = int(round(T - fraction * T))
-    before = int((t >= cutoff).sum())  # steps the base runs
-    if end is not None:
-        return sigmas[: before + 1]
-    if before >= len(sigmas) - 1:
-        raise LdmError(f"--denoising-start {start} leaves no step to run")
-    return sigmas[before:]
-
-
 def _lean(cond):
     """Drop an all-True token mask: attending everywhere needs no mask, and SDPA is faster."""
     if cond.mask is not None and bool(cond.mask.all()):

@@ -234,3 +234,28 @@ def init_noise_scale(sigmas: torch.Tensor, schedule: NoiseSchedule, sampler: str
     if spec.k_space and spacing in ("linspace", "trailing"):
         return sigma0
     return (sigma0**2 + 1) ** 0.5
+
+
+def part_of_schedule(
+    sigmas: torch.Tensor,  # (n + 1,) descending, ending in 0
+    timesteps: torch.Tensor,  # (n,) the timestep of each step's starting sigma
+    num_train_timesteps: int,
+    start: float | None = None,
+    end: float | None = None,
+) -> torch.Tensor:
+    """The sigmas of diffusers' ``denoising_end`` (a base) or ``denoising_start`` (a refiner).
+
+    Both cut where the timestep falls below (1 - fraction) * T: the base runs the steps at or
+    above it and ends at the cut sigma; the refiner runs from that sigma to the end.
+    """
+    fraction = end if end is not None else start
+    T = num_train_timesteps
+    cutoff = int(round(T - fraction * T))
+    before = int((timesteps >= cutoff).sum())  # steps the base runs
+    if end is not None:
+        if before == 0:
+            raise LdmError(f"--denoising-end {end} leaves no step to run")
+        return sigmas[: before + 1]
+    if before >= len(sigmas) - 1:
+        raise LdmError(f"--denoising-start {start} leaves no step to run")
+    return sigmas[before:]
