@@ -64,6 +64,8 @@ _FIELDS = [
     ("guidance_rescale", "Guidance rescale", float),
     ("clip_skip", "Clip skip", int),
     ("rng", "RNG", str),
+    ("refiner", "Refiner", str),  # SDXL: A1111 writes "name [hash]"
+    ("refiner_switch_at", "Refiner switch at", float),
 ]
 _LABEL_TO_FIELD = {label: (key, parse) for key, label, parse in _FIELDS}
 _LABEL_TO_FIELD["Eta DDIM"] = ("eta", float)  # A1111's name for DDIM/UniPC's eta
@@ -74,6 +76,7 @@ _NEGATIVE = "Negative prompt:"
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_LABEL = re.compile(r"\w[\w \-/]+")
 _RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_RE_NAME_HASH = re.compile(r"^(.*) \[([0-9a-f]+)\]$")  # A1111's "name [hash]" of a model
 
 
 def a1111_sampler_names(sampler: str, schedule: str = "default") -> tuple[str, str]:
@@ -152,6 +155,8 @@ def format_infotext(params: dict) -> str:
             continue  # A1111 leaves out Clip skip 1, its default
         if key == "eta":
             label = SPEC[params["sampler"]].a1111_eta
+        if key == "refiner" and params.get("refiner_hash"):
+            value = f"{value} [{params['refiner_hash']}]"
         pairs[label] = _number(value) if parse is float else str(value)
     for label, value in (params.get("extra") or {}).items():
         if not _RE_LABEL.fullmatch(label) or label in pairs or label == "Version":
@@ -182,6 +187,8 @@ def _parse_param_line(line: str) -> dict:
                 out["width"], out["height"] = (int(v) for v in _RE_SIZE.match(value).groups())
             elif label == "Version":
                 out["version"] = value
+            elif label == "Refiner" and _RE_NAME_HASH.match(value):
+                out["refiner"], out["refiner_hash"] = _RE_NAME_HASH.match(value).groups()
             elif label in _LABEL_TO_FIELD:
                 key, parse = _LABEL_TO_FIELD[label]
                 out[key] = parse(value)

@@ -10,6 +10,7 @@ wrap the denoiser (see :mod:`ldm.modes`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +44,11 @@ from ldm.sampling.schedules import (
     part_of_schedule,
     timestep_interp,
 )
+from ldm.sampling.watch import Progress, StepCallback, nan_guard
 from ldm.text.encoders import TextEncoder, text_encoder_for
-from ldm.text.micro import MicroConditioning, with_time_ids
+from ldm.text.micro import MicroConditioning, with_time_ids, zero_empty
 from ldm.text.prompts import encode_cond_uncond, encode_prompts
 
-# callback(step, num_steps) after each sampler step (the CLI drives a progress bar with it)
-StepCallback = Callable[[int, int], None]
 # encode(prompts, negatives, clip_skip, guided) -> (cond, uncond or None), as Pipeline.encode_text
 EncodeText = Callable[[list[str], list[str], int, bool], tuple]
 
@@ -271,18 +271,9 @@ class Pipeline:
         return _lean(encode_prompts(encoder, prompts).to(self.device, self.dtype)), None
 
     def condition(self, r: Request, cond, uncond):
-        """Step 2b: zero empty negatives (SDXL base), add the size/crop ids (SDXL)."""
+        """Step 2b (SDXL): empty negatives as zeros, and the size/crop/aesthetic ids."""
         if uncond is not None and self.force_zeros_for_empty_prompt:
-            empty = torch.tensor([n == "" for n in r.negatives], device=uncond.context.device)
-            if empty.any():  # as diffusers' negative_prompt=None: zero context and pooled
-                keep = ~empty  # (B,)
-                uncond = type(uncond)(
-                    uncond.context * keep[:, None, None].to(uncond.context.dtype),
-                    None
-                    if uncond.pooled is None
-                    else uncond.pooled * keep[:, None].to(uncond.pooled.dtype),
-                    uncond.mask,
-                )
+            uncond = zero_empty(uncond, r.negatives)
         kind = self.parts.family.micro_conditioning
         if kind is None:
             return cond, uncond
@@ -349,8 +340,8 @@ class Pipeline:
         )  # fmt: skip
         if keep is not None:
             denoise = blend_known(denoise, init_latents, keep)
-        progress = _Progress(len(sigmas) - 1, callback)
-        denoise = _nan_guard(denoise, progress, self.dtype)
+        progress = Progress(len(sigmas) - 1, callback)
+        denoise = nan_guard(denoise, progress, self.dtype)
 
         # 3d. sample (later noise for image i comes from generator i too)
         noise_fn = make_noise(generators, latent_shape[1:], device=self.device)
@@ -403,6 +394,8 @@ class Pipeline:
         )  # fmt: skip
         if r.init_image is not None:
             settings["strength"] = r.strength
+        if self.parts.family.micro_conditioning:
+            settings["micro_conditioning"] = dataclasses.asdict(r.micro)
         return dict(
             prompt=r.prompts[i],
             negative_prompt=r.negatives[i],
@@ -427,30 +420,3 @@ def _lean(cond):
     if cond.mask is not None and bool(cond.mask.all()):
         return type(cond)(cond.context, cond.pooled, None, cond.time_ids)
     return cond
-
-
-class _Progress:
-    """Counts sampler steps for the NaN message and forwards them to the user's callback."""
-
-    def __init__(self, num_steps: int, callback: StepCallback | None):
-        self.num_steps, self.callback, self.step = num_steps, callback, 0
-
-    def __call__(self, i: int, num_steps: int, x=None, denoised=None) -> None:
-        self.step = i + 1
-        if self.callback is not None:
-            self.callback(min(self.step, self.num_steps), self.num_steps)
-
-
-def _nan_guard(denoise, progress: _Progress, dtype: torch.dtype):
-    """Stop at the first non-finite prediction instead of decoding a black image."""
-
-    def guarded(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        denoised = denoise(x, sigma)
-        if not torch.isfinite(denoised).all():
-            raise LdmError(
-                f"the U-Net produced NaN/Inf at step {progress.step + 1} in "
-                f"{DTYPE_NAMES.get(dtype, dtype)}; try --dtype fp32"
-            )
-        return denoised
-
-    return guarded

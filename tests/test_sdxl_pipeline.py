@@ -261,3 +261,48 @@ def test_refiner_hand_off_matches_diffusers(ours, theirs):
     assert result.record["refiner_switch_at"] == 0.8
     assert np.abs(_array(result.image) - expected).max() <= 2
     assert expected.std() > 5
+
+
+def test_refiner_infotext_is_a1111s_and_reads_back():
+    from ldm.infotext import format_infotext, parse_infotext
+
+    params = dict(prompt="a cat", steps=30, sampler="euler", guidance_scale=5.0, seed=1,
+                  width=1024, height=1024, refiner="sd_xl_refiner_1.0",
+                  refiner_hash="7440042bbd", refiner_switch_at=0.8)  # fmt: skip
+    text = format_infotext(params)
+    assert "Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8" in text
+    back = parse_infotext(text)
+    assert back["refiner"] == "sd_xl_refiner_1.0" and back["refiner_hash"] == "7440042bbd"
+    assert back["refiner_switch_at"] == 0.8
+
+
+def test_txt2img_cli_runs_base_and_refiner(tiny_sdxl, tiny_sdxl_refiner, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from ldm.infotext import read_png_metadata
+
+    cmd = [sys.executable, "-m", "ldm", "txt2img", "--model", str(tiny_sdxl), "--prompt", "a cat",
+           "--refiner", str(tiny_sdxl_refiner), "--refiner-switch-at", "0.7", "--steps", "4",
+           "--height", "32", "--width", "32", "--seed", "5", "--original-size", "64x64",
+           "--crop", "2,4", "--outdir", str(tmp_path), "--no-progress", "--accel", "off"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (path,) = [line for line in done.stdout.splitlines() if line.endswith(".png")]
+    infotext, record = read_png_metadata(path)
+    assert "Refiner switch at: 0.7" in infotext and f"Refiner: {tiny_sdxl_refiner.name}" in infotext
+    micro = record["micro_conditioning"]
+    assert micro["original_size"] == [64, 64] and micro["crops_coords_top_left"] == [2, 4]
+    again = subprocess.run(cmd[:4] + ["--from-png", path, "--outdir", str(tmp_path / "again"),
+                                      "--no-progress", "--accel", "off"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    (path2,) = [line for line in again.stdout.splitlines() if line.endswith(".png")]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(path2)))
+    assert json.dumps(read_png_metadata(path2)[1]["micro_conditioning"]) == json.dumps(micro)
+    bad = subprocess.run(cmd[:6] + ["--prompt", "x", "--crop", "1x2"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--crop" in bad.stderr

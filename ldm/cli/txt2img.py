@@ -37,6 +37,9 @@ DEFAULTS = dict(
     strength=0.8,
     seed=None,
     model=None,
+    refiner=None,  # SDXL: a refiner model that takes over at refiner_switch_at
+    refiner_switch_at=0.8,
+    micro=None,  # SDXL size/crop/aesthetic conditioning (ldm.text.micro), None: defaults
 )
 # record key -> flag dest, for --from-png
 FROM_RECORD = {
@@ -45,6 +48,7 @@ FROM_RECORD = {
     "sampler": "sampler", "schedule": "schedule", "eta": "eta", "height": "height",
     "width": "width", "clip_skip": "clip_skip", "seed": "seed", "strength": "strength",
     "denoising_strength": "strength",  # the infotext's name
+    "refiner_switch_at": "refiner_switch_at",
 }  # fmt: skip
 
 
@@ -83,6 +87,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strength", type=float, help="how much of the init image to redo (0.8)")
     g.add_argument("--mask", help="inpainting mask: white = repaint, black = keep")
     g.add_argument("--outpaint", metavar="L,R,U,D", help="pad the init image by these pixels")
+    g = p.add_argument_group("SDXL")
+    g.add_argument("--refiner", metavar="MODEL", help="hand over to this refiner model")
+    g.add_argument(
+        "--refiner-switch-at",
+        type=float,
+        metavar="F",
+        help="share of the noise the base removes before the refiner (0.8)",
+    )
+    g.add_argument("--original-size", metavar="HxW", help="size conditioning (default: output)")
+    g.add_argument("--target-size", metavar="HxW", help="size conditioning (default: output)")
+    g.add_argument("--crop", metavar="TOP,LEFT", help="crop conditioning (default: 0,0)")
+    g.add_argument("--aesthetic-score", type=float, help="refiner conditioning (6.0)")
+    g.add_argument("--negative-aesthetic-score", type=float, help="refiner conditioning (2.5)")
     g = p.add_argument_group("output, memory and speed")
     g.add_argument("--outdir", default="outputs/txt2img", help="(default: outputs/txt2img)")
     g.add_argument("--grid", action="store_true", help="also write a grid of all images")
@@ -108,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
     from ldm.pipeline import load_pipeline
 
     pipe = load_pipeline(settings["model"], device=args.device, dtype=args.dtype)
+    refiner = None
+    if settings["refiner"]:
+        refiner = load_pipeline(settings["refiner"], device=args.device, dtype=args.dtype)
+        apply_accel(refiner, args)
     for spec in args.lora:
         from ldm.formats.lora import parse_lora_arg
 
@@ -124,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         settings["strength"] = 1.0  # the new border has no content to keep
         settings["height"], settings["width"] = init_image.height, init_image.width
 
-    results = _generate(pipe, args, settings, init_image, mask, seed_is_random)
+    results = _generate(pipe, args, settings, init_image, mask, seed_is_random, refiner)
     if args.outpaint:
         for result in results:
             result.record.update(mode="outpaint", outpaint=args.outpaint)
@@ -142,7 +163,30 @@ def _settings(args: argparse.Namespace) -> dict:
     for key in DEFAULTS:
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
+    micro = _micro_flags(args)
+    if micro:
+        settings["micro"] = {**(settings["micro"] or {}), **micro}
     return settings
+
+
+def _micro_flags(args: argparse.Namespace) -> dict:
+    """--original-size/--target-size HxW, --crop TOP,LEFT, aesthetic scores -> micro fields."""
+    out = {}
+    for flag, key, sep in (("original_size", "original_size", "x"),
+                           ("target_size", "target_size", "x"),
+                           ("crop", "crops_coords_top_left", ",")):  # fmt: skip
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        parts = value.lower().split(sep)
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            example = "1024x1024" if sep == "x" else "0,0"
+            raise LdmError(f"--{flag.replace('_', '-')} {value!r}: expected e.g. {example}")
+        out[key] = [int(p) for p in parts]
+    for key in ("aesthetic_score", "negative_aesthetic_score"):
+        if getattr(args, key, None) is not None:
+            out[key] = getattr(args, key)
+    return out
 
 
 def _from_png(path: str, init_image: str | None) -> dict:
@@ -158,9 +202,12 @@ def _from_png(path: str, init_image: str | None) -> dict:
     if record.get("mode", "txt2img") != "txt2img" and not init_image:
         raise LdmError(f"--from-png {path}: made by {record['mode']}; give its --init-image too")
     out = {flag: record[key] for key, flag in FROM_RECORD.items() if record.get(key) is not None}
-    model_path = record.get("model_path")
-    if model_path and Path(model_path).exists():
-        out["model"] = model_path
+    for key in ("model", "refiner"):
+        path = record.get(f"{key}_path")
+        if path and Path(path).exists():
+            out[key] = path
+    if record.get("micro_conditioning"):
+        out["micro"] = {k: v for k, v in record["micro_conditioning"].items() if v is not None}
     return out
 
 
@@ -186,8 +233,11 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
         check_sampler(s["sampler"], s["schedule"] or "default")
     if s["schedule"] is not None:
         check_schedule(s["schedule"])
-    if s["model"] is not None and not Path(s["model"]).exists():
-        raise LdmError(f"--model {s['model']}: no such file or folder")
+    for key in ("model", "refiner"):
+        if s[key] is not None and not Path(s[key]).exists():
+            raise LdmError(f"--{key} {s[key]}: no such file or folder")
+    if s["refiner"] and (args.init_image or args.mask or args.outpaint):
+        raise LdmError("--refiner works with txt2img (no --init-image, --mask or --outpaint)")
     if (args.mask or args.outpaint) and not args.init_image:
         raise LdmError(f"{'--mask' if args.mask else '--outpaint'} needs --init-image")
     if args.mask and args.outpaint:
@@ -200,9 +250,11 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
             raise LdmError(f"--lora {spec}: no such file")
 
 
-def _generate(pipe, args, s: dict, init_image, mask, seed_is_random: bool) -> list:
+def _generate(pipe, args, s: dict, init_image, mask, seed_is_random: bool, refiner=None) -> list:
     """n_iter batches of n_samples images; image k overall gets seed + k."""
     from tqdm import tqdm
+
+    from ldm.text.micro import MicroConditioning
 
     n = args.n_samples
     bar = None
@@ -221,14 +273,25 @@ def _generate(pipe, args, s: dict, init_image, mask, seed_is_random: bool) -> li
     try:
         for i in range(args.n_iter):
             seeds = [s["seed"] + i * n + j for j in range(n)]
-            results += pipe(
-                [s["prompt"]] * n, seeds, negative_prompt=s["negative_prompt"],
-                steps=s["steps"], guidance_scale=s["guidance_scale"],
-                guidance_rescale=s["guidance_rescale"], sampler=s["sampler"],
-                schedule=s["schedule"], eta=s["eta"], height=s["height"], width=s["width"],
-                init_image=init_image, strength=s["strength"], mask=mask,
-                clip_skip=s["clip_skip"], callback=on_step,
+            kwargs = dict(
+                negative_prompt=s["negative_prompt"], steps=s["steps"],
+                guidance_scale=s["guidance_scale"], guidance_rescale=s["guidance_rescale"],
+                sampler=s["sampler"], schedule=s["schedule"], eta=s["eta"],
+                height=s["height"], width=s["width"], clip_skip=s["clip_skip"],
+                micro=MicroConditioning(**s["micro"]) if s["micro"] else None, callback=on_step,
             )  # fmt: skip
+            if refiner is not None:
+                from ldm.refiner import generate_with_refiner
+
+                results += generate_with_refiner(
+                    pipe, refiner, [s["prompt"]] * n, seeds,
+                    switch_at=s["refiner_switch_at"], **kwargs,
+                )  # fmt: skip
+            else:
+                results += pipe(
+                    [s["prompt"]] * n, seeds, init_image=init_image, strength=s["strength"],
+                    mask=mask, **kwargs,
+                )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

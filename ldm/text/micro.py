@@ -74,3 +74,14 @@ def with_time_ids(cond: Cond, ids: torch.Tensor) -> Cond:
     ids = ids.to(cond.context.device, torch.float32)
     ids = ids.expand(len(cond), -1) if ids.ndim == 1 else ids
     return Cond(cond.context, cond.pooled, cond.mask, ids)
+
+
+def zero_empty(uncond: Cond, negatives: list[str]) -> Cond:
+    """Rows whose negative prompt is empty become zero context and pooled (diffusers' SDXL
+    ``force_zeros_for_empty_prompt`` with ``negative_prompt=None``), row by row."""
+    empty = torch.tensor([n == "" for n in negatives], device=uncond.context.device)
+    if not empty.any():
+        return uncond
+    keep = (~empty).to(uncond.context.dtype)  # (B,)
+    pooled = None if uncond.pooled is None else uncond.pooled * keep[:, None]
+    return Cond(uncond.context * keep[:, None, None], pooled, uncond.mask, uncond.time_ids)
