@@ -90,7 +90,9 @@ async function loadChoices() {
   const norm = (x) => (typeof x === "string" ? { name: x, label: x, aliases: [] } : x);
   state.samplers = samplers.map(norm);
   state.schedulers = schedulers.map(norm);
-  fillSelect($("sampler_name"), state.samplers, (s) => s.name, (s) => s.name);
+  const modelDefault = { name: "", label: "model default" };
+  const samplerChoices = [modelDefault, ...state.samplers];
+  fillSelect($("sampler_name"), samplerChoices, (s) => s.name, (s) => s.label || s.name);
   fillSelect($("scheduler"), state.schedulers, (s) => s.name, (s) => s.label || s.name);
   $("scheduler").disabled = state.schedulers.length === 0;
   document.body.dataset.ready = "1"; // the form is usable (tests wait for this)
@@ -121,21 +123,20 @@ function num(id) {
   return Number($(id).value);
 }
 
+// The A1111 txt2img body; an empty field is left out, so the server uses the model's default.
 function formRequest() {
   const body = {
     prompt: $("prompt").value,
     negative_prompt: $("negative_prompt").value,
-    sampler_name: $("sampler_name").value,
-    steps: num("steps"),
-    cfg_scale: num("cfg_scale"),
-    width: num("width"),
-    height: num("height"),
     seed: $("seed").value === "" ? -1 : num("seed"),
-    batch_size: num("batch_size"),
-    n_iter: num("n_iter"),
+    batch_size: num("batch_size") || 1,
+    n_iter: num("n_iter") || 1,
     send_images: true,
     save_images: false,
   };
+  for (const id of ["sampler_name", "steps", "cfg_scale", "width", "height"]) {
+    if ($(id).value !== "") body[id] = id === "sampler_name" ? $(id).value : num(id);
+  }
   if (state.schedulers.length) body.scheduler = $("scheduler").value;
   return body;
 }
@@ -222,7 +223,7 @@ function describeJob(job) {
   for (const node of Object.values(graph || {})) {
     const inputs = node && node.inputs;
     if (inputs && typeof inputs.text === "string") {
-      text = inputs.text; // the first CLIPTextEncode: the positive prompt in ComfyUI's default graph
+      text = inputs.text; // the first CLIPTextEncode: ComfyUI's default graph's positive prompt
       break;
     }
   }
@@ -247,7 +248,11 @@ function showQueue(q) {
       return li;
     })
   );
-  if (!items.length) list.replaceChildren(Object.assign(document.createElement("li"), { textContent: "empty" }));
+  if (!items.length) {
+    const li = document.createElement("li");
+    li.textContent = "empty";
+    list.replaceChildren(li);
+  }
 }
 
 async function pollOnce() {
