@@ -37,6 +37,7 @@ from ldm.request import (
     prompt_lists,
 )
 from ldm.sampling.noise import make_noise
+from ldm.sampling.samplers import from_scheduler_config
 from ldm.sampling.schedules import (
     NoiseSchedule,
     get_sigmas,
@@ -128,9 +129,16 @@ class Pipeline:
 
     @property
     def sampling_defaults(self) -> dict:
-        """The model family's sampler, schedule, steps and guidance scale (ldm.models.families)."""
+        """The model family's sampler, schedule, steps and guidance scale (ldm.models.families);
+        SDXL takes its sampler and schedule from the checkpoint's scheduler config."""
         family = self.parts.family
-        return dict(sampler=family.sampler, schedule=family.schedule, steps=family.steps,
+        sampler, schedule = family.sampler, family.schedule
+        if family.sampler_from_checkpoint:
+            sampler, schedule = from_scheduler_config(self.parts.scheduler_config) or (
+                sampler,
+                schedule,
+            )
+        return dict(sampler=sampler, schedule=schedule, steps=family.steps,
                     guidance_scale=family.guidance_scale)  # fmt: skip
 
     @property

@@ -306,3 +306,37 @@ def test_txt2img_cli_runs_base_and_refiner(tiny_sdxl, tiny_sdxl_refiner, tmp_pat
     bad = subprocess.run(cmd[:6] + ["--prompt", "x", "--crop", "1x2"], capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "--crop" in bad.stderr
+
+
+def test_the_checkpoint_scheduler_picks_the_default_sampler(tiny_sdxl, tmp_path):
+    import json
+    import shutil
+
+    from ldm.sampling.samplers import from_scheduler_config
+
+    folder = shutil.copytree(tiny_sdxl, tmp_path / "dpm")
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(_class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True)
+    config_path.write_text(json.dumps(config))
+    pipe = load_pipeline(str(folder), "cpu", "fp32", accel="off")
+    assert pipe.sampling_defaults["sampler"] == "dpmpp_2m"
+    assert pipe.sampling_defaults["schedule"] == "karras"
+    sde = dict(config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=False)
+    assert from_scheduler_config(sde) == ("dpmpp_2m_sde", "default")
+    assert from_scheduler_config(dict(config, _class_name="PNDMScheduler")) is None
+    assert from_scheduler_config(dict(config, solver_order=3)) is None
+
+
+def test_fp16_decodes_in_fp32_where_the_vae_asks(ours, tiny_sd1):
+    pipe = ours()
+    pipe.dtype = torch.float16  # only the choice is checked: fp16 convolutions are slow on CPUs
+    try:
+        vae, where = pipe._vae_for_pixels()
+        assert where["dtype"] == torch.float32
+        assert next(vae.parameters()).dtype == torch.float32
+    finally:
+        pipe.dtype = torch.float32
+    sd1 = load_pipeline(str(tiny_sd1), "cpu", "fp32", accel="off")
+    sd1.dtype = torch.float16  # SD 1.x pipelines (as diffusers') do not upcast
+    assert sd1._vae_for_pixels()[1]["dtype"] == torch.float16

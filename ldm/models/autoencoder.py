@@ -40,7 +40,7 @@ class AutoencoderConfig:
     sample_size: Any = 32  # informational: the training image size
     scaling_factor: float = 0.18215  # latents ~ unit variance (LDM App. G); SD 1.x/2.x value
     shift_factor: float | None = None  # subtracted before scaling (None: 0)
-    force_upcast: bool = True  # informational: run this VAE in fp32 under fp16 pipelines
+    force_upcast: bool = True  # run this VAE in fp32 under fp16 (where the family honours it)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True

@@ -88,6 +88,8 @@ class Family:
     vae_scaling_factor: float  # latents ~ unit variance (LDM App. G)
     vae_shift_factor: float | None = None  # subtracted before scaling (None: 0)
     sampler: str = "dpmpp_2m"  # default sampler (ldm.sampling table name)
+    # SDXL: the checkpoint's scheduler class picks the default sampler when the table has it
+    sampler_from_checkpoint: bool = False
     schedule: str = "default"  # default sigma schedule ("default": the checkpoint's spacing)
     steps: int = 20  # default number of sampler steps
     guidance_scale: float = 7.5  # default classifier-free guidance scale
@@ -154,7 +156,8 @@ FAMILIES: dict[str, Family] = {
             text_combine="concat",
             prediction_type="epsilon",
             vae_scaling_factor=0.13025,
-            sampler="euler",  # the checkpoint's EulerDiscreteScheduler
+            sampler="euler",  # SDXL 1.0's EulerDiscreteScheduler
+            sampler_from_checkpoint=True,
             steps=30,
             guidance_scale=5.0,  # diffusers' SDXL default
             micro_conditioning="size",
@@ -178,6 +181,7 @@ FAMILIES: dict[str, Family] = {
             guidance_scale=5.0,
             micro_conditioning="aesthetic",
             vae_upcast=True,
+            sampler_from_checkpoint=True,
             single_file=_sdxl_single_file(refiner=True),
         ),
     )

@@ -56,6 +56,9 @@ class SamplerSpec:
     # starts from sigma_0 * noise (the Euler family); the others start from VP-scaled noise
     k_space: bool = False
     final_sigma: bool = False  # last step lands on abar[0] when set_alpha_to_one is false
+    # diffusers' scheduler class for it, and the config values that select it within the class
+    scheduler_class: str = ""
+    scheduler_match: tuple[tuple[str, object], ...] = ()
 
     def options(self, schedule: NoiseSchedule, eta: float | None = None) -> dict:
         """Options that reproduce diffusers' scheduler here (eta None: the sampler's default)."""
@@ -68,23 +71,32 @@ class SamplerSpec:
 _ANCESTRAL = dict(stochastic=True, eta=1.0)
 SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("ddim", sample_ddim, "DDIM", eta=0.0, a1111_eta="Eta DDIM", spacing="leading",
-                final_sigma=True),
-    SamplerSpec("ddpm", sample_ddpm, "DDPM", stochastic=True, spacing="leading"),
-    SamplerSpec("euler", sample_euler, "Euler", ("k_euler",), k_space=True),
+                final_sigma=True, scheduler_class="DDIMScheduler"),
+    SamplerSpec("ddpm", sample_ddpm, "DDPM", stochastic=True, spacing="leading",
+                scheduler_class="DDPMScheduler"),
+    SamplerSpec("euler", sample_euler, "Euler", ("k_euler",), k_space=True,
+                scheduler_class="EulerDiscreteScheduler"),
     SamplerSpec("euler_ancestral", sample_euler_ancestral, "Euler a",
-                ("k_euler_a", "k_euler_ancestral"), k_space=True, **_ANCESTRAL),
-    SamplerSpec("heun", sample_heun, "Heun", ("k_heun",), k_space=True),
-    SamplerSpec("lms", sample_lms, "LMS", ("k_lms",), (("LMS Karras", "karras"),), k_space=True),
+                ("k_euler_a", "k_euler_ancestral"), k_space=True, **_ANCESTRAL,
+                scheduler_class="EulerAncestralDiscreteScheduler"),
+    SamplerSpec("heun", sample_heun, "Heun", ("k_heun",), k_space=True,
+                scheduler_class="HeunDiscreteScheduler"),
+    SamplerSpec("lms", sample_lms, "LMS", ("k_lms",), (("LMS Karras", "karras"),), k_space=True,
+                scheduler_class="LMSDiscreteScheduler"),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",),
-                (("DPM++ 2M Karras", "karras"),), a1111_schedule="karras", multistep=True),
+                (("DPM++ 2M Karras", "karras"),), a1111_schedule="karras", multistep=True,
+                scheduler_class="DPMSolverMultistepScheduler",
+                scheduler_match=(("algorithm_type", "dpmsolver++"), ("solver_order", 2))),
     SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
                 (("DPM++ 2M SDE Karras", "karras"), ("DPM++ 2M SDE Exponential", "exponential")),
-                a1111_schedule="exponential", multistep=True, **_ANCESTRAL),
+                a1111_schedule="exponential", multistep=True, **_ANCESTRAL,
+                scheduler_class="DPMSolverMultistepScheduler",
+                scheduler_match=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2))),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",),
                 (("DPM++ 3M SDE Karras", "karras"), ("DPM++ 3M SDE Exponential", "exponential")),
                 a1111_schedule="exponential", multistep=True, **_ANCESTRAL),
     SamplerSpec("unipc", sample_unipc, "UniPC", ("uni_pc",), a1111_eta="Eta DDIM",
-                multistep=True),
+                multistep=True, scheduler_class="UniPCMultistepScheduler"),
 )  # fmt: skip
 SPEC: dict[str, SamplerSpec] = {s.name: s for s in SPECS}
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {s.name: s.function for s in SPECS}
@@ -125,6 +137,24 @@ def names_help() -> list[str]:
         + [s.a1111 for s in SPECS]
         + [n for s in SPECS for n, _ in s.named_schedules]
     )
+
+
+# diffusers' class defaults of the fields that select a sampler within a scheduler class
+_SCHEDULER_DEFAULTS = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+
+
+def from_scheduler_config(config: dict) -> tuple[str, str] | None:
+    """(sampler, schedule) that a diffusers scheduler config describes, or None if none does.
+
+    A checkpoint's scheduler is its maker's choice of sampler (SDXL ships Euler); Karras sigmas
+    in the config select the karras schedule.
+    """
+    for spec in SPECS:
+        if spec.scheduler_class != config.get("_class_name"):
+            continue
+        if all(config.get(k, _SCHEDULER_DEFAULTS[k]) == v for k, v in spec.scheduler_match):
+            return spec.name, "karras" if config.get("use_karras_sigmas") else "default"
+    return None
 
 
 def sampler_options(sampler: str, schedule: NoiseSchedule, eta: float | None = None) -> dict:
