@@ -82,5 +82,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"ldm serve: {models.selected} on http://{config.host}:{config.port}/ "
           "(A1111 /sdapi/v1, ComfyUI /prompt, OpenAI /v1/images/generations); Ctrl-C stops",
           file=sys.stderr)  # fmt: skip
-    serve(server)
+    try:
+        serve(server)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C after its clean shutdown
+        pass
+    print("ldm serve: stopped", file=sys.stderr)
     return 0

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from ldm.errors import LdmError
 from ldm.sampling.samplers import SPECS, resolve_sampler
+from ldm.sampling.schedules import SIGMA_SCHEDULES
 from ldm.serve import jobs
 from ldm.serve.worker import Job
 
-# ComfyUI scheduler -> ldm schedule (ComfyUI's "normal" is its uniform-in-timestep schedule)
-SCHEDULERS = {"normal": "default", "karras": "karras", "exponential": "exponential",
-              "sgm_uniform": "sgm_uniform", "simple": "simple", "beta": "beta"}  # fmt: skip
+# ComfyUI scheduler -> ldm schedule: the same names, but ComfyUI calls the checkpoint's own
+# (uniform-in-timestep) spacing "normal"
+SCHEDULERS = {"normal": "default"} | {s: s for s in SIGMA_SCHEDULES if s != "default"}
 SAMPLERS = [s.name for s in SPECS] + [a for s in SPECS for a in s.aliases if "_" in a]
 # class_type -> (required inputs: name -> type, outputs)
 NODES = {

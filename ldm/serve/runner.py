@@ -10,12 +10,19 @@ from ldm.serve.app import Server, create_app
 
 
 def serve(server: Server, log_level: str = "info") -> None:
-    """Serve until Ctrl-C; uvicorn's shutdown stops the worker (interrupting its job)."""
+    """Serve until Ctrl-C: the running job is interrupted at once (its request answers with the
+    images made so far), queued ones are refused, then uvicorn closes."""
     import uvicorn
 
-    config = server.config
-    uvicorn.run(create_app(server), host=config.host, port=config.port, log_level=log_level,
-                timeout_graceful_shutdown=5)  # fmt: skip
+    class _Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            server.worker.stop_soon()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(server), host=server.config.host,
+                            port=server.config.port, log_level=log_level,
+                            timeout_graceful_shutdown=5)  # fmt: skip
+    _Uvicorn(config).run()
 
 
 class ThreadedServer:

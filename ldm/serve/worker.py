@@ -139,16 +139,22 @@ class Worker:
         """The client is gone: drop the job if still queued, else stop it within a step."""
         job.interrupted = True
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Interrupt the running job, fail the queued ones, end the thread (Ctrl-C)."""
+    def stop_soon(self) -> None:
+        """Refuse new jobs, fail the queued ones, interrupt the running one; returns at once
+        (Ctrl-C: the waiting requests answer before the server closes their connections)."""
         self._stopping = True
         for job in self._drain():
             job.future.set_exception(QueueFull("the server is shutting down"))
+            job.emit("done")
         self.interrupt()
         try:
             self._queue.put_nowait(None)
         except queue.Full:
             pass
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """stop_soon, then wait for the thread to end."""
+        self.stop_soon()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
