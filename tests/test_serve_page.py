@@ -327,15 +327,29 @@ def test_progress_bar_eta_and_preview(tab):
     expect(page.locator("#preview")).to_be_hidden()
 
 
-def test_long_job_shows_progress_queue_and_interrupts(tab):
+def server_preview(server, tries: int = 20) -> bool:
+    """Whether the server's /progress sends a live preview (optional in A1111's API)."""
+    for _ in range(tries):
+        if http_json(server.url + "sdapi/v1/progress", BASIC).get("current_image"):
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def test_long_job_shows_progress_queue_and_interrupts(tab, server):
     page = tab.ready()
-    # the largest job the default limits allow in one batch: long enough to be seen running
+    # 150 steps (the default --max-steps) at 256x256 in 4 batches: minutes on a CPU, so it is
+    # still running when the page is looked at; the test interrupts it
     fill(page, prompt="a slow yellow star", steps=150, width=256, height=256, seed=5)
     fill(page, batch_size=1, n_iter=4)
     page.click("#generate")
     expect(page.locator("#progress-text")).to_contain_text("step ")
+    expect(page.locator("#progress-text")).to_contain_text("batch 1/4")
     expect(page.locator("#queue li.running")).to_have_count(1)
-    expect(page.locator("#queue li.running")).to_contain_text("a slow yellow star")
+    expect(page.locator("#queue li.running")).to_contain_text("a slow yellow star (4 images)")
+    if server_preview(server):  # what the server sends, the page shows
+        expect(page.locator("#preview")).to_be_visible()
+        assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
     page.click("#interrupt")
     # the server's answer says it was interrupted (info.interrupted); finished batches are kept
     expect(page.locator("#message")).to_contain_text("interrupted after")
@@ -343,6 +357,21 @@ def test_long_job_shows_progress_queue_and_interrupts(tab):
     assert "error" not in (page.get_attribute("#message", "class") or "")
     expect(page.locator("#progress-text")).to_have_text("idle")
     expect(page.locator("#queue li")).to_have_text(["empty"])
+
+
+def test_refusals_are_shown(tab):
+    page = tab.ready()
+    fill(page, prompt="too many steps", steps=100_000, width=64, height=64)
+    page.click("#generate")
+    expect(page.locator("#message")).to_contain_text("422")
+    expect(page.locator("#message")).to_contain_text("--max-steps")  # the server's own words
+    expect(page.locator("#message")).to_have_class("error")
+    fill(page, sampler_name="", steps=2, seed=-1)
+    page.evaluate("document.getElementById('sampler_name').add(new Option('Nope', 'Nope'))")
+    page.select_option("#sampler_name", "Nope")
+    page.click("#generate")
+    expect(page.locator("#message")).to_contain_text("unknown sampler_name 'Nope'")
+    assert page.locator("#gallery .card").count() == 0
 
 
 def test_page_needs_the_credentials(browser, server):
