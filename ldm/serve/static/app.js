@@ -5,6 +5,7 @@
 //   POST sdapi/v1/txt2img     images (base64 PNG) + info (JSON string with infotexts, seed)
 //   GET  sdapi/v1/progress    progress, eta_relative, state, current_image (the live preview)
 //   POST sdapi/v1/interrupt, skip, png-info, options          GET queue (ComfyUI's shape)
+// The infotext reader is static/infotext.js (loaded first).
 // URLs are relative, so the page also works behind a proxy that mounts the server under a path.
 // Auth: basic auth is the browser's own (it resends the credentials it was asked for); a token
 // given as /#token=... (or /?token=...) is kept for the tab and sent as "Authorization: Bearer".
@@ -13,9 +14,6 @@
 const $ = (id) => document.getElementById(id);
 const POLL_BUSY_MS = 400; // progress polling while a job of ours runs
 const POLL_IDLE_MS = 2000; // ... and otherwise (other clients' jobs show up too)
-const NEGATIVE = "Negative prompt:";
-// One "Key: value" pair of an infotext's last line (A1111 infotext_utils.re_param; ldm.infotext)
-const RE_PARAM = /\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g;
 
 const state = { busy: 0, samplers: [], schedulers: [], pollTimer: null, token: null };
 
@@ -272,63 +270,7 @@ function poll(delay) {
   }, delay);
 }
 
-// ---- reuse settings: A1111 infotext -> form ------------------------------------------------
-
-function unquote(value) {
-  if (value.length >= 2 && value.startsWith('"') && value.endsWith('"')) {
-    try {
-      return JSON.parse(value);
-    } catch {
-      return value;
-    }
-  }
-  return value.trim();
-}
-
-// The inverse of A1111's infotext (ldm.infotext.parse_infotext reads it the same way):
-// prompt lines, then "Negative prompt: ..." lines, then one "Key: value, ..." line.
-function parseInfotext(text) {
-  const lines = text.replace(/\s+$/, "").split("\n");
-  const params = {};
-  const pairs = [...lines[lines.length - 1].matchAll(RE_PARAM)];
-  if (pairs.length >= 3) {
-    lines.pop();
-    for (const [, label, raw] of pairs) params[label.trim()] = unquote(raw);
-  }
-  let start = lines.findIndex((l) => l.startsWith(NEGATIVE));
-  if (start < 0) start = lines.length;
-  const negative = lines.slice(start).join("\n").slice(NEGATIVE.length);
-  return {
-    prompt: lines.slice(0, start).join("\n"),
-    negative: negative.startsWith(" ") ? negative.slice(1) : negative,
-    params,
-  };
-}
-
-const key = (s) => String(s).trim().toLowerCase().replace(/\s+/g, " ");
-
-function findChoice(list, name) {
-  const k = key(name);
-  return list.find((c) => [c.name, c.label, ...(c.aliases || [])].some((n) => n && key(n) === k));
-}
-
-// "Sampler" and "Schedule type" -> the select values; old infotexts (A1111 < 1.9) fold the
-// schedule into the sampler ("DPM++ 2M Karras"), and no schedule type means "Automatic".
-function matchSampler(samplerText, scheduleText) {
-  let sampler = findChoice(state.samplers, samplerText);
-  let schedule = scheduleText;
-  if (!sampler && scheduleText === undefined) {
-    for (const s of state.schedulers) {
-      const label = s.label || s.name;
-      if (key(samplerText).endsWith(` ${key(label)}`)) {
-        sampler = findChoice(state.samplers, samplerText.slice(0, -label.length));
-        if (sampler) schedule = label;
-        if (sampler) break;
-      }
-    }
-  }
-  return { sampler, schedule: findChoice(state.schedulers, schedule ?? "Automatic") };
-}
+// ---- reuse settings: A1111 infotext (parsed by infotext.js) -> form -------------------------
 
 function applyInfotext(text) {
   const { prompt, negative, params } = parseInfotext(text);
@@ -342,7 +284,12 @@ function applyInfotext(text) {
   const size = /^(\d+)x(\d+)$/.exec(params.Size || "");
   if (size) [$("width").value, $("height").value] = [size[1], size[2]];
   if ("Sampler" in params) {
-    const { sampler, schedule } = matchSampler(params.Sampler, params["Schedule type"]);
+    const { sampler, schedule } = matchSampler(
+      params.Sampler,
+      params["Schedule type"],
+      state.samplers,
+      state.schedulers
+    );
     if (sampler) $("sampler_name").value = sampler.name;
     else missed.push(`sampler "${params.Sampler}"`);
     if (schedule) $("scheduler").value = schedule.name;
