@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -112,3 +113,44 @@ def test_progress_shows_the_live_preview_where_the_pipeline_offers_it(tmp_path):
         assert job.future.result(30).images
     image = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
     assert image.size == (64, 64) and progress["state"]["sampling_step"] == 1
+
+
+def test_switching_among_the_started_models(tmp_path, tiny_sd1):
+    models = ModelTable([None, str(tiny_sd1)])
+    models.pipeline(models.selected)
+    server = Server(ServeConfig(outdir=tmp_path), models)
+    small = {"prompt": "x", "seed": 1, "steps": 2, "width": 32, "height": 32}
+    with TestClient(create_app(server)) as client:
+        titles = [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
+        assert len(titles) == 2 and titles[1].startswith(tiny_sd1.name + " [")
+        assert (
+            client.post("/sdapi/v1/options", json={"sd_model_checkpoint": titles[1]}).json() is None
+        )
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles[1]
+
+        def model_of(response) -> str:
+            return json.loads(response.json()["info"])["sd_model_name"]
+
+        assert model_of(client.post("/sdapi/v1/txt2img", json=small)) == tiny_sd1.name
+        pick = {**small, "override_settings": {"sd_model_checkpoint": "shapes-demo"}}
+        assert model_of(client.post("/sdapi/v1/txt2img", json=pick)) == "shapes-demo"
+        body = {"prompt": "x", "size": "32x32", "model": tiny_sd1.name, "seed": 3}
+        data = client.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"]
+        record = json.loads(Image.open(io.BytesIO(base64.b64decode(data))).text["ldm"])
+        assert record["model"] == tiny_sd1.name and record["seed"] == 3
+
+
+def test_every_key_null_is_accepted(tmp_path):
+    """webuiapi-style bodies: every key present, many null, unknown ones too."""
+    models = ModelTable([None])
+    server = Server(ServeConfig(outdir=tmp_path), models)
+    from ldm.serve.a1111 import GenerationRequest
+
+    body = {key: None for key in GenerationRequest.model_fields}
+    body.update(prompt="a red circle", steps=2, seed=4, hr_upscaler=None, styles=[],
+                alwayson_scripts={}, script_args=[], s_churn=0)  # fmt: skip
+    with TestClient(create_app(server)) as client:
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert info["all_seeds"] == [4] and info["width"] == 64  # the model's own size
