@@ -121,7 +121,13 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, browser):
     pytest.importorskip("fastapi", reason="ldm serve needs fastapi (the dev extras install it)")
-    s = Server(tmp_path_factory.mktemp("serve"), "--api-auth", ":".join(LOGIN), headers=BASIC)
+    from ldm.loading import DEFAULT_MODEL
+
+    work = tmp_path_factory.mktemp("serve")
+    second = work / "shapes-demo-b"  # the page's model selector shows with two models
+    second.symlink_to(DEFAULT_MODEL, target_is_directory=True)
+    models = ["--model", str(DEFAULT_MODEL), "--model", str(second)]
+    s = Server(work, *models, "--api-auth", ":".join(LOGIN), headers=BASIC)
     yield s
     s.stop()
 
@@ -347,6 +353,8 @@ def test_long_job_shows_progress_queue_and_interrupts(tab, server):
     expect(page.locator("#progress-text")).to_contain_text("batch 1/4")
     expect(page.locator("#queue li.running")).to_have_count(1)
     expect(page.locator("#queue li.running")).to_contain_text("a slow yellow star (4 images)")
+    page.click("#skip")  # ends the running batch only; the job goes on with the next
+    expect(page.locator("#progress-text")).to_contain_text("batch 2/4")
     if server_preview(server):  # what the server sends, the page shows
         expect(page.locator("#preview")).to_be_visible()
         assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
@@ -372,6 +380,18 @@ def test_refusals_are_shown(tab):
     page.click("#generate")
     expect(page.locator("#message")).to_contain_text("unknown sampler_name 'Nope'")
     assert page.locator("#gallery .card").count() == 0
+
+
+def test_model_selector(tab, server):
+    page = tab.ready()
+    expect(page.locator("#model-row")).to_be_visible()
+    titles = [m["title"] for m in http_json(server.url + "sdapi/v1/sd-models", BASIC)]
+    assert page.locator("#model option").evaluate_all("os => os.map((o) => o.value)") == titles
+    assert page.input_value("#model") == titles[0]
+    for title in (titles[1], titles[0]):  # and back, for the other tests
+        page.select_option("#model", title)
+        expect(page.locator("#message")).to_have_text(f"model: {title}")
+        assert http_json(server.url + "sdapi/v1/options", BASIC)["sd_model_checkpoint"] == title
 
 
 def test_page_needs_the_credentials(browser, server):
