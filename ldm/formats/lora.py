@@ -83,14 +83,24 @@ class LoraReport:
     mismatched: list[str] = field(default_factory=list)  # "key: why" (shape does not fit)
 
     def warning(self, limit: int = 8) -> str | None:
-        """One line naming the keys that matched nothing (None when every key was used)."""
+        """One line naming the keys that changed nothing (None when every key was used)."""
         bad = self.unmatched + self.mismatched
         if not bad:
             return None
         shown = ", ".join(bad[:limit]) + (
             f" and {len(bad) - limit} more" if len(bad) > limit else ""
         )
-        return f"LoRA {self.source}: {len(bad)} keys matched nothing in the model: {shown}"
+        what = [f"{_count(len(self.unmatched), 'key')} matched nothing in the model"] * bool(
+            self.unmatched
+        )
+        what += [f"{_count(len(self.mismatched), 'pair')} did not fit its weight"] * bool(
+            self.mismatched
+        )
+        return f"LoRA {self.source}: {' and '.join(what)}: {shown}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def parse_lora_arg(spec: str) -> tuple[Path, float]:
