@@ -286,7 +286,8 @@ def test_txt2img_cli_runs_base_and_refiner(tiny_sdxl, tiny_sdxl_refiner, tmp_pat
     cmd = [sys.executable, "-m", "ldm", "txt2img", "--model", str(tiny_sdxl), "--prompt", "a cat",
            "--refiner", str(tiny_sdxl_refiner), "--refiner-switch-at", "0.7", "--steps", "4",
            "--height", "32", "--width", "32", "--seed", "5", "--original-size", "64x64",
-           "--crop", "2,4", "--outdir", str(tmp_path), "--no-progress", "--accel", "off"]  # fmt: skip
+           "--crop", "2,4", "--outdir", str(tmp_path), "--no-progress",
+           "--accel", "off"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     (path,) = [line for line in done.stdout.splitlines() if line.endswith(".png")]
@@ -340,3 +341,68 @@ def test_fp16_decodes_in_fp32_where_the_vae_asks(ours, tiny_sd1):
     sd1 = load_pipeline(str(tiny_sd1), "cpu", "fp32", accel="off")
     sd1.dtype = torch.float16  # SD 1.x pipelines (as diffusers') do not upcast
     assert sd1._vae_for_pixels()[1]["dtype"] == torch.float16
+
+
+def test_nine_channel_inpainting_matches_diffusers(tmp_path, tiny_sdxl):
+    import json
+    import shutil
+
+    import diffusers
+
+    folder = shutil.copytree(tiny_sdxl, tmp_path / "inpaint")  # an SDXL inpainting checkpoint
+    unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    torch.manual_seed(1)
+    diffusers.UNet2DConditionModel.from_config(unet.config, in_channels=9).save_pretrained(
+        folder / "unet"
+    )
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLInpaintPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), np.uint8))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:24, 4:20] = 255
+    mask = Image.fromarray(mask)
+    theirs = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(folder)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.folder_scheduler_config = dict(theirs.scheduler.config)
+    expected = _array(
+        _diffusers(
+            theirs, "EulerDiscreteScheduler", {}, prompt=PROMPT, image=init, mask_image=mask,
+            strength=1.0, height=SIZE, width=SIZE, num_inference_steps=3,
+        )
+    )  # fmt: skip
+    pipe = load_pipeline(str(folder), device="cpu", dtype="fp32", accel="off")
+    assert pipe.parts.family.name == "sdxl" and pipe.is_inpainting_model
+    (result,) = pipe(
+        [PROMPT], [SEED], init_image=init, mask=mask, strength=1.0, steps=3,
+        guidance_scale=SCALE, sampler="euler",
+    )  # fmt: skip
+    assert np.abs(_array(result.image) - expected).max() <= 2
+
+
+def test_batch_gives_txt2img_images(tiny_sdxl, tmp_path):
+    """ldm batch (text cache, encode hook) and the plain call make the same SDXL image."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('--prompt "a red circle" --seed 4\n'
+                       '--prompt "a red circle" --seed 5 --negative_prompt blurry\n')  # fmt: skip
+    cmd = [sys.executable, "-m", "ldm", "batch", "--prompts", str(prompts), "--model",
+           str(tiny_sdxl), "--height", "32", "--width", "32", "--steps", "3", "--outdir",
+           str(tmp_path / "out"), "--batch-size", "2", "--no-progress",
+           "--accel", "off"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    pipe = load_pipeline(str(tiny_sdxl), "cpu", "fp32", accel="off")
+    for seed, negative in ((4, ""), (5, "blurry")):
+        (alone,) = pipe(["a red circle"], [seed], negative_prompt=negative, steps=3,
+                        height=32, width=32)  # fmt: skip
+        (made,) = [p for p in (tmp_path / "out").glob("*.png") if _seed(p) == seed]
+        assert np.abs(_array(Image.open(made)) - _array(alone.image)).max() <= 1
+
+
+def _seed(path) -> int:
+    from ldm.infotext import read_png_metadata
+
+    return read_png_metadata(path)[1]["seed"]
