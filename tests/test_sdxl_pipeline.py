@@ -406,3 +406,19 @@ def _seed(path) -> int:
     from ldm.infotext import read_png_metadata
 
     return read_png_metadata(path)[1]["seed"]
+
+
+def test_long_prompts_and_break_chunk_both_encoders_pooled_from_the_first(ours):
+    from ldm.text.prompts import encode_prompts
+
+    encoder = ours().text_encoder(1)
+    first = "a red circle above a blue square"
+    cond = encode_prompts(encoder, [f"{first} BREAK two green triangles"])
+    assert cond.context.shape == (1, 154, 64)  # two 77-token chunks, 32 + 32 features each
+    alone = encoder.encode([first])
+    assert torch.allclose(cond.pooled, alone.pooled, atol=1e-6)  # A1111: the first chunk's
+    assert torch.allclose(cond.context[:, :77], alone.context, atol=1e-6)
+    second = encoder.encode(["two green triangles"])
+    assert torch.allclose(cond.context[:, 77:], second.context, atol=1e-6)
+    long = encode_prompts(encoder, [", ".join(["a red circle"] * 40)])
+    assert long.context.shape[1] == 77 * 3  # 120 + 39 tokens: nothing truncated
