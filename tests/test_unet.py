@@ -124,3 +124,17 @@ def test_default_valued_unsupported_fields_are_accepted() -> None:
     cfg = dict(UNET_SD1, class_embed_type=None, only_cross_attention=[False, False])
     cfg.update(_diffusers_version="0.30.0", _name_or_path="x", addition_embed_type_num_heads=64)
     assert UNetConfig.from_diffusers(cfg).block_out_channels == (32, 64)
+
+
+def test_every_diffusers_field_is_known():
+    """Each UNet2DConditionModel argument is implemented or refused by name (never ignored)."""
+    import dataclasses
+    import inspect
+
+    from diffusers import UNet2DConditionModel as Theirs
+
+    from ldm.models.unet import _UNSUPPORTED
+
+    params = set(inspect.signature(Theirs.__init__).parameters) - {"self"}
+    known = {f.name for f in dataclasses.fields(UNetConfig)} | set(_UNSUPPORTED)
+    assert params <= known, sorted(params - known)
