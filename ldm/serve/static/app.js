@@ -12,10 +12,11 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const POLL_BUSY_MS = 400; // progress polling while a job of ours runs
-const POLL_IDLE_MS = 2000; // ... and otherwise (other clients' jobs show up too)
+const POLL_BUSY_MS = 400; // progress polling while a job runs (ours or another client's)
+const POLL_IDLE_MS = 2000; // ... and while the server is idle
 
-const state = { busy: 0, samplers: [], schedulers: [], pollTimer: null, token: null };
+// busy: our txt2img requests in flight; active: the server's last /progress showed a job
+const state = { busy: 0, active: false, samplers: [], schedulers: [], token: null, pollTimer: 0 };
 
 // ---- talking to the server ----------------------------------------------------------------
 
@@ -193,6 +194,7 @@ function formatEta(seconds) {
 function showProgress(p) {
   const st = p.state || {};
   const active = st.job_count > 0 || p.progress > 0 || state.busy > 0;
+  state.active = active;
   const pct = active ? Math.round(100 * Math.min(1, Math.max(0, p.progress || 0))) : 0;
   $("progress-fill").style.width = `${pct}%`;
   $("progress").setAttribute("aria-valuenow", String(pct));
@@ -266,7 +268,7 @@ function poll(delay) {
   clearTimeout(state.pollTimer);
   state.pollTimer = setTimeout(async () => {
     if (!document.hidden) await pollOnce();
-    poll(state.busy > 0 ? POLL_BUSY_MS : POLL_IDLE_MS);
+    poll(state.busy > 0 || state.active ? POLL_BUSY_MS : POLL_IDLE_MS);
   }, delay);
 }
 
@@ -353,6 +355,9 @@ function wireDrop() {
 function main() {
   readToken();
   $("form").addEventListener("submit", generate);
+  $("form").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("form").requestSubmit(); // as A1111
+  });
   $("random-seed").addEventListener("click", () => ($("seed").value = "-1"));
   $("interrupt").addEventListener("click", () => post("sdapi/v1/interrupt", "interrupting..."));
   $("skip").addEventListener("click", () => post("sdapi/v1/skip", "skipping this batch..."));
