@@ -29,10 +29,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.infotext import format_infotext
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-)
-expect = sync_api.expect
+try:
+    from playwright import sync_api
+    from playwright.sync_api import expect
+except ImportError:  # the browser tests skip (the browser fixture says why); the others run
+    sync_api = expect = None
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 STARTUP_S = 120  # model loading on a busy 2-core machine
@@ -104,6 +105,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def browser():
+    if sync_api is None:
+        pytest.skip("playwright is not installed (pip install playwright; the dev extras have it)")
     chromium = find_chromium()
     if chromium is None:
         where = os.environ.get("LDM_CHROMIUM") or f"{', '.join(CHROMIUM_NAMES)} on PATH"
@@ -408,3 +411,14 @@ def test_page_needs_the_credentials(browser, server):
     for path in ("static/app.js", "sdapi/v1/samplers", "queue"):
         assert anonymous.request.get(server.url + path).status == 401
     anonymous.close()
+
+
+def test_page_files_ship_with_the_package():
+    """The page is package data: an installed (non-editable) ldm must carry static/."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).parents[1]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["ldm"]
+    shipped = {p for pattern in patterns for p in (root / "ldm").glob(pattern)}
+    static = sorted((root / "ldm" / "serve" / "static").iterdir())
+    assert static and not [p.name for p in static if p not in shipped], patterns
