@@ -9,16 +9,10 @@ import torch
 
 from ldm.errors import CheckpointError, ConfigError
 from ldm.formats.diffusers_folder import load_folder
-from ldm.formats.original_keys import OPENCLIP, openclip_from_original
+from ldm.formats.original_config import infer_text_config, infer_unet_config, infer_vae_config
+from ldm.formats.original_text import openclip_from_original
 from ldm.formats.safe_load import load_state_dict, save_state_dict
-from ldm.formats.single_file import (
-    infer_text_config,
-    infer_unet_config,
-    infer_vae_config,
-    load_single_file,
-    save_single_file,
-    to_original_state_dict,
-)
+from ldm.formats.single_file import load_single_file, save_single_file, to_original_state_dict
 from ldm.models import families
 
 
@@ -97,13 +91,16 @@ def test_single_file_round_trip_sd2_keeps_v_prediction(tiny_sd2, tmp_path):
     _assert_same(_bare(parts.text_encoder.state_dict()), _bare(back.text_encoder.state_dict()))
 
 
+OPENCLIP = families.OPENCLIP_PREFIX
+
+
 def test_full_openclip_drops_the_unused_last_block(tiny_sd2):
     original = to_original_state_dict(load_folder(tiny_sd2))
     last = f"{OPENCLIP}transformer.resblocks.3."
     for key in [k for k in original if k.startswith(f"{OPENCLIP}transformer.resblocks.2.")]:
         original[key.replace("resblocks.2.", "resblocks.3.")] = original[key].clone()
     original[f"{OPENCLIP}text_projection"] = torch.zeros(32, 32)
-    text = openclip_from_original(original, num_layers=3)
+    text = openclip_from_original(original, num_layers=3, prefix=OPENCLIP)
     assert not any(k.startswith("encoder.layers.3.") for k in text)
     assert any(k.startswith(last) for k in original)
 
@@ -114,11 +111,14 @@ def test_family_detection():
     openclip = {"cond_stage_model.model.ln_final.weight": torch.zeros(1)}
     assert families.from_keys({**unet, **clip}, "f").name == "sd1"
     assert families.from_keys({**unet, **openclip}, "f").name == "sd2"
-    sdxl = {**unet, "conditioner.embedders.0.transformer.x": torch.zeros(1)}
+    clip_l = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": 0}
+    big_g = {"conditioner.embedders.1.model.ln_final.weight": 0}
+    refiner = {"conditioner.embedders.0.model.ln_final.weight": 0}
+    assert families.from_keys({**unet, **clip_l, **big_g}, "f").name == "sdxl"
+    assert families.from_keys({**unet, **refiner}, "f").name == "sdxl-refiner"
     sd3 = {"model.diffusion_model.joint_blocks.0.x.attn.qkv.weight": torch.zeros(1)}
     flux = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}
     for bad, words in (
-        (sdxl, "SDXL models are not supported"),
         (sd3, "Stable Diffusion 3 models are not supported"),
         (flux, "FLUX.1 models are not supported"),
         (clip, "no U-Net"),
@@ -148,7 +148,8 @@ def test_config_inferred_from_shapes(tiny):
     for key in ("block_out_channels", "layers_per_block", "latent_channels", "in_channels"):
         assert vae[key] == true[key], key
     text_state = _bare(load_state_dict(folder / "text_encoder/model.safetensors"))
-    text = infer_text_config(text_state, family, num_layers=3)
+    layout = "openclip" if family == "sd2" else "clip"
+    text = infer_text_config(text_state, family, num_layers=3, layout=layout)
     true = json.loads((folder / "text_encoder/config.json").read_text())
     for key in ("hidden_size", "intermediate_size", "hidden_act", "vocab_size"):
         assert text[key] == true[key], key
@@ -169,7 +170,7 @@ def test_prediction_type_default_and_override(tiny_sd2, tmp_path):
 
 def test_uninferable_config_asks_for_one(tiny_sd1, tmp_path):
     path = tmp_path / "m.safetensors"
-    save_single_file(load_folder(tiny_sd1), path)
+    save_state_dict(to_original_state_dict(load_folder(tiny_sd1)), path)  # no ldm metadata
     with pytest.raises(ConfigError) as e:
         load_single_file(path)  # the tiny VAE's 16 channels do not fit SD's 32 norm groups
     assert str(path) in str(e.value) and "--config" in str(e.value)
@@ -204,9 +205,10 @@ def test_openclip_conversion_matches_open_clip():
     for p in tower.parameters():  # open_clip zero-inits some weights; make every one count
         p.data.normal_(0, 0.2)
     original = {OPENCLIP + k: v for k, v in tower.state_dict().items()}
-    text = infer_text_config(openclip_from_original(original, 3), "sd2", num_layers=3)
+    text_state = openclip_from_original(original, 3, OPENCLIP)
+    text = infer_text_config(text_state, "sd2", num_layers=3, layout="openclip")
     model = build_text_encoder({**text, "num_attention_heads": 4}).eval()
-    load_into(model, fit_clip_keys(openclip_from_original(original, 3), model), "openclip")
+    load_into(model, fit_clip_keys(text_state, model), "openclip")
     ids = torch.randint(0, 49406, (2, 77))
     with torch.no_grad():
         x = tower.token_embedding(ids) + tower.positional_embedding
@@ -227,8 +229,8 @@ def test_full_size_configs_need_no_override(family, config):
     """Real SD 1.5 / 2.1 layouts (meta tensors, no memory): every field inferred correctly."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from ldm.formats.original_config import check_guesses
     from ldm.formats.original_keys import remap, unet_pairs, vae_pairs
-    from ldm.formats.single_file import _check_guesses
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
@@ -247,4 +249,4 @@ def test_full_size_configs_need_no_override(family, config):
     assert vae_config["layers_per_block"] == 2 and vae_config["latent_channels"] == 4
     hidden = 768 if family == "sd1" else 1024
     text = {"num_attention_heads": hidden // 64, "hidden_size": hidden}
-    _check_guesses(inferred, vae_config, text, "real")
+    check_guesses(inferred, vae_config, [text], "real")

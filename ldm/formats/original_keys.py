@@ -1,20 +1,18 @@
-"""Key tables between diffusers names and original (CompVis / A1111 / ComfyUI) single-file names.
+"""Key tables between diffusers names and original (CompVis / A1111 / ComfyUI / sgm) names.
 
 One table of (diffusers prefix, original prefix) pairs per part, built from the architecture, so
-that loading and exporting cannot drift apart (tests check it against diffusers' converters);
-the CLIP and OpenCLIP text towers are renamed (and OpenCLIP's fused q/k/v split) here too.
+that loading and exporting cannot drift apart (tests check it against diffusers' converters).
+The text towers are in ldm.formats.original_text.
 """
 
 from __future__ import annotations
 
 import re
 
-import torch
-
 from ldm.errors import CheckpointError
-from ldm.models.families import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX
+from ldm.models.families import UNET_PREFIX
 
-UNET, CLIP, OPENCLIP = UNET_PREFIX, CLIP_PREFIX, OPENCLIP_PREFIX  # families detects by them
+UNET = UNET_PREFIX  # families detects by it
 VAE = "first_stage_model."
 
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
@@ -23,9 +21,6 @@ RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_lay
 VAE_RESNET = [("conv_shortcut", "nin_shortcut")]
 VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
             ("to_out.0", "proj_out")]  # fmt: skip
-CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-              ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
-              ("mlp.fc2", "mlp.c_proj")]  # fmt: skip
 
 
 def _levels(config: dict) -> tuple[int, list[int], list[bool]]:
@@ -45,6 +40,9 @@ def unet_pairs(config: dict) -> list[tuple[str, str, list]]:
              ("mid_block.resnets.0", "middle_block.0", RESNET),
              ("mid_block.attentions.0", "middle_block.1", []),
              ("mid_block.resnets.1", "middle_block.2", RESNET)]  # fmt: skip
+    if config.get("addition_embed_type") == "text_time":  # SDXL: sgm's ``label_emb`` Sequential
+        pairs += [("add_embedding.linear_1", "label_emb.0.0", []),
+                  ("add_embedding.linear_2", "label_emb.0.2", [])]  # fmt: skip
     idx = 1  # input_blocks: one entry per resnet (+ its attention) and per downsampler
     for i in range(n):
         for j in range(lpb[i]):
@@ -123,59 +121,4 @@ def vae_attn_shapes(state_dict: dict, to_original: bool) -> dict:
             t = t[:, :, None, None] if to_original and t.ndim == 2 else t
             t = t.flatten(1) if not to_original and t.ndim == 4 else t
         out[key] = t
-    return out
-
-
-def clip_to_original(text_state: dict) -> dict:
-    """CLIPTextModel -> ``cond_stage_model.transformer.text_model.*`` (A1111/CompVis SD 1.x)."""
-    return {CLIP + "text_model." + k.removeprefix("text_model."): v for k, v in text_state.items()}
-
-
-def openclip_to_original(text_state: dict) -> dict:
-    """CLIPTextModel (gelu) -> OpenCLIP text tower ``cond_stage_model.model.*`` (SD 2.x)."""
-    sd = {k.removeprefix("text_model."): v for k, v in text_state.items()}
-    out = {
-        OPENCLIP + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-        OPENCLIP + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
-        OPENCLIP + "ln_final.weight": sd.pop("final_layer_norm.weight"),
-        OPENCLIP + "ln_final.bias": sd.pop("final_layer_norm.bias"),
-    }
-    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
-    for i in layers:
-        src, dst = f"encoder.layers.{i}.", f"{OPENCLIP}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):  # q, k, v stacked into one in_proj (nn.MultiheadAttention)
-            qkv = [sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
-        for key in [k for k in sd if k.startswith(src)]:
-            rest = key[len(src) :]
-            for new, old in CLIP_LAYER:
-                rest = rest.replace(new + ".", old + ".") if rest.startswith(new + ".") else rest
-            out[dst + rest] = sd.pop(key)
-    if sd:
-        raise CheckpointError(f"text encoder: weights with no OpenCLIP counterpart: {list(sd)[:3]}")
-    return out
-
-
-def openclip_from_original(state_dict: dict, num_layers: int) -> dict:
-    """OpenCLIP text tower -> CLIPTextModel names, keeping the first ``num_layers`` blocks."""
-    sd = {k[len(OPENCLIP) :]: v for k, v in state_dict.items() if k.startswith(OPENCLIP)}
-    out = {
-        "embeddings.token_embedding.weight": sd["token_embedding.weight"],
-        "embeddings.position_embedding.weight": sd["positional_embedding"],
-        "final_layer_norm.weight": sd["ln_final.weight"],
-        "final_layer_norm.bias": sd["ln_final.bias"],
-    }
-    for key, t in sd.items():
-        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", key)
-        if not m or int(m.group(1)) >= num_layers:
-            continue
-        dst, rest = f"encoder.layers.{m.group(1)}.", m.group(2)
-        if rest.startswith("attn.in_proj_"):
-            kind = rest.removeprefix("attn.in_proj_")
-            for p, chunk in zip("qkv", t.chunk(3)):
-                out[f"{dst}self_attn.{p}_proj.{kind}"] = chunk
-            continue
-        for new, old in CLIP_LAYER:
-            rest = rest.replace(old + ".", new + ".") if rest.startswith(old + ".") else rest
-        out[dst + rest] = t
     return out

@@ -1,0 +1,413 @@
+"""SDXL original single files (sgm / A1111 / ComfyUI layout): load, save, convert, offline.
+
+Independent routes: diffusers' own converters (``convert_ldm_unet_checkpoint``,
+``convert_open_clip_checkpoint``, ...) read ldm's exports back to the diffusers folder's tensors;
+diffusers' ``from_single_file`` loads them; open_clip's text tower gives the bigG features;
+diffusers' ``infer_diffusers_model_type`` recognises a full-size export as SDXL base / refiner.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import SCHEDULER_SDXL, TEXT, VAE
+
+from ldm.errors import CheckpointError, ConfigError
+from ldm.formats.diffusers_folder import load_folder
+from ldm.formats.original_config import (
+    check_guesses,
+    infer_text_config,
+    infer_unet_config,
+    infer_vae_config,
+)
+from ldm.formats.original_text import LOGIT_SCALE, openclip_from_original
+from ldm.formats.safe_load import load_state_dict, read_safetensors_header, save_state_dict
+from ldm.formats.single_file import load_single_file, save_single_file, to_original_state_dict
+from ldm.models import families
+
+BASE_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+REFINER_PREFIX = "conditioner.embedders.0.model."
+# tiny, but shaped like the real ones: SDXL base has levels without attention and a different
+# transformer depth per level; the refiner four levels; CLIP-L and bigG differ in width (diffusers'
+# single-file loader tells them apart by it) and bigG's projection is not square (a transposed
+# text_projection would not even load)
+UNET_XL = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=8,
+    block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    cross_attention_dim=32 + 48, projection_class_embeddings_input_dim=40 + 6 * 8,
+)  # fmt: skip
+UNET_REFINER = dict(
+    UNET_XL, block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=2, cross_attention_dim=48,
+    projection_class_embeddings_input_dim=40 + 5 * 8,
+)  # fmt: skip
+BIG_G = dict(TEXT, hidden_size=48, intermediate_size=96, num_attention_heads=4, projection_dim=40)
+
+
+def make_xl(path: Path, refiner: bool = False, seed: int = 0) -> Path:
+    """A tiny random SDXL base / refiner diffusers folder (diffusers' own classes)."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.text.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    parts = dict(
+        unet=UNet2DConditionModel(**(UNET_REFINER if refiner else UNET_XL)),
+        vae=AutoencoderKL(**VAE, scaling_factor=0.13025),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**BIG_G, hidden_act="gelu")),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_SDXL),
+    )
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            **parts, text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+        )  # fmt: skip
+    else:
+        text = CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act="quick_gelu"))
+        pipe = StableDiffusionXLPipeline(
+            **parts, text_encoder=text, tokenizer=build_clip_tokenizer()
+        )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("xl")
+    return {"sdxl": make_xl(root / "base"), "sdxl-refiner": make_xl(root / "refiner", True, 1)}
+
+
+@pytest.fixture(params=["sdxl", "sdxl-refiner"])
+def xl(request, folders) -> tuple[str, Path]:
+    return request.param, folders[request.param]
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+def _bare(sd: dict) -> dict:
+    return {k.removeprefix("text_model."): v for k, v in sd.items() if "position_ids" not in k}
+
+
+def _weights(folder: Path, part: str) -> dict:
+    name = "model" if part.startswith("text") else "diffusion_pytorch_model"
+    return load_state_dict(folder / part / f"{name}.safetensors")
+
+
+def _diffusers_read(original: dict, folder: Path, family: str) -> dict[str, dict]:
+    """diffusers' single-file converters applied to an original-keyed state dict."""
+    import diffusers.loaders.single_file_utils as su
+    from transformers import CLIPTextModelWithProjection
+
+    config = json.loads((folder / "unet/config.json").read_text())
+    vae_config = json.loads((folder / "vae/config.json").read_text())
+    big_g = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+    prefix = BASE_PREFIXES[1] if family == "sdxl" else REFINER_PREFIX
+    out = {
+        "unet": su.convert_ldm_unet_checkpoint(dict(original), config),
+        "vae": su.convert_ldm_vae_checkpoint(dict(original), vae_config),
+        "text_encoder_2": su.convert_open_clip_checkpoint(big_g, dict(original), prefix),
+    }
+    if family == "sdxl":
+        out["text_encoder"] = su.convert_ldm_clip_checkpoint(dict(original))
+    return out
+
+
+def test_export_is_what_diffusers_converters_read(xl):
+    family, folder = xl
+    original = to_original_state_dict(load_folder(folder))
+    assert families.from_keys(original, "export").name == family
+    for part, state in _diffusers_read(original, folder, family).items():
+        _assert_same(_bare(state), _bare(_weights(folder, part)))
+    assert any(k.startswith("model.diffusion_model.label_emb.0.2.") for k in original)
+    prefix = BASE_PREFIXES[1] if family == "sdxl" else REFINER_PREFIX
+    assert original[prefix + "text_projection"].shape == (48, 40)  # (width, proj): x @ P
+
+
+def test_diffusers_from_single_file_loads_the_export(xl, tmp_path):
+    """diffusers reads ldm's file (offline: the folder supplies the configs) as the folder."""
+    import diffusers
+
+    family, folder = xl
+    path = save_single_file(load_folder(folder), tmp_path / "m.safetensors")
+    cls = diffusers.StableDiffusionXLPipeline
+    if family == "sdxl-refiner":
+        cls = diffusers.StableDiffusionXLImg2ImgPipeline
+    ref = cls.from_pretrained(folder)
+    theirs = cls.from_single_file(str(path), config=str(folder), local_files_only=True)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(ref, part) is None:
+            assert getattr(theirs, part) is None
+            continue
+        _assert_same(getattr(theirs, part).state_dict(), getattr(ref, part).state_dict())
+
+
+def _random_original(folder: Path, seed: int = 1) -> dict:
+    """Original-keyed weights with fresh random values (layout from an export)."""
+    layout = to_original_state_dict(load_folder(folder))
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(v.shape, generator=g) if v.is_floating_point() and v.ndim else v
+        for k, v in layout.items()
+    }
+
+
+def test_file_from_elsewhere_loads_and_saves_back_bit_exact(xl, tmp_path):
+    """A file with no ldm metadata: ldm's modules hold what diffusers' converters read from it,
+    and ldm writes the very same file back (keys, dtypes, values)."""
+    family, folder = xl
+    original = _random_original(folder)
+    path = tmp_path / "plain.safetensors"
+    save_state_dict(original, path)
+    parts = load_single_file(path, config=folder)
+    assert parts.family.name == family and "file metadata" not in str(parts.inferred)
+    for part, state in _diffusers_read(original, folder, family).items():
+        _assert_same(_bare(getattr(parts, part).state_dict()), _bare(state))
+    assert (parts.text_encoder is None) == (family == "sdxl-refiner")
+    assert parts.tokenizer_2.pad_token == "!"  # OpenCLIP pads with id 0
+    save_single_file(parts, tmp_path / "back.safetensors")
+    _assert_same(load_state_dict(tmp_path / "back.safetensors"), original)
+
+
+def test_config_metadata_round_trip(xl, tmp_path):
+    """ldm's export records every config; ldm reloads it with nothing guessed; without the
+    metadata the keys are all there is (and the tiny head counts cannot be guessed)."""
+    family, folder = xl
+    parts = load_folder(folder)
+    path = save_single_file(parts, tmp_path / "m.safetensors")
+    stored = json.loads(read_safetensors_header(path)["__metadata__"]["ldm.config"])
+    back = load_single_file(path)
+    assert set(back.inferred) == {"family", "prediction_type"}
+    assert back.unet.config == parts.unet.config and back.vae.config == parts.vae.config
+    assert back.scheduler_config == parts.scheduler_config
+    for name in ("text_encoder", "text_encoder_2"):
+        ours, ref = getattr(back, name), getattr(parts, name)
+        assert (name in stored) == (ref is not None)
+        if ref is not None:
+            ours_config, ref_config = (m.config.to_diff_dict() for m in (ours, ref))
+            ours_config.pop("dtype", None), ref_config.pop("dtype", None)  # how it was loaded
+            assert ours_config == ref_config, name
+            assert type(ours) is type(ref)
+    flags = {k: v for k, v in back.model_index.items() if k != "scheduler"}
+    assert flags == {k: parts.model_index[k] for k in flags} and flags  # SDXL pipeline flags
+    meta = dict(read_safetensors_header(path)["__metadata__"], **{"ldm.config": "{not json"})
+    for broken in ({}, meta):  # no metadata, unreadable metadata: inferred from the keys
+        save_state_dict(load_state_dict(path), tmp_path / "x.safetensors", broken or None)
+        with pytest.raises(ConfigError, match="--config"):
+            load_single_file(tmp_path / "x.safetensors")
+        (tmp_path / "x.safetensors").unlink()
+
+
+def test_cli_convert_round_trips(xl, tmp_path, capsys):
+    """folder -> single file -> folder -> single file: every tensor and flag comes back."""
+    from ldm.cli import main
+
+    family, folder = xl
+    single, back, again = tmp_path / "m.safetensors", tmp_path / "back", tmp_path / "m2.safetensors"
+    assert main(["convert", str(folder), str(single), "--to", "single-file"]) == 0
+    assert main(["convert", str(single), str(back), "--to", "diffusers"]) == 0
+    assert main(["convert", str(back), str(again), "--to", "single-file"]) == 0
+    guessed = [line.split(":")[0] for line in capsys.readouterr().err.splitlines()]
+    assert set(guessed) == {"inferred family", "inferred prediction_type"}  # nothing else
+    parts = ["unet", "vae", "text_encoder_2"] + (["text_encoder"] if family == "sdxl" else [])
+    for part in parts:
+        _assert_same(_bare(_weights(back, part)), _bare(_weights(folder, part)))
+        ours, ref = (json.loads((f / part / "config.json").read_text()) for f in (back, folder))
+        for key in ("block_out_channels", "transformer_layers_per_block", "projection_dim",
+                    "addition_time_embed_dim", "hidden_act", "num_hidden_layers"):  # fmt: skip
+            assert ours.get(key) == ref.get(key) or list(ours.get(key)) == list(ref[key]), key
+    index = json.loads((back / "model_index.json").read_text())
+    ref = json.loads((folder / "model_index.json").read_text())
+    for key in ("_class_name", "force_zeros_for_empty_prompt", "text_encoder", "tokenizer_2"):
+        assert index.get(key) == ref.get(key), key
+    _assert_same(load_state_dict(again), load_state_dict(single))
+
+
+def _real_configs(refiner: bool) -> dict:
+    """stabilityai/stable-diffusion-xl-{base,refiner}-1.0 component configs (the fields that
+    shape the weights), written from the published config.json files."""
+    unet = dict(
+        block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
+        transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        projection_class_embeddings_input_dim=2816, layers_per_block=2, in_channels=4,
+        out_channels=4, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, sample_size=128,
+    )  # fmt: skip
+    if refiner:
+        unet.update(
+            block_out_channels=[384, 768, 1536, 1536], attention_head_dim=[6, 12, 24, 24],
+            transformer_layers_per_block=4, cross_attention_dim=1280,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                              "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            projection_class_embeddings_input_dim=2560,
+        )  # fmt: skip
+    big_g = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                 num_hidden_layers=32, projection_dim=1280, hidden_act="gelu")  # fmt: skip
+    clip_l = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                  num_hidden_layers=12, hidden_act="quick_gelu")  # fmt: skip
+    vae = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+               down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4)  # fmt: skip
+    out = dict(unet=unet, vae=vae, text_encoder_2=big_g)
+    if not refiner:
+        out["text_encoder"] = clip_l
+    return out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_full_size_files_have_the_public_layout(family):
+    """Real SDXL shapes on the meta device (no memory): ldm's export is what diffusers calls an
+    SDXL base / refiner file, diffusers' converters read every tensor of it back, and ldm infers
+    the published configs from the keys alone."""
+    import diffusers.loaders.single_file_utils as su
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.models.build import build_network, build_vae
+    from ldm.models.parts import ModelParts
+
+    real = _real_configs(refiner=family == "sdxl-refiner")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**real["unet"])
+        vae = AutoencoderKL(**real["vae"])
+        big_g = CLIPTextModelWithProjection(CLIPTextConfig(**real["text_encoder_2"]))
+        texts = {"text_encoder_2": big_g}
+        if "text_encoder" in real:
+            texts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**real["text_encoder"]))
+    parts = ModelParts(
+        build_network(dict(unet.config), family=family, empty=True),
+        build_vae(dict(vae.config), empty=True), texts.get("text_encoder"), None, {},
+        family=families.get(family), text_encoder_2=texts["text_encoder_2"],
+    )  # fmt: skip
+    original = to_original_state_dict(parts)
+    assert families.from_keys(original, "f").name == family
+    assert su.infer_diffusers_model_type(original) == {"sdxl": "xl_base"}.get(family, "xl_refiner")
+    prefix = BASE_PREFIXES[1] if family == "sdxl" else REFINER_PREFIX
+    assert original[prefix + "logit_scale"].item() == pytest.approx(LOGIT_SCALE)
+    if family == "sdxl":
+        assert su.CHECKPOINT_KEY_NAMES["clip_sdxl"] in original
+        assert original[BASE_PREFIXES[0] + "text_model.embeddings.position_ids"].shape == (1, 77)
+    read = {
+        "unet": su.convert_ldm_unet_checkpoint(dict(original), dict(unet.config)),
+        "vae": su.convert_ldm_vae_checkpoint(dict(original), dict(vae.config)),
+        "text_encoder_2": su.convert_open_clip_checkpoint(
+            texts["text_encoder_2"], original, prefix
+        ),
+    }
+    if family == "sdxl":
+        read["text_encoder"] = su.convert_ldm_clip_checkpoint(dict(original))
+    for part, module in (("unet", unet), ("vae", vae), *texts.items()):
+        want = {k: v.shape for k, v in _bare(module.state_dict()).items()}
+        assert {k: v.shape for k, v in _bare(read[part]).items()} == want, part
+
+    def sub(p):
+        return {k[len(p) :]: v for k, v in original.items() if k.startswith(p)}
+
+    inferred, _ = infer_unet_config(sub("model.diffusion_model."), family, pooled_dim=1280)
+    for key, want in real["unet"].items():
+        assert inferred[key] == want, key
+    vae_config = infer_vae_config(sub("first_stage_model."), family)
+    for key, want in real["vae"].items():
+        assert vae_config[key] == want, key
+    text_configs = []
+    for part, prefix_ in zip(texts, (prefix, BASE_PREFIXES[0])):
+        layout = "openclip" if part == "text_encoder_2" else "clip"
+        state = _bare(texts[part].state_dict())
+        n = real[part]["num_hidden_layers"]
+        if layout == "openclip":
+            state = openclip_from_original(original, n, prefix_, projection=True)
+        text_configs.append(infer_text_config(state, family, n, part, layout))
+        for key, want in real[part].items():
+            assert text_configs[-1][key] == want, (part, key)
+    check_guesses(inferred, vae_config, text_configs, "real")
+
+
+def test_openclip_big_g_matches_open_clip():
+    """bigG through ldm's names = open_clip's own tower: penultimate tokens (SDXL's context) and
+    the projected pooled output (x @ text_projection), with a non-square projection."""
+    from open_clip.transformer import TextTransformer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ldm.formats.diffusers_folder import fit_clip_keys
+    from ldm.formats.safe_load import load_into
+
+    torch.manual_seed(0)
+    tower = TextTransformer(width=48, heads=4, layers=3, output_dim=40).eval()
+    for p in tower.parameters():  # open_clip zero-inits some weights; make every one count
+        p.data.normal_(0, 0.2)
+    original = {BASE_PREFIXES[1] + k: v for k, v in tower.state_dict().items()}
+    state = openclip_from_original(original, 3, BASE_PREFIXES[1], projection=True)
+    config = infer_text_config(state, "sdxl", 3, "text_encoder_2", "openclip")
+    model = CLIPTextModelWithProjection(CLIPTextConfig(**{**config, "num_attention_heads": 4}))
+    load_into(model.eval(), fit_clip_keys(state, model), "bigG")
+    ids = torch.randint(1, 49406, (2, 77))
+    ids[:, 0], ids[0, 9], ids[1, 30] = 49406, 49407, 49407  # BOS ... EOS (the largest id)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        x = tower.token_embedding(ids) + tower.positional_embedding
+        for block in tower.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=tower.attn_mask)
+        pooled = tower(ids)
+    assert (out.hidden_states[-2] - x).abs().max() < 1e-5
+    assert (out.text_embeds - pooled).abs().max() < 1e-5
+
+
+def test_single_file_gives_the_folders_image(folders, tmp_path):
+    """txt2img from the single file = from the folder it came from (same weights, same image),
+    and within 2/255 of diffusers' StableDiffusionXLPipeline on that folder."""
+    import diffusers
+
+    from ldm.pipeline import load_pipeline
+
+    folder = folders["sdxl"]
+    path = save_single_file(load_folder(folder), tmp_path / "m.safetensors")
+    settings = dict(steps=3, sampler="euler", guidance_scale=5.0, width=32, height=32)
+    images = []
+    for model in (path, folder):
+        (result,) = load_pipeline(str(model), "cpu", "fp32")(["a red circle"], [7], **settings)
+        images.append(np.asarray(result.image, dtype=np.int16))
+    assert np.array_equal(images[0], images[1])
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    theirs.set_progress_bar_config(disable=True)
+    out = theirs(
+        "a red circle", num_inference_steps=3, guidance_scale=5.0, width=32, height=32,
+        generator=torch.Generator().manual_seed(7), output_type="np",
+    ).images[0]  # fmt: skip
+    expected = np.round(out * 255).astype(np.int16)
+    assert np.abs(images[0] - expected).max() <= 2
+
+
+def test_incomplete_sdxl_file_is_one_line_error(folders, tmp_path):
+    original = to_original_state_dict(load_folder(folders["sdxl"]))
+    for drop in ("conditioner.embedders.0.transformer.", "model.diffusion_model.label_emb."):
+        path = tmp_path / "broken.safetensors"
+        save_state_dict({k: v for k, v in original.items() if not k.startswith(drop)}, path)
+        with pytest.raises((CheckpointError, ConfigError)) as e:
+            load_single_file(path, config=folders["sdxl"])
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
+        path.unlink()
