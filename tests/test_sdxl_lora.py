@@ -31,10 +31,10 @@ PARTS = ("unet", "text_encoder", "text_encoder_2")
 RANK = 2
 
 
-def _pair(weight: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(weight: torch.Tensor, gen: torch.Generator, size: float = 0.1):
     """A random (down, up) for ``weight``; kxk convolutions as kohya's LoCon (1x1 up)."""
     down = torch.randn(RANK, *weight.shape[1:], generator=gen)
-    up = 0.1 * torch.randn(
+    up = size * torch.randn(
         weight.shape[0], RANK, *([1, 1] if weight.ndim == 4 else []), generator=gen
     )
     return down, up
@@ -403,3 +403,50 @@ def test_refiner_kohya_names(tiny_sdxl_refiner, tmp_path):
     assert [m.replace("text_model.", "") for m in report.matched] == [
         "text_encoder_2.encoder.layers.0.self_attn.q_proj"
     ]
+
+
+# --- (1b) the image ---------------------------------------------------------------------------
+
+
+def _kohya_default_lora(parts, seed: int) -> list[LoraModule]:
+    """What kohya trains by default: U-Net transformer Linears, CLIP attention and MLP."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = []
+    for part in PARTS:
+        for name, module in getattr(parts, part).named_modules():
+            wanted = (".attentions." in name) if part == "unet" else (".layers." in name)
+            if wanted and isinstance(module, torch.nn.Linear):
+                # small enough that the tiny model stays smooth (fp32 rounding not amplified)
+                down, up = _pair(module.weight, gen, size=0.1 / module.weight.shape[1] ** 0.5)
+                modules.append(LoraModule(part, name, down, up, alpha=4.0))  # scale 2
+    return modules
+
+
+def test_kohya_sdxl_lora_gives_diffusers_image(tiny_sdxl, tmp_path):
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm.pipeline import load_pipeline
+
+    size, steps, seed, prompt = 32, 4, 21, "a red circle above a blue square"
+    kwargs = dict(steps=steps, height=size, width=size, sampler="euler", guidance_scale=5.0)
+    pipe, plain_pipe = (load_pipeline(str(tiny_sdxl), "cpu", "fp32", "off") for _ in range(2))
+    modules = _kohya_default_lora(pipe.parts, seed=5)
+    path = save_kohya_lora(modules, tmp_path / "k.safetensors", unet_config=pipe.parts.unet.config)
+    report = pipe.apply_lora(path, 0.8)
+    assert report.warning() is None and len(report.matched) == len(modules)
+    (ours,) = pipe([prompt], [seed], **kwargs)
+    (plain,) = plain_pipe([prompt], [seed], **kwargs)
+
+    theirs = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(str(path))
+    theirs.fuse_lora(components=list(PARTS), lora_scale=0.8)
+    expected = theirs(
+        prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]  # fmt: skip
+    a, b, c = (np.asarray(i.image if hasattr(i, "image") else i, dtype=np.int16)
+               for i in (ours, expected, plain))  # fmt: skip
+    assert np.abs(a - b).max() <= 2
+    assert np.abs(a - c).max() > 20  # the LoRA changed the image
