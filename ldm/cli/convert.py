@@ -1,8 +1,13 @@
-"""``ldm convert SRC DST --to diffusers|single-file``: between the two checkpoint formats.
+"""``ldm convert SRC DST --to FORMAT``: between checkpoint formats, and between LoRA layouts.
 
-SRC is a diffusers folder or an original single file (.safetensors, or a .ckpt that loads with
-``torch.load(weights_only=True)``). What could not be read from a single file's keys (SD 1.x vs
-2.x head counts, v-prediction) is printed, and ``--config`` / ``--prediction-type`` override it.
+Checkpoints (SD 1.x/2.x, SDXL base and refiner): SRC is a diffusers folder or an original single
+file (.safetensors, or a .ckpt that loads with ``torch.load(weights_only=True)``);
+``--to diffusers`` writes a folder, ``--to single-file`` one original-keyed .safetensors
+(A1111/ComfyUI layout) whose metadata records its configs for ldm. What could not be read from a
+single file (head counts, v-prediction) is printed, and ``--config`` / ``--prediction-type``
+override it. LoRA: ``--to lora-kohya`` / ``lora-diffusers`` rewrites LoRA file SRC in kohya/A1111
+names (``lora_unet_``, ``lora_te1_``/``lora_te2_``) or diffusers/PEFT names (``unet.``,
+``text_encoder.``, ``text_encoder_2.``) for the base model ``--model``; every key must apply.
 """
 
 from __future__ import annotations
@@ -13,18 +18,25 @@ from pathlib import Path
 
 from ldm.errors import LdmError
 
+CHECKPOINTS = ("diffusers", "single-file")
+LORAS = ("lora-kohya", "lora-diffusers")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="diffusers folder or single file")
+    p.add_argument("src", metavar="SRC", help="diffusers folder, single file, or LoRA file")
     p.add_argument("dst", metavar="DST", help="output folder (diffusers) or .safetensors file")
-    p.add_argument("--to", required=True, choices=("diffusers", "single-file"), help="format")
+    p.add_argument("--to", required=True, choices=CHECKPOINTS + LORAS, help="format of DST")
+    p.add_argument(
+        "--model", metavar="MODEL",
+        help="with --to lora-*: the base model (folder or single file) the LoRA SRC is for",
+    )  # fmt: skip
     p.add_argument(
         "--prediction-type", choices=("eps", "v"),
         help="what the network predicts (single files cannot say; SD 2.x default: v)",
     )  # fmt: skip
     p.add_argument(
         "--config", metavar="PATH",
-        help="diffusers folder or model .yaml whose configs describe a single-file SRC",
+        help="diffusers folder or model .yaml whose configs describe a single-file SRC (or MODEL)",
     )  # fmt: skip
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="weights dtype (as loaded)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -42,14 +54,42 @@ def run(args: argparse.Namespace) -> int:
         raise LdmError(f"{src}: no such file or folder")
     if dst.exists() and not args.overwrite:
         raise LdmError(f"{dst}: already exists (pass --overwrite to replace it)")
-    if args.to == "single-file" and dst.suffix != ".safetensors":
-        raise LdmError(f"{dst}: --to single-file writes a .safetensors file")
+    if args.to != "diffusers" and dst.suffix != ".safetensors":
+        raise LdmError(f"{dst}: --to {args.to} writes a .safetensors file")
+    if args.to in LORAS:
+        return _convert_lora(args, src, dst)
+    if args.model is not None:
+        raise LdmError("--model names the base model of a LoRA (--to lora-kohya/lora-diffusers)")
     parts = load_model(src, "cpu", torch.float32, args.config, args.prediction_type)
-    for key, value in parts.inferred.items():
-        print(f"inferred {key}: {value}", file=sys.stderr)
+    _print_inferred(parts)
     if args.to == "diffusers":
         save_folder(parts, dst, dtype=args.dtype, overwrite=args.overwrite)
     else:
         save_single_file(parts, dst, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote {dst} ({args.to}, prediction type {parts.prediction_type})")
+    print(f"wrote {dst} ({args.to}, {parts.family.label}, prediction type {parts.prediction_type})")
+    return 0
+
+
+def _print_inferred(parts) -> None:
+    for key, value in parts.inferred.items():
+        print(f"inferred {key}: {value}", file=sys.stderr)
+
+
+def _convert_lora(args: argparse.Namespace, src: Path, dst: Path) -> int:
+    import torch
+
+    from ldm.dtypes import to_dtype
+    from ldm.formats.lora import convert_lora
+    from ldm.loading import load_model
+
+    if args.model is None:
+        raise LdmError(f"--to {args.to}: pass --model, the base model the LoRA was made for")
+    if not src.is_file():
+        raise LdmError(f"{src}: --to {args.to} reads a LoRA file")
+    # only the model's module names and weight shapes matter here: bf16 halves the memory
+    parts = load_model(args.model, "cpu", torch.bfloat16, args.config, args.prediction_type)
+    _print_inferred(parts)
+    layout = args.to.removeprefix("lora-")
+    report = convert_lora(parts, src, dst, layout, to_dtype(args.dtype, "--dtype"))
+    print(f"wrote {dst} ({layout} LoRA, {len(report.matched)} modules of {parts.family.label})")
     return 0
