@@ -245,6 +245,23 @@ def test_generate_shows_gallery_with_infotext(tab, server, samplers):
     expect(page.locator("#progress-text")).to_have_text("idle")
 
 
+def test_blank_fields_leave_the_choice_to_the_model(tab):
+    page = tab.ready()
+    assert page.input_value("#sampler_name") == ""  # "model default"
+    assert page.input_value("#scheduler") == "automatic"
+    fill(page, prompt="a default square", seed=11)
+    with page.expect_request("**/sdapi/v1/txt2img") as sent:
+        cards = generate(page, 1)
+    body = sent.value.post_data_json
+    assert not {"sampler_name", "steps", "cfg_scale", "width", "height"} & set(body), body
+    assert (body["prompt"], body["seed"], body["scheduler"]) == (
+        "a default square",
+        11,
+        "automatic",
+    )
+    assert "Seed: 11," in cards.first.locator(".infotext").inner_text()
+
+
 def test_reuse_settings_from_gallery_image(tab, samplers):
     page = tab.ready()
     sampler = choice(samplers, "DPM++ 2M", "dpmpp_2m")["name"]
