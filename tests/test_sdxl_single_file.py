@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import SCHEDULER_SDXL, TEXT, VAE
+from tiny_xl import make_xl
 
 from ldm.errors import CheckpointError, ConfigError
 from ldm.formats.diffusers_folder import load_folder
@@ -31,62 +31,6 @@ from ldm.models import families
 
 BASE_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 REFINER_PREFIX = "conditioner.embedders.0.model."
-# tiny, but shaped like the real ones: SDXL base has levels without attention and a different
-# transformer depth per level; the refiner four levels; CLIP-L and bigG differ in width (diffusers'
-# single-file loader tells them apart by it) and bigG's projection is not square (a transposed
-# text_projection would not even load)
-UNET_XL = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=8,
-    block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=8,
-    cross_attention_dim=32 + 48, projection_class_embeddings_input_dim=40 + 6 * 8,
-)  # fmt: skip
-UNET_REFINER = dict(
-    UNET_XL, block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=2, cross_attention_dim=48,
-    projection_class_embeddings_input_dim=40 + 5 * 8,
-)  # fmt: skip
-BIG_G = dict(TEXT, hidden_size=48, intermediate_size=96, num_attention_heads=4, projection_dim=40)
-
-
-def make_xl(path: Path, refiner: bool = False, seed: int = 0) -> Path:
-    """A tiny random SDXL base / refiner diffusers folder (diffusers' own classes)."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from ldm.text.tokenizer import build_clip_tokenizer
-
-    torch.manual_seed(seed)
-    parts = dict(
-        unet=UNet2DConditionModel(**(UNET_REFINER if refiner else UNET_XL)),
-        vae=AutoencoderKL(**VAE, scaling_factor=0.13025),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**BIG_G, hidden_act="gelu")),
-        tokenizer_2=build_clip_tokenizer(pad_token="!"),
-        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_SDXL),
-    )
-    if refiner:
-        pipe = StableDiffusionXLImg2ImgPipeline(
-            **parts, text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
-            force_zeros_for_empty_prompt=False,
-        )  # fmt: skip
-    else:
-        text = CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act="quick_gelu"))
-        pipe = StableDiffusionXLPipeline(
-            **parts, text_encoder=text, tokenizer=build_clip_tokenizer()
-        )
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +162,36 @@ def test_config_metadata_round_trip(xl, tmp_path):
         with pytest.raises(ConfigError, match="--config"):
             load_single_file(tmp_path / "x.safetensors")
         (tmp_path / "x.safetensors").unlink()
+
+
+def test_file_without_metadata_loads_from_its_keys_alone(tmp_path):
+    """No metadata, no --config: every shape-given field is read from the keys (incl. bigG's
+    projection width and the time-id sinusoid width inside label_emb), the rest is the SDXL
+    default and said so; the weights are the folder's."""
+    folder = make_xl(tmp_path / "f", inferable=True)
+    ref = load_folder(folder)
+    path = tmp_path / "plain.safetensors"
+    save_state_dict(to_original_state_dict(ref), path)
+    parts = load_single_file(path)
+    assert parts.family.name == "sdxl"
+    assert {"unet.attention_head_dim", "unet.sample_size"} <= set(parts.inferred)
+    ours, true = parts.unet.config.to_diffusers(), ref.unet.config.to_diffusers()
+    for key in ("block_out_channels", "attention_head_dim", "transformer_layers_per_block",
+                "cross_attention_dim", "addition_time_embed_dim", "down_block_types",
+                "projection_class_embeddings_input_dim", "layers_per_block"):  # fmt: skip
+        assert ours[key] == true[key], key
+    for name in ("text_encoder", "text_encoder_2"):
+        ours, true = getattr(parts, name).config, getattr(ref, name).config
+        keys = ["hidden_size", "num_attention_heads", "num_hidden_layers", "hidden_act",
+                "intermediate_size"] + ["projection_dim"] * (name == "text_encoder_2")  # fmt: skip
+        for key in keys:  # (CLIPTextModel has no projection: its projection_dim means nothing)
+            assert getattr(ours, key) == getattr(true, key), (name, key)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _assert_same(
+            _bare(getattr(parts, name).state_dict()), _bare(getattr(ref, name).state_dict())
+        )
+    assert parts.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+    assert parts.vae.config.scaling_factor == 0.13025
 
 
 def test_cli_convert_round_trips(xl, tmp_path, capsys):
