@@ -38,9 +38,11 @@ from ldm.sampling.samplers import SPEC, SPECS, resolve_sampler
 
 # ldm sampler name -> A1111 label (A1111 >= 1.9 keeps the schedule in "Schedule type")
 SAMPLER_TO_A1111 = {spec.name: spec.a1111 for spec in SPECS}
-# ldm schedule -> A1111 "Schedule type"; "default" is written per sampler (a1111_sampler_names)
+# ldm schedule -> A1111 "Schedule type" (modules/sd_schedulers.py labels); "default" is written
+# per sampler (a1111_sampler_names): "Automatic" only where A1111 renders ldm's schedule for it
 SCHEDULE_TO_A1111 = {
     "default": "Automatic",
+    "uniform": "Uniform",
     "karras": "Karras",
     "exponential": "Exponential",
     "sgm_uniform": "SGM Uniform",
@@ -48,9 +50,11 @@ SCHEDULE_TO_A1111 = {
     "beta": "Beta",
 }
 SCHEDULE_FROM_A1111 = {v.lower(): k for k, v in SCHEDULE_TO_A1111.items() if k != "default"}
-# A1111's uniform sigmas (k-diffusion get_sigmas) are the nearest it has to ldm's "default"
-SCHEDULE_FROM_A1111.update({"uniform": "default", "normal": "default"})
-_UNIFORM = "Uniform"
+# A1111's "Normal" spaces the same N timesteps from t(sigma_max) to t(sigma_min) as "Uniform"
+SCHEDULE_FROM_A1111["normal"] = "uniform"
+# ldm's "default" where A1111 has no such schedule: written beside its nearest A1111 schedule
+_SPACING, _DIFFUSERS = "Schedule spacing", "diffusers"
+_AUTOMATIC = "Automatic"
 
 # (ldm key, A1111 label, parser) in the order A1111 writes them; Sampler and Size are special.
 _FIELDS = [
@@ -67,8 +71,11 @@ _FIELDS = [
     ("refiner", "Refiner", str),  # SDXL: A1111 writes "name [hash]"
     ("refiner_switch_at", "Refiner switch at", float),
 ]
-_LABEL_TO_FIELD = {label: (key, parse) for key, label, parse in _FIELDS}
-_LABEL_TO_FIELD["Eta DDIM"] = ("eta", float)  # A1111's name for DDIM/UniPC's eta
+_LABEL_TO_FIELD = {label: (key, parse) for key, label, parse in _FIELDS if key != "eta"}
+# A1111 has two etas: "Eta DDIM" (DDIM, PLMS, UniPC) and "Eta" (k-diffusion samplers with an eta
+# argument); each applies to its own samplers only, and each is written only when it is not the
+# sampler's default (0 for DDIM, 1 for the ancestral/SDE ones)
+_ETA_LABELS = ("Eta", "Eta DDIM")
 _REQUIRED = ("prompt", "steps", "sampler", "guidance_scale", "seed", "width", "height")
 _NEGATIVE = "Negative prompt:"
 
@@ -80,24 +87,35 @@ _RE_NAME_HASH = re.compile(r"^(.*) \[([0-9a-f]+)\]$")  # A1111's "name [hash]" o
 
 
 def a1111_sampler_names(sampler: str, schedule: str = "default") -> tuple[str, str]:
-    """ldm (sampler, schedule) -> A1111 ("Sampler", "Schedule type") that render the same.
+    """ldm (sampler, schedule) -> A1111 ("Sampler", "Schedule type") that render alike.
 
-    A1111 reads "Automatic" as the sampler's own default (Karras for DPM++ 2M): ldm's "default"
-    is written "Automatic" only where that is what A1111 means by it, else "Uniform".
+    "Automatic" is written only where A1111 renders ldm's schedule by it (the sampler's
+    ``a1111_schedule``); ldm's "default" (diffusers' spacing) elsewhere becomes the nearest A1111
+    schedule, and ``format_infotext`` adds "Schedule spacing: diffusers" beside it.
     """
     spec = SPEC.get(sampler)
     if spec is None or schedule not in SCHEDULE_TO_A1111:
         raise LdmError(f"no A1111 name for sampler/schedule {sampler!r}/{schedule!r}")
-    if schedule == "default" and spec.a1111_schedule != "default":
-        return spec.a1111, _UNIFORM
+    if schedule == spec.a1111_schedule:
+        return spec.a1111, _AUTOMATIC
+    if schedule == "default":
+        return spec.a1111, SCHEDULE_TO_A1111[spec.a1111_nearest]
     return spec.a1111, SCHEDULE_TO_A1111[schedule]
 
 
-def ldm_sampler_names(sampler: str, schedule_type: str | None = None) -> tuple[str, str]:
+def _diffusers_spacing(sampler: str, schedule: str) -> bool:
+    """Whether the infotext needs "Schedule spacing: diffusers" to say that ldm used "default"."""
+    return schedule == "default" and SPEC[sampler].a1111_schedule != "default"
+
+
+def ldm_sampler_names(
+    sampler: str, schedule_type: str | None = None, spacing: str | None = None
+) -> tuple[str, str]:
     """A1111 ("Sampler", "Schedule type") -> ldm (sampler, schedule); names unknown to ldm are kept.
 
     Old infotexts (A1111 < 1.9) fold the schedule into the sampler: "DPM++ 2M Karras". A missing
-    type or "Automatic" means the sampler's own default, as A1111 >= 1.9 reads it.
+    type or "Automatic" means what A1111 >= 1.9 renders for the sampler (Karras for DPM++ 2M,
+    Uniform for Euler a); ``spacing`` "diffusers" (ldm's own key) means ldm's "default".
     """
     name = sampler.strip()
     try:
@@ -106,9 +124,12 @@ def ldm_sampler_names(sampler: str, schedule_type: str | None = None) -> tuple[s
         ldm_sampler, implied = name, None
     if implied is not None:
         return ldm_sampler, implied
-    key = (schedule_type or "Automatic").strip().lower()
+    known = ldm_sampler in SPEC
+    if known and (spacing or "").strip().lower() == _DIFFUSERS:
+        return ldm_sampler, "default"
+    key = (schedule_type or _AUTOMATIC).strip().lower()
     if key == "automatic":
-        return ldm_sampler, SPEC[ldm_sampler].a1111_schedule if ldm_sampler in SPEC else "default"
+        return ldm_sampler, SPEC[ldm_sampler].a1111_schedule if known else "default"
     return ldm_sampler, SCHEDULE_FROM_A1111.get(key, schedule_type)
 
 
@@ -144,8 +165,11 @@ def format_infotext(params: dict) -> str:
     missing = [k for k in _REQUIRED if params.get(k) is None]
     if missing:
         raise ValueError(f"infotext parameters missing {', '.join(missing)}")
-    sampler, schedule = a1111_sampler_names(params["sampler"], params.get("schedule", "default"))
-    pairs = {"Steps": str(int(params["steps"])), "Sampler": sampler, "Schedule type": schedule}
+    schedule = params.get("schedule", "default")
+    sampler, schedule_type = a1111_sampler_names(params["sampler"], schedule)
+    pairs = {"Steps": str(int(params["steps"])), "Sampler": sampler, "Schedule type": schedule_type}
+    if _diffusers_spacing(params["sampler"], schedule):
+        pairs[_SPACING] = _DIFFUSERS
     pairs["CFG scale"] = _number(params["guidance_scale"])
     pairs["Seed"] = str(int(params["seed"]))
     pairs["Size"] = f"{int(params['width'])}x{int(params['height'])}"
@@ -154,7 +178,10 @@ def format_infotext(params: dict) -> str:
         if value is None or (key == "clip_skip" and int(value) <= 1):
             continue  # A1111 leaves out Clip skip 1, its default
         if key == "eta":
-            label = SPEC[params["sampler"]].a1111_eta
+            spec = SPEC[params["sampler"]]
+            if spec.eta is None or float(value) == spec.eta:
+                continue  # A1111 writes an eta only where it applies and is not the default
+            label = spec.a1111_eta
         if key == "refiner" and params.get("refiner_hash"):
             value = f"{value} [{params['refiner_hash']}]"
         pairs[label] = _number(value) if parse is float else str(value)
@@ -175,14 +202,14 @@ def format_infotext(params: dict) -> str:
 def _parse_param_line(line: str) -> dict:
     out: dict = {}
     extra: dict = {}
-    schedule_type = None
+    names: dict = {}  # Schedule type/spacing, Eta (DDIM): their meaning depends on the sampler
     for label, raw in _RE_PARAM.findall(line):
         value = _unquote(raw)
         try:
             if label == "Sampler":
                 out["sampler"] = value
-            elif label == "Schedule type":
-                schedule_type = value
+            elif label in ("Schedule type", _SPACING, *_ETA_LABELS):
+                names[label] = value
             elif label == "Size" and _RE_SIZE.match(value):
                 out["width"], out["height"] = (int(v) for v in _RE_SIZE.match(value).groups())
             elif label == "Version":
@@ -196,12 +223,38 @@ def _parse_param_line(line: str) -> dict:
                 extra[label] = value
         except ValueError:
             raise LdmError(f"infotext: {label} {value!r} is not a valid value") from None
-    if "sampler" in out:
-        out["sampler"], out["schedule"] = ldm_sampler_names(out["sampler"], schedule_type)
+    extra.update(_read_sampler(out, names))
     if extra:
         out["extra"] = extra
     out.setdefault("clip_skip", 1)  # a missing Clip skip means 1 (A1111 does the same)
     return out
+
+
+def _read_sampler(out: dict, names: dict) -> dict:
+    """Sampler, schedule and eta into ``out`` as A1111 reads them; returns what does not apply.
+
+    Of the two etas only the sampler's own counts (A1111 applies "Eta" to Euler a, the SDE
+    samplers, ..., "Eta DDIM" to DDIM and UniPC); the other is kept as an unused label.
+    """
+    spec = None
+    if "sampler" in out:
+        spacing = names.pop(_SPACING, None)
+        out["sampler"], out["schedule"] = ldm_sampler_names(
+            out["sampler"], names.pop("Schedule type", None), spacing
+        )
+        spec = SPEC.get(out["sampler"])
+        if spec is None and spacing is not None:
+            names[_SPACING] = spacing
+    unused = {}
+    for label, value in names.items():
+        if spec is None or spec.eta is None or label != spec.a1111_eta:
+            unused[label] = value
+            continue
+        try:
+            out["eta"] = float(value)
+        except ValueError:
+            raise LdmError(f"infotext: {label} {value!r} is not a valid value") from None
+    return unused
 
 
 def parse_infotext(text: str) -> dict:

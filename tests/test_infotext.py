@@ -84,7 +84,7 @@ def test_golden_line():
     text = format_infotext(BASE)
     assert text == (
         "a photo of a cat\nNegative prompt: blurry\n"
-        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, "
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 7.5, Seed: 42, "
         "Size: 512x512, Model hash: 0123456789, Model: demo, Clip skip: 2, RNG: CPU, "
         "Version: ldm 0.1.0"
     )
@@ -156,7 +156,8 @@ def test_parse_a1111_written_text():
     )
     p = parse_infotext(text)
     assert p["prompt"].startswith("girl with") and p["negative_prompt"].endswith("anatomy")
-    assert (p["sampler"], p["schedule"]) == ("euler_ancestral", "default")
+    # what A1111 renders Euler a with: k-diffusion's get_sigmas, ldm's "uniform"
+    assert (p["sampler"], p["schedule"]) == ("euler_ancestral", "uniform")
     assert (p["steps"], p["guidance_scale"], p["seed"]) == (20, 7.0, 965400086)
     assert (p["width"], p["height"], p["model_hash"], p["clip_skip"]) == (512, 512, "45dee52b", 1)
     old = parse_infotext("x\nSteps: 5, Sampler: DPM++ 2M SDE Karras, Seed: 1, CFG scale: 5")
@@ -172,7 +173,10 @@ def test_parse_a1111_written_text():
 def test_sampler_names_round_trip():
     for sampler in SAMPLER_TO_A1111:
         for schedule in SCHEDULE_TO_A1111:
-            assert ldm_sampler_names(*a1111_sampler_names(sampler, schedule)) == (sampler, schedule)
+            # ldm's "default" needs the "Schedule spacing" mark where A1111 has no equal
+            marked = "diffusers" if schedule == "default" else None
+            names = a1111_sampler_names(sampler, schedule)
+            assert ldm_sampler_names(*names, marked) == (sampler, schedule)
     assert ldm_sampler_names("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
     assert ldm_sampler_names("DPM++ SDE", "Karras") == ("DPM++ SDE", "karras")  # kept as is
     with pytest.raises(LdmError, match="nope"):

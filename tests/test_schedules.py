@@ -119,7 +119,7 @@ def test_every_schedule_descends_to_exactly_one_zero(name, steps):
 
 def test_unknown_schedule_and_bad_steps():
     schedule = NoiseSchedule.from_scheduler_config(SD1)
-    with pytest.raises(LdmError, match="valid: default, karras, exponential"):
+    with pytest.raises(LdmError, match="valid: default, uniform, karras, exponential"):
         get_sigmas("karas", 10, schedule)
     with pytest.raises(LdmError, match="at least 1"):
         get_sigmas("karras", 0, schedule)

@@ -44,9 +44,14 @@ class SamplerSpec:
     aliases: tuple[str, ...] = ()  # more names accepted for it (A1111's k_* names, ComfyUI's)
     # A1111 < 1.9 labels with the schedule folded in: ("DPM++ 2M Karras", "karras")
     named_schedules: tuple[tuple[str, str], ...] = ()
-    # the schedule A1111 >= 1.9 means by "Schedule type: Automatic" (or none) for this sampler
-    # (modules/sd_samplers_kdiffusion.py options["scheduler"]); "default": its uniform timesteps
-    a1111_schedule: str = "default"
+    # the ldm schedule A1111 >= 1.9 renders for "Schedule type: Automatic" (or none): the
+    # sampler's options["scheduler"] in modules/sd_samplers_kdiffusion.py, else k-diffusion's
+    # get_sigmas ("uniform"); "default" where A1111 runs the sampler on its own timesteps and
+    # ignores the schedule type (DDIM, UniPC: 1 + k * T // N, diffusers' "leading" on SD configs)
+    a1111_schedule: str = "uniform"
+    # the A1111 schedule nearest to ldm's "default" (diffusers' spacing), written with
+    # "Schedule spacing: diffusers" where A1111 has no schedule that is ldm's "default"
+    a1111_nearest: str = "uniform"
     a1111_eta: str = "Eta"  # infotext label of its eta: A1111 calls DDIM/UniPC's "Eta DDIM"
     stochastic: bool = False  # draws fresh noise every step at its default eta
     eta: float | None = None  # default eta (None: the sampler takes no eta)
@@ -69,11 +74,17 @@ class SamplerSpec:
 
 
 _ANCESTRAL = dict(stochastic=True, eta=1.0)
+# A1111's DDIM and UniPC (modules/sd_samplers_timesteps.py) ignore the schedule type
+_A1111_TIMESTEPS = dict(a1111_schedule="default", a1111_nearest="default")
+# diffusers' DPM-Solver spacing (N + 1 timesteps, the last dropped) is A1111's "SGM Uniform"
+# rounded to whole timesteps
+_DPM = dict(a1111_nearest="sgm_uniform")
 SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("ddim", sample_ddim, "DDIM", eta=0.0, a1111_eta="Eta DDIM", spacing="leading",
-                final_sigma=True, scheduler_class="DDIMScheduler"),
+                final_sigma=True, scheduler_class="DDIMScheduler", **_A1111_TIMESTEPS),
+    # not an A1111 sampler: A1111 renders an unknown "Sampler" as DPM++ 2M (docs/infotext.md)
     SamplerSpec("ddpm", sample_ddpm, "DDPM", stochastic=True, spacing="leading",
-                scheduler_class="DDPMScheduler"),
+                scheduler_class="DDPMScheduler", **_A1111_TIMESTEPS),
     SamplerSpec("euler", sample_euler, "Euler", ("k_euler",), k_space=True,
                 scheduler_class="EulerDiscreteScheduler"),
     SamplerSpec("euler_ancestral", sample_euler_ancestral, "Euler a",
@@ -84,19 +95,19 @@ SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("lms", sample_lms, "LMS", ("k_lms",), (("LMS Karras", "karras"),), k_space=True,
                 scheduler_class="LMSDiscreteScheduler"),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",),
-                (("DPM++ 2M Karras", "karras"),), a1111_schedule="karras", multistep=True,
+                (("DPM++ 2M Karras", "karras"),), a1111_schedule="karras", **_DPM, multistep=True,
                 scheduler_class="DPMSolverMultistepScheduler",
                 scheduler_match=(("algorithm_type", "dpmsolver++"), ("solver_order", 2))),
     SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
                 (("DPM++ 2M SDE Karras", "karras"), ("DPM++ 2M SDE Exponential", "exponential")),
-                a1111_schedule="exponential", multistep=True, **_ANCESTRAL,
+                a1111_schedule="exponential", **_DPM, multistep=True, **_ANCESTRAL,
                 scheduler_class="DPMSolverMultistepScheduler",
                 scheduler_match=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2))),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",),
                 (("DPM++ 3M SDE Karras", "karras"), ("DPM++ 3M SDE Exponential", "exponential")),
-                a1111_schedule="exponential", multistep=True, **_ANCESTRAL),
+                a1111_schedule="exponential", **_DPM, multistep=True, **_ANCESTRAL),
     SamplerSpec("unipc", sample_unipc, "UniPC", ("uni_pc",), a1111_eta="Eta DDIM",
-                multistep=True, scheduler_class="UniPCMultistepScheduler"),
+                multistep=True, scheduler_class="UniPCMultistepScheduler", **_A1111_TIMESTEPS),
 )  # fmt: skip
 SPEC: dict[str, SamplerSpec] = {s.name: s for s in SPECS}
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {s.name: s.function for s in SPECS}

@@ -19,7 +19,7 @@ from ldm.sampling.samplers import SPEC, sampler_spec
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
-SIGMA_SCHEDULES = ("default", "karras", "exponential", "sgm_uniform", "simple", "beta")
+SIGMA_SCHEDULES = ("default", "uniform", "karras", "exponential", "sgm_uniform", "simple", "beta")
 
 
 def make_betas(
@@ -145,7 +145,9 @@ def get_sigmas(
 
     "default" reproduces the timesteps of diffusers' scheduler class for ``sampler`` built with
     ``from_config`` on this checkpoint (its timestep_spacing, else the class default, and
-    steps_offset). Known deviation: diffusers' DDIM/DDPM with linspace or trailing spacing step to
+    steps_offset). "uniform" is k-diffusion's ``get_sigmas`` (A1111's "Uniform", and what A1111's
+    "Automatic" means for Euler, Euler a, Heun and LMS): log-sigma interpolation at fractional t.
+    Known deviation: diffusers' DDIM/DDPM with linspace or trailing spacing step to
     ``t - T // N`` instead of the next listed timestep when N does not divide T; we use the list.
     "karras", "exponential" and "beta" span the full training range (as k-diffusion and
     DPM-Solver; diffusers' Euler-family schedulers span only their interpolated timesteps).
@@ -160,6 +162,9 @@ def get_sigmas(
         sigmas = np.interp(
             default_timesteps(num_steps, schedule, sampler), np.arange(len(table)), table
         )
+    elif name == "uniform":  # k-diffusion's get_sigmas: N points uniform in t from T-1 to 0
+        t = np.linspace(len(table) - 1, 0, num_steps)
+        sigmas = np.exp(np.interp(t, np.arange(len(table)), np.log(table)))
     elif name == "karras":  # Karras et al. 2022, eq. 5, rho = 7
         ramp = np.linspace(0, 1, num_steps)
         lo, hi = s_min ** (1 / 7), s_max ** (1 / 7)
