@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="default: the bundled demo model")
     p.add_argument("--device", default=None)
     p.add_argument("--queue-size", type=int, default=None, help="default: clients")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: "
+                   "torch's); on a busy machine OpenMP teams in the main thread (ldm batch) and "
+                   "in the worker thread (ldm serve) slow down differently")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="serve-then-batch rounds (3): the "
                    "machine's load drifts, the ratio within a round is what counts")  # fmt: skip
     return p.parse_args(argv)
@@ -139,8 +142,13 @@ def check(server: dict, batch: dict, all_jobs: list[dict], batch_size: int) -> d
 def main(argv=None) -> int:
     args = parse_args(argv)
     all_jobs = jobs(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(f"jobs: {args.clients} clients x {args.requests} requests x {args.batch_size} images, "
-          f"{args.steps} steps; {args.rounds} rounds of serve then batch")  # fmt: skip
+          f"{args.steps} steps; {args.rounds} rounds of serve then batch; torch threads "
+          f"{args.threads or 'default'}")  # fmt: skip
     ratios, ok = [], True
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
