@@ -52,6 +52,20 @@ class CropParams:
     def as_list(self) -> list:
         return [*self.size, *self.resized, self.left, self.top, int(self.flip), *self.original]
 
+    def size_conditioning(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """SDXL micro-conditioning of this crop (Podell et al. 2023, sec. 2.2), all (h, w) order:
+        original size before resizing, the crop's (top, left) in the resized image, and the
+        target size (the crop, i.e. the bucket).
+
+        A mirrored crop is the same window cut from the mirrored image, whose left offset is
+        ``resized_w - left - w``: diffusers' SDXL trainer flips before cropping and kohya's
+        measures the flipped left edge from the right, both giving the offset in the image the
+        network sees.
+        """
+        (w, h), (rw, _) = self.size, self.resized
+        left = rw - self.left - w if self.flip else self.left
+        return (self.original[1], self.original[0]), (self.top, left), (h, w)
+
 
 def _open_checked(data: ImageData, max_pixels: int) -> Image.Image:
     """Open lazily (header only) and reject empty, unreadable or oversized images."""

@@ -292,6 +292,19 @@ class BatchIterator:
             out["pixels"] = torch.stack([it["pixels"] for it in items])  # (b, 3, H, W)
         return out
 
+    def epoch_batches(self, epoch: int = 0):
+        """This shard's batches of one epoch, decoded (no latent cache), without moving the
+        iterator's position: what ``ldm.data.cache.precompute_latents`` fills a cache from."""
+        if self.endless:
+            raise LdmError(f"{self.source.name}: an endless source has no epochs to precompute")
+        for batch in range(len(self._plan(epoch))):
+            yield self._make_batch(epoch, batch, cache=None)
+
+    @property
+    def captions(self) -> list[str]:
+        """Every usable caption, in scan order (what a text-embedding cache is filled with)."""
+        return [e.caption for e in self.entries]
+
     # -- iteration and state ---------------------------------------------------------------
     def _advance(self, epoch: int, batch: int) -> tuple[int, int]:
         if not self.endless and batch + 1 >= len(self._plan(epoch)):

@@ -7,11 +7,32 @@ batches an uninterrupted one would, and no RNG state has to be checkpointed for 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from ldm.data.shapes import ShapesDataset
+from ldm.errors import ConfigError
 from ldm.train.config import DataConfig
+
+# SDXL micro-conditioning of one sample, (h, w) order: original size, crop (top, left), target
+Sizes = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch as the diffusion step takes it: pixels or cached latent statistics."""
+
+    captions: list[str]
+    sizes: list[Sizes]  # per sample (ldm.data.images.CropParams.size_conditioning)
+    pixels: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
+    latent_stats: torch.Tensor | None = None  # (B, 2, C, h, w) posterior mean and std
+
+
+def uncropped(height: int, width: int, n: int) -> list[Sizes]:
+    """Sizes of n images used whole: original = target = (height, width), crop (0, 0)."""
+    return [((height, width), (0, 0), (height, width))] * n
 
 
 def _to_pixels(images: list) -> torch.Tensor:
@@ -38,6 +59,7 @@ class ShapesBatches:
         self.pool = data.cache_size  # 0: every index is a new image
         self.latents: torch.Tensor | None = None  # (pool, 2, C, h, w): posterior mean and std
         self.captions: list[str] | None = None
+        self.image_size: tuple[int, int] | None = None  # (H, W) of the cached images
 
     def indices(self, step: int) -> list[int]:
         start = (step * self.world + self.rank) * self.batch_size
@@ -58,6 +80,7 @@ class ShapesBatches:
             pixels = _to_pixels([im for im, *_ in items]).to(next(vae.parameters()).device)
             dist = vae.encode_dist(pixels.to(next(vae.parameters()).dtype))
             stats.append(torch.stack([dist.mean, dist.std], 1).to("cpu", torch.float16))
+            self.image_size = tuple(pixels.shape[-2:])
             captions += [item[1] for item in items]
             if progress:
                 progress(len(captions), self.pool)
@@ -67,3 +90,17 @@ class ShapesBatches:
         """(B, 2, C, h, w) cached posterior statistics and captions for this step."""
         idx = self.indices(step)
         return self.latents[idx].float(), [self.captions[i] for i in idx]
+
+    def batch(self, step: int) -> TrainBatch:
+        """The step's cached latents (after ``cache_latents``) or images; whole, uncropped."""
+        if self.latents is not None:
+            stats, captions = self.cached(step)
+            return TrainBatch(captions, uncropped(*self.image_size, len(captions)), None, stats)
+        pixels, captions = self.images(step)
+        return TrainBatch(captions, uncropped(*pixels.shape[-2:], len(captions)), pixels)
+
+    def all_captions(self) -> list[str]:
+        """Every caption the stage can draw (the cached pool's); the stream has no end."""
+        if not self.pool:
+            raise ConfigError("data.cache_text with the shapes stream needs data.cache_size > 0")
+        return self.captions or [self.dataset[i][1] for i in range(self.pool)]

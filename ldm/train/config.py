@@ -1,7 +1,8 @@
 """Training configuration: one YAML file mapped onto these dataclasses (see ldm.config).
 
-A run is a list of stages. Each stage says which parts train (vae, unet, text_encoder), how
-(full or LoRA), for how many steps and on what data; parts not trained in a stage are frozen.
+A run is a list of stages. Each stage says which parts train (vae, unet, text_encoder and, for
+SDXL, text_encoder_2), how (full or LoRA), for how many steps and on what data; parts not trained
+in a stage are frozen.
 The model comes from a checkpoint (``model.pretrained``) or is built from nothing from a model
 config (``model.config``, e.g. configs/models/shapes64.yaml).
 """
@@ -26,6 +27,9 @@ class DataConfig:
     random_flip: bool = False
     buckets: bool = False  # kohya aspect-ratio buckets
     bucket_no_upscale: bool = False
+    bucket_steps: int = 64  # bucket sides are multiples of this (kohya's bucket_reso_steps)
+    bucket_min: int | None = None  # smallest bucket side (None: max(bucket_steps, resolution/2))
+    bucket_max: int | None = None  # largest bucket side (None: 2 * resolution)
     caption_dropout: float = 0.1  # to the empty prompt, for classifier-free guidance
     max_image_pixels: int = 64_000_000
     shapes_seed: int = 0
@@ -34,6 +38,10 @@ class DataConfig:
     shapes_layout: str = "random"  # "random" (the world's) or "tidy": caption-given cells
     cache_latents: bool = False  # precompute VAE posterior mean/std (requires a frozen VAE)
     cache_size: int = 0  # shapes world: number of distinct images to cache (0 = stream)
+    # precompute text-encoder outputs (context + pooled) per caption, on disk in the run folder
+    # (requires frozen text encoders); SDXL's micro-conditioning is still computed per sample
+    cache_text: bool = False
+    aesthetic_score: float = 6.0  # SDXL refiner's score id (diffusers' pipeline default)
 
 
 @dataclass
@@ -73,7 +81,7 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 8.0
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    text_encoder: bool = False
+    text_encoder: bool = False  # also LoRA on every text encoder (SDXL: both, kohya te1/te2)
     text_encoder_targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
@@ -82,7 +90,7 @@ class LoRAConfig:
 @dataclass
 class StageConfig:
     name: str = "main"
-    train: list[str] = field(default_factory=lambda: ["unet"])  # of: vae, unet, text_encoder
+    train: list[str] = field(default_factory=lambda: ["unet"])  # vae, unet, text_encoder(_2)
     method: Literal["full", "lora"] = "full"
     steps: int = 1000
     batch_size: int = 16
@@ -102,6 +110,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    clip_skip: int = 1  # text-encoder layer, counted as ldm.text.encoders.text_encoder_for does
     gradient_checkpointing: bool = False
     # U-Net activation layout; NCHW trained the demo model 13% faster in bf16 on the CPU
     channels_last: bool = True

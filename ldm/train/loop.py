@@ -26,9 +26,9 @@ from ldm.denoiser import Denoiser
 from ldm.dtypes import DTYPES
 from ldm.errors import LdmError
 from ldm.sampling.schedules import NoiseSchedule
-from ldm.text.cond import Cond
 from ldm.train import checkpoint as ckpt
 from ldm.train.adamw import AdamW
+from ldm.train.conditioning import TrainingText
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.ema import EMA
 from ldm.train.lora import merge_lora, save_lora
@@ -38,12 +38,11 @@ from ldm.train.model import (
     calibrate_latent_scale,
     export_model,
     load_start_model,
+    model_parts,
     set_trainable,
     stage_batches,
 )
 from ldm.train.runlog import RunLog
-
-PARTS = ("vae", "unet", "text_encoder")
 
 
 def step_generator(seed: int, stage: int, step: int, rank: int) -> torch.Generator:
@@ -91,16 +90,6 @@ def attention_kernels(device: torch.device, mixed_precision: str):
     return contextlib.nullcontext()
 
 
-def text_context(parts, encoder, captions: list[str], device, grad: bool) -> torch.Tensor:
-    """CLIP last hidden state (final layer norm applied), as the U-Net's cross-attention input."""
-    tok = parts.tokenizer(
-        captions, padding="max_length", truncation=True,
-        max_length=parts.tokenizer.model_max_length, return_tensors="pt",
-    )  # fmt: skip
-    with torch.set_grad_enabled(grad):
-        return encoder(tok.input_ids.to(device)).last_hidden_state
-
-
 @dataclass
 class Run:
     """What every stage of a run shares."""
@@ -134,6 +123,7 @@ class Stage:
     emas: dict[str, EMA]
     data: Any  # StageData
     denoiser: Denoiser  # the U-Net (wrapped when it trains) with the stage's parametrisation
+    text: TrainingText  # captions and sizes -> Cond (ldm.train.conditioning)
     nonfinite: int = 0  # consecutive skipped steps
 
 
@@ -202,7 +192,7 @@ def start_run(cfg: TrainConfig, accelerator, resume: bool) -> tuple[Run, dict, t
             load_part_weights(parts, weights)
         log.info(f"resuming from {resume_from} (stage {start['stage']}, step {start['step']})")
     device = accelerator.device
-    for name in PARTS:
+    for name in model_parts(parts):
         getattr(parts, name).to(device)
     dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # autocast's compute dtype
     decision = accel.apply(parts.unet, cfg.accel, device=device, dtype=dtype, training=True)
@@ -217,7 +207,9 @@ def prepare_stage(
 ) -> Stage:
     """Freeze / unfreeze (or add LoRA), optimizer, EMA, mid-stage resume, data, denoiser."""
     parts, accelerator = run.parts, run.accelerator
-    trained = set_trainable(parts, stage, run.cfg.gradient_checkpointing)
+    with torch.random.fork_rng(devices=[]):  # LoRA's random lora_A: from the run's seed only
+        torch.manual_seed(step_generator(run.cfg.seed, index, -1, 0).initial_seed())
+        trained = set_trainable(parts, stage, run.cfg.gradient_checkpointing)
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, stage)
     emas = {n: EMA(m, stage.ema.decay, stage.ema.warmup) for n, m in trained.items()}
@@ -235,11 +227,16 @@ def prepare_stage(
     optimizer = accelerator.prepare(optimizer)
     data = stage_batches(run.cfg, stage, parts, accelerator.process_index,
                          accelerator.num_processes, run.log)  # fmt: skip
+    text = TrainingText(parts, trained, wrapped, run.cfg.clip_skip, data.config.aesthetic_score)
+    if data.config.cache_text and "vae" not in trained:
+        written = text.precompute(data.all_captions(), run.run_dir / "cache" / "text")
+        run.log.info(f"text cache: {written} new entries in {run.run_dir / 'cache' / 'text'}")
+    accelerator.wait_for_everyone()  # every process's share of the caches is on disk
     schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
     prediction = stage.loss.prediction_type or schedule.prediction_type
     denoiser = Denoiser(wrapped.get("unet", parts.unet), schedule, prediction=prediction)
     run.log.info(f"stage '{stage.name}': training {', '.join(trained)} for {stage.steps} steps")
-    return Stage(index, stage, trained, wrapped, params, optimizer, emas, data, denoiser)
+    return Stage(index, stage, trained, wrapped, params, optimizer, emas, data, denoiser, text)
 
 
 def train_step(run: Run, st: Stage, step: int) -> dict | None:
@@ -261,7 +258,9 @@ def train_step(run: Run, st: Stage, step: int) -> dict | None:
             else:
                 loss, metrics = diffusion_loss_for_step(run.parts, st, g, index, device)
         loss = loss / stage.gradient_accumulation
-        accelerator.backward(loss)
+        # gradient checkpointing recomputes forwards inside backward: same kernels as the forward
+        with attention_kernels(device, run.cfg.mixed_precision):
+            accelerator.backward(loss)
         total += loss.item()
 
     # --- non-finite guard, clip, step, EMA ---------------------------------------------------
@@ -325,7 +324,7 @@ def save_checkpoint(run: Run, st: Stage, step: int, done: bool) -> None:
              "global_step": run.global_step,
              "ema_updates": max((e.num_updates for e in emas.values()), default=0),
              "vae_scaling_factor": parts.vae.config.scaling_factor}  # fmt: skip
-    weights = {n: parts_module(parts, n).state_dict() for n in PARTS}
+    weights = {n: parts_module(parts, n).state_dict() for n in model_parts(parts)}
     if not done:
         weights.update({f"ema-{n}": e.shadow for n, e in emas.items()})
     optimizer_state = {} if done else st.optimizer.state_dict()
@@ -339,7 +338,7 @@ def parts_module(parts, name: str) -> torch.nn.Module:
 
 
 def load_part_weights(parts, weights: dict) -> None:
-    for name in PARTS:
+    for name in model_parts(parts):
         if name in weights:
             getattr(parts, name).load_state_dict(weights[name], strict=True)
 
@@ -347,27 +346,23 @@ def load_part_weights(parts, weights: dict) -> None:
 def diffusion_loss_for_step(parts, st: Stage, g, index: int, device) -> tuple[torch.Tensor, dict]:
     """Sample latents, timesteps and noise for one micro-batch; return the weighted loss."""
     data, loss_cfg = st.data, st.config.loss
-    if data.latents is not None:  # cached posterior: sample z = mean + std * eps each step
-        stats, captions = data.cached(index)
+    batch = data.batch(index)
+    if batch.latent_stats is not None:  # cached posterior: sample z = mean + std * eps each step
+        stats = batch.latent_stats  # (B, 2, C, h, w)
         z = stats[:, 0] + stats[:, 1] * torch.randn(stats[:, 0].shape, generator=g)
         latents = parts.vae.scale_latents(z.to(device))
     else:
-        pixels, captions = data.images(index)
         with torch.no_grad():
-            latents = parts.vae.encode(pixels.to(device), generator=g)
-    drop = torch.rand(len(captions), generator=g) < data.config.caption_dropout
-    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    encoder = st.wrapped.get("text_encoder")
-    context = text_context(
-        parts, encoder or parts.text_encoder, captions, device, encoder is not None
-    )
+            latents = parts.vae.encode(batch.pixels.to(device), generator=g)
+    drop = torch.rand(len(batch.captions), generator=g) < data.config.caption_dropout  # (B,)
+    cond = st.text(batch.captions, drop.tolist(), batch.sizes, device)
     den = st.denoiser
     t = torch.randint(0, len(den.alphas_cumprod), (latents.shape[0],), generator=g)  # (B,)
     noise = training_noise(
         tuple(latents.shape), g, loss_cfg.noise_offset,
         loss_cfg.multires_noise_iterations, loss_cfg.multires_noise_discount,
     ).to(device)  # fmt: skip
-    per_sample = den.loss(latents, noise, den.sigmas[t], Cond(context), t=t)  # (B,)
+    per_sample = den.loss(latents, noise, den.sigmas[t], cond, t=t)  # (B,)
     weight = min_snr_weight(den.alphas_cumprod, t, loss_cfg.min_snr_gamma, den.prediction_type)
     return (per_sample * weight.to(device)).mean(), {}
 

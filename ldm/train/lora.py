@@ -27,14 +27,15 @@ from ldm.train.config import LoRAConfig
 
 ADAPTER = "default"  # peft's adapter name; ldm trains one adapter at a time
 KOHYA_NAME = "lora_kohya.safetensors"
+LORA_PARTS = ("unet", "text_encoder", "text_encoder_2")  # SDXL's second: kohya lora_te2_
 
 
 def add_lora(module: torch.nn.Module, name: str, config: LoRAConfig) -> int:
-    """Inject LoRA into ``module`` ("unet" or "text_encoder"); return the trainable count."""
+    """Inject LoRA into ``module`` (a part of LORA_PARTS); return the trainable count."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    if name not in ("unet", "text_encoder"):
-        raise ConfigError(f"lora: cannot add LoRA to '{name}' (only unet and text_encoder)")
+    if name not in LORA_PARTS:
+        raise ConfigError(f"lora: cannot add LoRA to '{name}' (only {', '.join(LORA_PARTS)})")
     targets = list(config.targets if name == "unet" else config.text_encoder_targets)
     where = "lora.targets" if name == "unet" else "lora.text_encoder_targets"
     if config.rank < 1 or not config.alpha > 0:
@@ -92,9 +93,9 @@ def save_lora(
     dtype: torch.dtype | None = None,
     kohya_name: str = KOHYA_NAME,
 ) -> list[Path]:
-    """Write the LoRA of parts.unet / parts.text_encoder as diffusers/PEFT and kohya files."""
+    """Write the LoRA of parts.unet / text encoders as diffusers/PEFT and kohya files."""
     modules = []
-    for part in ("unet", "text_encoder"):
+    for part in LORA_PARTS:
         if (module := getattr(parts, part, None)) is not None:
             modules += lora_modules(module, part)
     if not modules:
@@ -102,7 +103,8 @@ def save_lora(
     out_dir = Path(out_dir)
     return [
         save_diffusers_lora(modules, out_dir / DIFFUSERS_NAME, dtype),
-        save_kohya_lora(modules, out_dir / kohya_name, dtype),
+        # the U-Net config names SDXL modules as kohya does (sgm paths, lora_te1_ / lora_te2_)
+        save_kohya_lora(modules, out_dir / kohya_name, dtype, unet_config=parts.unet.config),
     ]
 
 

@@ -1,5 +1,5 @@
-"""The trainer's view of the model: where it starts, what trains in a stage, where data comes
-from, and how the result is exported."""
+"""The trainer's view of the model: where it starts, which parts it has and which train in a
+stage, where data comes from, and how the result is exported."""
 
 from __future__ import annotations
 
@@ -12,12 +12,17 @@ from ldm.errors import ConfigError
 from ldm.formats.diffusers_folder import save_folder
 from ldm.loading import load_model
 from ldm.models.build import build_model, load_model_config
-from ldm.train.batches import ShapesBatches
+from ldm.train.batches import ShapesBatches, TrainBatch
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.folder_batches import FolderBatches
 from ldm.train.lora import add_lora
 
-TRAINABLE = ("vae", "unet", "text_encoder")
+TRAINABLE = ("vae", "unet", "text_encoder", "text_encoder_2")
+
+
+def model_parts(parts) -> list[str]:
+    """The trainable parts this model has (an SDXL refiner has no text_encoder, SD no _2)."""
+    return [n for n in TRAINABLE if getattr(parts, n, None) is not None]
 
 
 def load_start_model(cfg: TrainConfig):
@@ -32,14 +37,19 @@ def load_start_model(cfg: TrainConfig):
 
 def set_trainable(parts, stage: StageConfig, gradient_checkpointing: bool) -> dict:
     """Freeze everything, then unfreeze (or add LoRA to) the parts this stage trains."""
-    unknown = [n for n in stage.train if n not in TRAINABLE]
+    present = model_parts(parts)
+    unknown = [n for n in stage.train if n not in present]
     if unknown:
-        raise ConfigError(f"stages.{stage.name}.train: unknown part '{unknown[0]}' ({TRAINABLE})")
+        raise ConfigError(
+            f"stages.{stage.name}.train: unknown part '{unknown[0]}' (this model has {present})"
+        )
     train = list(stage.train)
-    if stage.method == "lora" and stage.lora.text_encoder and "text_encoder" not in train:
-        train.append("text_encoder")
+    if stage.method == "lora" and stage.lora.text_encoder:  # every text encoder (kohya te1, te2)
+        train += [n for n in present if n.startswith("text_encoder") and n not in train]
+    if stage.method == "lora" and "vae" in train:
+        raise ConfigError(f"stages.{stage.name}: LoRA applies to the unet and text encoders only")
     trained = {}
-    for name in TRAINABLE:
+    for name in present:
         module = getattr(parts, name)
         module.requires_grad_(False)
         module.eval()
@@ -50,12 +60,23 @@ def set_trainable(parts, stage: StageConfig, gradient_checkpointing: bool) -> di
         else:
             module.requires_grad_(True)
         module.train()
-        if gradient_checkpointing and name == "unet":
-            module.enable_gradient_checkpointing()
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(module, name)
         trained[name] = module
-    if stage.method == "lora" and "vae" in trained:
-        raise ConfigError(f"stages.{stage.name}: LoRA applies to the unet and text_encoder only")
     return trained
+
+
+def enable_gradient_checkpointing(module: torch.nn.Module, name: str) -> None:
+    """Recompute activations in the backward pass (Chen et al. 2016): the U-Net's blocks, the
+    text encoders' layers (transformers; non-reentrant, so LoRA on frozen layers gets grads)."""
+    if name == "unet":
+        module.enable_gradient_checkpointing()
+    elif name.startswith("text_encoder"):
+        kwargs = {"use_reentrant": False}
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class StageData:
@@ -77,13 +98,24 @@ class StageData:
     def cached(self, step: int):
         return self.source.cached(step)
 
+    def batch(self, step: int) -> TrainBatch:
+        return self.source.batch(step)
+
+    def all_captions(self) -> list[str]:
+        return self.source.all_captions()
+
 
 def stage_batches(cfg: TrainConfig, stage: StageConfig, parts, rank: int, world: int, log):
+    """The stage's data; with data.cache_latents (and a frozen VAE) its latents encoded once."""
     data = StageData(cfg, stage, rank, world)
     if data.config.cache_latents and "vae" not in stage.train:
-        log.info(f"caching VAE latents of {data.config.cache_size} images")
-        data.source.cache_latents(parts.vae)
-        data.latents = data.source.latents
+        if isinstance(data.source, ShapesBatches):
+            log.info(f"caching VAE latents of {data.config.cache_size} images")
+            data.source.cache_latents(parts.vae)
+            data.latents = data.source.latents
+        else:
+            written = data.source.cache_latents(parts.vae, Path(cfg.output_dir) / "cache/latents")
+            log.info(f"latent cache: {written} new entries in {cfg.output_dir}/cache/latents")
     return data
 
 

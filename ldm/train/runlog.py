@@ -87,7 +87,8 @@ class RunLog:
     def validate(self, parts, cfg, stage, global_step: int, emas: dict, data) -> Path | None:
         """A grid at fixed prompts and seeds (diffusion stages) or reconstructions (VAE)."""
         device = next(parts.unet.parameters()).device
-        modules = [parts.vae, parts.unet, parts.text_encoder]
+        names = ("vae", "unet", "text_encoder", "text_encoder_2")
+        modules = [m for n in names if (m := getattr(parts, n, None)) is not None]
         trainable = [(p, p.requires_grad) for m in modules for p in m.parameters()]
         backups = {}
         for n, e in emas.items():  # sample with the EMA weights, then put the raw ones back
