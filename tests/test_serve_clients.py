@@ -150,3 +150,28 @@ def test_openai_client_generates_and_errors_in_its_shapes(url):
     seeded = [client.images.generate(prompt="x", size="64x64", extra_body={"seed": 7})
               for _ in range(2)]  # fmt: skip
     assert seeded[0].data[0].b64_json == seeded[1].data[0].b64_json
+
+
+def test_comfyui_interrupt_and_a_refused_websocket(url):
+    client_id = uuid.uuid4().hex
+    with pytest.raises(Exception) as e:  # the handshake is answered 403: no websocket opens
+        ws_client.connect(url.replace("http", "ws") + "/ws?token=wrong").close()
+    assert "403" in str(e.value)
+    ws_url = url.replace("http", "ws") + f"/ws?clientId={client_id}&token=sk-local"
+    workflow = default_workflow(batch=1)
+    workflow["3"]["inputs"]["steps"] = 150
+    with ws_client.connect(ws_url) as ws:
+        prompt_id = _post(f"{url}/prompt", {"prompt": workflow, "client_id": client_id})[
+            "prompt_id"
+        ]
+        seen = []
+        while True:
+            message = json.loads(ws.recv(timeout=60))
+            seen.append(message["type"])
+            if message["type"] == "progress" and seen.count("progress") == 1:
+                _post(f"{url}/interrupt", {})
+            if message["type"] == "executing" and message["data"]["node"] is None:
+                break
+    assert "execution_interrupted" in seen and "executed" not in seen
+    history = json.loads(_get(f"{url}/history/{prompt_id}"))[prompt_id]
+    assert history["status"]["completed"] is False and history["outputs"] == {}

@@ -20,9 +20,17 @@ def serve(server: Server, log_level: str = "info") -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(create_app(server), host=server.config.host,
-                            port=server.config.port, log_level=log_level,
+                            port=server.config.port, log_level=log_level, ws=_ws(),
                             timeout_graceful_shutdown=5)  # fmt: skip
     _Uvicorn(config).run()
+
+
+def _ws() -> str:
+    """uvicorn's sans-I/O websockets protocol where it has one (its older one is deprecated)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("uvicorn.protocols.websockets.websockets_sansio_impl")
+    return "websockets-sansio" if found else "auto"
 
 
 class ThreadedServer:
@@ -34,7 +42,7 @@ class ThreadedServer:
         self.server = server
         self.port = port or free_port()
         config = uvicorn.Config(create_app(server), host=server.config.host, port=self.port,
-                                log_level="warning")  # fmt: skip
+                                log_level="warning", ws=_ws())  # fmt: skip
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
 
