@@ -136,6 +136,11 @@ class Comfy:
         self.hub.send("executing", {**ids, "node": None, "display_node": None}, sid)
         self.hub.send("status", self.status())
 
+    def history_items(self, max_items: int | None = None) -> dict:
+        with self._lock:  # the worker thread adds entries while a request reads
+            items = list(self.history.items())
+        return dict(items[-max_items:] if max_items else items)
+
     def queue(self) -> dict:
         w = self.server.worker
         running = [_entry(j) for j in [w.running()] if j is not None]
@@ -186,8 +191,7 @@ def router(server, comfy: Comfy) -> APIRouter:
 
     @r.get("/history")
     async def history_all(max_items: int | None = None):
-        items = list(comfy.history.items())
-        return dict(items[-max_items:] if max_items else items)
+        return comfy.history_items(max_items)
 
     @r.get("/history/{prompt_id}")
     async def history(prompt_id: str):
