@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, CLIPTokenizer
+from transformers import AutoTokenizer
 
 from ldm.dtypes import to_dtype
 from ldm.errors import CheckpointError, ConfigError, LdmError
@@ -28,6 +28,7 @@ from ldm.models import families
 from ldm.models.build import TEXT_MODELS, build_network, build_text_encoder, build_vae
 from ldm.models.parts import ModelParts
 from ldm.text.encoders import CLIPTextEncoder, T5TextEncoder, TextEncoder
+from ldm.text.tokenizer import ClipTokenizer
 
 WEIGHT_NAMES = {  # preference order: full-precision safetensors first, pickles last
     "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -219,7 +220,7 @@ def load_tokenizer(folder: Path) -> Any:
         raise CheckpointError(
             f"{folder}: missing tokenizer (tokenizer.json or vocab.json+merges.txt)"
         )
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return ClipTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def normalize_prediction_type(value: str) -> str:
@@ -252,6 +253,7 @@ def save_folder(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir gives a new folder
         _write_folder(parts, tmp, dtype)
         if path.exists():  # overwrite: move the old folder aside only once the new one is whole
             old = tmp.with_suffix(".old")
@@ -282,9 +284,14 @@ def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> N
         _write_text_encoder(model, root / spec.subfolder, dtype, meta)
         tokenizer.save_pretrained(str(root / spec.tokenizer))
         _compact_json(root / spec.tokenizer / "tokenizer.json")
+        _drop_load_options(root / spec.tokenizer / "tokenizer_config.json")
     scheduler = dict(parts.scheduler_config)
     scheduler.setdefault("_class_name", _scheduler_class(parts))
     scheduler["_diffusers_version"] = version
+    if scheduler.get("timestep_spacing") in ("linspace", "trailing"):
+        # diffusers warns on (and its SD pipelines rewrite) any steps_offset but 1; only "leading"
+        # timesteps add it, so with these spacings 1 renders the same schedule
+        scheduler["steps_offset"] = 1
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
     index = {**DEFAULT_MODEL_INDEX, **parts.model_index, "_diffusers_version": version}
     index["_class_name"] = parts.family.pipeline_class
@@ -314,9 +321,29 @@ def _write_text_encoder(model, folder: Path, dtype: torch.dtype | None, meta: di
     }
     text_config = model.config.to_dict()
     text_config["architectures"] = [type(model).__name__]
-    text_config["dtype"] = str(dtype or model.dtype).removeprefix("torch.")
+    # transformers >= 5 loads a model in this dtype when from_pretrained is given none (older
+    # ones in float32); diffusers loads the U-Net and VAE in float32 then: so must the text model
+    text_config["dtype"] = "float32"
+    text_config.pop("torch_dtype", None)
     _write_json(folder / "config.json", text_config)
     save_state_dict(text_state, folder / "model.safetensors", meta)
+
+
+def _umask() -> int:
+    """The process umask (read by setting it: there is no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _drop_load_options(path: Path) -> None:
+    """transformers saves how the tokenizer was loaded (local_files_only, is_local): not part of
+    the tokenizer, and wrong for whoever loads the folder next."""
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("local_files_only", "is_local"):
+            config.pop(key, None)
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _scheduler_class(parts: ModelParts) -> str:

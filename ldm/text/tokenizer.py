@@ -4,16 +4,20 @@ New models trained here need a CLIP tokenizer, and nothing may be downloaded. Op
 (49408 tokens: 256 bytes, 256 byte+"</w>", 48894 merges, <|startoftext|>, <|endoftext|>) ships as
 ``open_clip/bpe_simple_vocab_16e6.txt.gz``; we write it out as the ``vocab.json`` + ``merges.txt``
 pair that transformers' ``CLIPTokenizer`` reads, which is the layout of a diffusers ``tokenizer/``.
+OpenAI's tokenizer first cleans the text (ftfy.fix_text, html.unescape twice); transformers' does
+not, so ``ClipTokenizer`` adds that step (curly quotes, ligatures, full-width letters, entities).
 """
 
 from __future__ import annotations
 
 import gzip
+import html
 import json
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import ftfy
 from transformers import CLIPTokenizer
 
 from ldm.io import atomic_write_text
@@ -48,6 +52,41 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     tokens += ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clean_text(text: str) -> str:
+    """OpenAI CLIP's ``basic_clean``: ftfy's fixes, then HTML entities unescaped twice."""
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def _clean(text):
+    if isinstance(text, str):
+        return clean_text(text)
+    if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        return [clean_text(t) for t in text]
+    return text  # pre-tokenized or None: left to transformers
+
+
+class ClipTokenizer(CLIPTokenizer):
+    """transformers' CLIPTokenizer with CLIP's own text cleaning before it (OpenAI's ids).
+
+    Its files are a plain CLIPTokenizer's, and it reports itself as transformers' CLIPTokenizer
+    (class name and module): a diffusers pipeline holding it saves ``["transformers",
+    "CLIPTokenizer"]`` in model_index.json, which diffusers and transformers load anywhere.
+    """
+
+    def __call__(self, text=None, *args, **kwargs):
+        return super().__call__(_clean(text), *args, **kwargs)
+
+    def encode(self, text, *args, **kwargs):
+        return super().encode(_clean(text), *args, **kwargs)
+
+    def tokenize(self, text, *args, **kwargs):
+        return super().tokenize(_clean(text), *args, **kwargs)
+
+
+ClipTokenizer.__name__ = ClipTokenizer.__qualname__ = CLIPTokenizer.__name__
+ClipTokenizer.__module__ = CLIPTokenizer.__module__
 
 
 def write_clip_tokenizer(
@@ -85,10 +124,10 @@ def build_clip_tokenizer(
     model_max_length: int = 77,
     pad_token: str = "<|endoftext|>",
 ):
-    """A ``transformers.CLIPTokenizer`` made offline; written to ``directory`` if given."""
+    """A ``ClipTokenizer`` (a transformers CLIPTokenizer) made offline; written to ``directory``."""
     if directory is not None:
         written = write_clip_tokenizer(directory, model_max_length, pad_token)
-        return CLIPTokenizer.from_pretrained(str(written))
+        return ClipTokenizer.from_pretrained(str(written))
     with tempfile.TemporaryDirectory() as tmp:
         written = write_clip_tokenizer(tmp, model_max_length, pad_token)
-        return CLIPTokenizer.from_pretrained(str(written))
+        return ClipTokenizer.from_pretrained(str(written))
