@@ -123,6 +123,41 @@ def test_training_cond_equals_diffusers_and_dropout_zeroes_both_encoders(tiny_sd
         torch.testing.assert_close(cond.time_ids[row], ids[0])
 
 
+def test_refiner_dropout_encodes_the_empty_prompt_and_ids_carry_the_score(
+    tiny_sdxl_refiner, data, tmp_path
+):
+    """The refiner (force_zeros_for_empty_prompt false): a dropped caption is the empty prompt
+    encoded, as diffusers' uncond is; 5 ids end in the aesthetic score; a LoRA run exports a
+    folder diffusers' img2img pipeline loads and runs."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from ldm.loading import load_model
+    from ldm.train.conditioning import TrainingText
+    from ldm.train.loop import train
+
+    parts = load_model(tiny_sdxl_refiner, device="cpu", dtype=torch.float32)
+    text = TrainingText(parts, trained={}, wrapped={}, aesthetic_score=2.5)
+    sizes = [((30, 48), (0, 4), (24, 40))] * 2
+    with torch.no_grad():
+        cond = text(["a red disc", "a blue disc"], [False, True], sizes, torch.device("cpu"))
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny_sdxl_refiner, local_files_only=True
+    )
+    with torch.no_grad():
+        embeds, empty, pooled, empty_pooled = pipe.encode_prompt("a red disc")
+    torch.testing.assert_close(cond.context, torch.cat([embeds, empty]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond.pooled, torch.cat([pooled, empty_pooled]), rtol=1e-5, atol=1e-5)
+    assert cond.time_ids.tolist() == [[30.0, 48.0, 0.0, 4.0, 2.5]] * 2
+
+    final = train(
+        _cfg(tmp_path / "run", tiny_sdxl_refiner, data, "stages.0.steps=2"), progress=False
+    )
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(final, local_files_only=True)
+    image = refiner("a red disc", image=torch.rand(1, 3, 32, 32), num_inference_steps=2,
+                    strength=0.5, output_type="np").images[0]  # fmt: skip
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
