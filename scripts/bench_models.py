@@ -10,6 +10,10 @@ torch's fused AdamW, tuned malloc) against diffusers', one model at a time in AB
     python scripts/bench_models.py            # real SD 1.5 shape (~14 GB free RAM)
     python scripts/bench_models.py --quick    # reduced widths, a few seconds per step
     python scripts/bench_models.py --no-train --floor --inductor   # where the forward's time goes
+    python scripts/bench_models.py --family sdxl --latent 16 --repeats 3 --rounds 2
+
+``--family sdxl``: the SDXL base U-Net (real config, 2.6 B parameters), ldm (accel auto) against
+diffusers, fp32 and bf16, each in its own process (peak RSS per process; scripts/bench_sdxl.py).
 
 ``--floor`` replays the forward's own matmul, convolution and attention kernels alone, in order:
 the time the forward would take if everything else cost nothing. Run with ``PYTHONPATH`` at a
@@ -315,8 +319,19 @@ def main() -> None:
     parser.add_argument(
         "--default-adamw", action="store_true", help="torch's default AdamW, not the fused one"
     )
+    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--latent", type=int, default=16, help="sdxl: latent side")
+    parser.add_argument("--batch", type=int, default=2, help="sdxl: batch size")
+    parser.add_argument("--rounds", type=int, default=2, help="sdxl: processes per model (ABBA)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="sdxl: comma-separated")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
+    if args.family == "sdxl":
+        import bench_sdxl  # next to this script (sys.path[0])
+
+        dtypes = args.dtypes.split(",")
+        bench_sdxl.bench_forward(args.latent, args.batch, args.repeats, args.rounds, dtypes)
+        return
 
     cfg = QUICK_UNET if args.quick else SD15_UNET
     gen = torch.Generator().manual_seed(1)

@@ -9,12 +9,18 @@ weights, prompt and seed; each is warmed up once, then timed ``--repeats`` times
 equal output; ldm bf16 <= 0.5x diffusers fp32 with PSNR >= 30 dB.
 
     python scripts/bench_txt2img.py [--repeats 3] [--quick] [--dtype bf16] [--threads N]
+    python scripts/bench_txt2img.py --family sdxl --size 128 --steps 4 --repeats 2 --rounds 2
+
+``--family sdxl``: an SDXL pipeline with the real U-Net, CLIP-L, OpenCLIP bigG and VAE configs,
+ldm (accel auto) against diffusers' StableDiffusionXLPipeline (euler, CFG 5), fp32 and bf16, each
+in its own process (peak RSS per process; scripts/bench_sdxl.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -102,7 +108,18 @@ def main() -> None:
     parser.add_argument(
         "--tuned-malloc", action="store_true", help="ldm train's malloc (ldm/accel/malloc.py)"
     )
+    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--rounds", type=int, default=2, help="sdxl: processes per model (ABBA)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="sdxl: comma-separated")
     args = parser.parse_args()
+    if args.family == "sdxl":
+        import bench_sdxl  # next to this script (sys.path[0])
+
+        if args.threads:
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the worker processes'
+        dtypes = args.dtypes.split(",")
+        bench_sdxl.bench_txt2img(args.size // 8, args.steps, args.repeats, args.rounds, dtypes)
+        return
     if args.quick:
         args.size, args.steps, args.repeats = 128, 5, 1
     if args.threads:
