@@ -315,3 +315,22 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_sdxl, data, tmp_path):
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.cache_text=true"], "cache_text: the text encoders train"),  # LoRA on both TEs
+        (["data.cache_latents=true"], "cache_latents: needs data.center_crop"),
+        (["stages.0.train=[unet,text_encoder_3]"], "unknown part 'text_encoder_3'"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_training(
+    tiny_sdxl, data, tmp_path, overrides, message
+):
+    from ldm.errors import ConfigError
+    from ldm.train.loop import train
+
+    with pytest.raises(ConfigError, match=message):
+        train(_cfg(tmp_path / "run", tiny_sdxl, data, *overrides), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
