@@ -194,6 +194,26 @@ def test_file_without_metadata_loads_from_its_keys_alone(tmp_path):
     assert parts.vae.config.scaling_factor == 0.13025
 
 
+def test_comfyui_v_prediction_markers(folders, tmp_path):
+    """ComfyUI's empty ``v_pred`` / ``ztsnr`` keys (v-prediction SDXL fine-tunes) are read and
+    written; EDM variants (Playground v2.5's ``edm_mean``) are refused by name."""
+    folder = folders["sdxl"]
+    configs = {p: json.loads((folder / p / "config.json").read_text())
+               for p in ("unet", "vae", "text_encoder", "text_encoder_2")}  # fmt: skip
+    original = to_original_state_dict(load_folder(folder))
+    path = tmp_path / "vpred.safetensors"
+    save_state_dict({**original, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, path)
+    parts = load_single_file(path, config=configs)
+    assert parts.prediction_type == "v_prediction" and "v_pred" in parts.inferred["prediction_type"]
+    assert parts.scheduler_config["rescale_betas_zero_snr"] is True
+    back = to_original_state_dict(parts)
+    assert back["v_pred"].numel() == 0 and back["ztsnr"].numel() == 0
+    assert "v_pred" not in original  # an epsilon model carries no marker
+    save_state_dict({**original, "edm_mean": torch.zeros(4)}, tmp_path / "pg.safetensors")
+    with pytest.raises(CheckpointError, match="Playground v2.5"):
+        load_single_file(tmp_path / "pg.safetensors", config=configs)
+
+
 def test_cli_convert_round_trips(xl, tmp_path, capsys):
     """folder -> single file -> folder -> single file: every tensor and flag comes back."""
     from ldm.cli import main

@@ -157,8 +157,9 @@ def test_config_inferred_from_shapes(tiny):
 
 def test_prediction_type_default_and_override(tiny_sd2, tmp_path):
     original = to_original_state_dict(load_folder(tiny_sd2))
+    assert original.pop("v_pred").numel() == 0  # ComfyUI's v-prediction marker
     path = tmp_path / "plain.safetensors"
-    save_state_dict(original, path)  # no ldm metadata: like a file from elsewhere
+    save_state_dict(original, path)  # no ldm metadata, no marker: like Stability's own files
     parts = load_single_file(path, config={"unet": {"attention_head_dim": [2, 4]}, "vae": {
         "norm_num_groups": 8}, "text_encoder": {"num_attention_heads": 4}})  # fmt: skip
     assert parts.prediction_type == "v_prediction"

@@ -54,6 +54,11 @@ from ldm.models.parts import ModelParts
 from ldm.text.tokenizer import build_clip_tokenizer
 
 MODEL_INDEX_FLAGS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")  # SDXL's
+# empty marker tensors ComfyUI (and OneTrainer, kohya) put in v-prediction / zero-terminal-SNR
+# files (comfy supported_models SDXL.model_type): the only in-file word on the parametrisation
+V_PRED, ZTSNR = "v_pred", "ztsnr"
+# EDM-parametrised SDXL variants (Playground v2.5; CosXL-style EDM v-prediction): refused by name
+EDM_MARKERS = {"edm_mean": "Playground v2.5 (EDM)", "edm_vpred.sigma_max": "EDM v-prediction"}
 _NOT_CONFIG = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")  # per save
 
 
@@ -108,6 +113,17 @@ def _configs(family: str, unet: dict, vae: dict, texts: dict, stored: dict, sour
     return configs, inferred
 
 
+def _markers(state_dict: dict, configs: dict, inferred: dict) -> None:
+    """ComfyUI's ``v_pred`` / ``ztsnr`` keys say what the family default cannot."""
+    scheduler = configs["scheduler"]
+    if V_PRED in state_dict:
+        scheduler["prediction_type"] = "v_prediction"
+        inferred["prediction_type"] = f"v_prediction (the file's {V_PRED!r} key)"
+    if ZTSNR in state_dict and not scheduler.get("rescale_betas_zero_snr"):
+        scheduler["rescale_betas_zero_snr"] = True  # zero terminal SNR (Lin et al. 2024, 3.1)
+        inferred["rescale_betas_zero_snr"] = f"True (the file's {ZTSNR!r} key)"
+
+
 def _override(configs: dict, inferred: dict, config, prediction_type: str | None) -> dict:
     """What the user gave replaces the file's configs and the guesses about that part."""
     given = read_config_override(config)
@@ -138,6 +154,9 @@ def load_single_file(
     source = str(path)
     state_dict = load_state_dict(path, check_finite=False)  # load_weights checks each part
     family = families.from_keys(state_dict, source).name
+    for key, label in EDM_MARKERS.items():
+        if key in state_dict:
+            raise CheckpointError(f"{source}: {label} SDXL files are not supported yet")
     unet_sd = _sub(state_dict, UNET)
     vae_sd = {k: v for k, v in _sub(state_dict, VAE).items() if not k.startswith("loss.")}
     texts = {}
@@ -154,6 +173,8 @@ def load_single_file(
         kind = normalize_prediction_type(meta["ldm.prediction_type"])
         configs["scheduler"]["prediction_type"] = kind
         inferred["prediction_type"] = f"{kind} (file metadata)"
+    if "scheduler" not in stored:
+        _markers(state_dict, configs, inferred)
     inferred = _override(configs, inferred, config, prediction_type)
     check_guesses(configs["unet"], configs["vae"], [configs[p] for p in texts], source)
 
@@ -205,6 +226,10 @@ def to_original_state_dict(parts: ModelParts, family: str | None = None) -> dict
         else:
             positions = model.config.max_position_embeddings if sgm else 0
             out.update(clip_to_original(model.state_dict(), prefix, position_ids=positions))
+    if parts.prediction_type == "v_prediction":  # what ComfyUI reads it from (and writes)
+        out[V_PRED] = torch.tensor([])
+        if parts.scheduler_config.get("rescale_betas_zero_snr"):
+            out[ZTSNR] = torch.tensor([])
     return out
 
 
