@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm import accel
@@ -27,7 +27,6 @@ from ldm.dtypes import DTYPES
 from ldm.errors import LdmError
 from ldm.sampling.schedules import NoiseSchedule
 from ldm.train import checkpoint as ckpt
-from ldm.train.adamw import AdamW
 from ldm.train.conditioning import TrainingText
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.ema import EMA
@@ -42,40 +41,13 @@ from ldm.train.model import (
     set_trainable,
     stage_batches,
 )
+from ldm.train.optim import lr_at, make_optimizer
 from ldm.train.runlog import RunLog
 
 
 def step_generator(seed: int, stage: int, step: int, rank: int) -> torch.Generator:
     """The one source of randomness for a training step (tuple hashes of ints are stable)."""
     return torch.Generator().manual_seed(hash((seed, stage, step, rank)) & (2**63 - 1))
-
-
-def lr_at(step: int, stage: StageConfig) -> float:
-    """Linear warm-up, then constant / cosine / linear decay to min_lr_ratio."""
-    o = stage.optim
-    if o.warmup_steps and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, stage.steps - o.warmup_steps)
-    if o.schedule == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    elif o.schedule == "linear":
-        factor = 1 - min(progress, 1.0)
-    else:
-        return o.lr
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * factor)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], stage: StageConfig) -> torch.optim.Optimizer:
-    o = stage.optim
-    kwargs = dict(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-    if o.use_8bit:
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(params, **kwargs)
-        except ImportError:
-            pass  # documented fallback: plain AdamW when bitsandbytes is not installed
-    return AdamW(params, **kwargs)  # torch's, fused (ldm/train/adamw.py)
 
 
 def attention_kernels(device: torch.device, mixed_precision: str):
@@ -136,7 +108,7 @@ def train(
 ) -> Path:
     """Run every stage of ``cfg``; return the exported model folder."""
     # --- run folder, accelerator, model (and the checkpoint to continue from) ----------------
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg)
     run, start, resumed = start_run(cfg, accelerator, resume)
 
     # --- stages ------------------------------------------------------------------------------
@@ -166,6 +138,19 @@ def train(
     accelerator.wait_for_everyone()
     run.log.close()
     return final
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """accelerate's Accelerator for the run's mixed precision; DDP is told that parameters may
+    get no gradient when a text encoder trains (SDXL reads CLIP-L's penultimate layer, so its
+    last layer never takes part in the loss)."""
+    trains_text = any(
+        any(n.startswith("text_encoder") for n in s.train)
+        or (s.method == "lora" and s.lora.text_encoder)
+        for s in cfg.stages
+    )
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if trains_text else []
+    return Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=handlers)
 
 
 def start_run(cfg: TrainConfig, accelerator, resume: bool) -> tuple[Run, dict, tuple | None]:
