@@ -9,6 +9,7 @@ merged weights must agree. Independent kohya-named files are built here from koh
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import pytest
@@ -56,22 +57,15 @@ def _text_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
     return model.get_submodule(("text_model." if hasattr(model, "text_model") else "") + path)
 
 
-class _Log(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _diffusers_merged(folder, lora_file) -> dict[str, dict[str, torch.Tensor]]:
     """diffusers loads ``lora_file`` (warning about nothing) and fuses it: its state dicts."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    log = _Log()
+    records: list[logging.LogRecord] = []
+    log = logging.Handler(logging.WARNING)
+    log.emit = records.append
     diffusers_logging.get_logger("diffusers").addHandler(log)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -79,7 +73,8 @@ def _diffusers_merged(folder, lora_file) -> dict[str, dict[str, torch.Tensor]]:
             pipe.load_lora_weights(str(lora_file))
     finally:
         diffusers_logging.get_logger("diffusers").removeHandler(log)
-    noise = [m for m in log.messages + [str(w.message) for w in caught] if "lora" in m.lower()]
+    said = [r.getMessage() for r in records] + [str(w.message) for w in caught]
+    noise = [m for m in said if "lora" in m.lower()]
     assert not noise, noise  # e.g. "unexpected keys", "keys have not been correctly renamed"
     pipe.fuse_lora(components=list(PARTS), lora_scale=1.0)
     pipe.unload_lora_weights()
@@ -196,14 +191,7 @@ def _diffusers_module(stem: str, unet_config) -> str:
     key = key.replace(".processor.", ".")  # diffusers' attention-processor spelling
     if key.startswith("unet."):
         return key + ".0" if key.endswith(".to_out") else key
-    for old, new in (
-        ("to_q", "q_proj"),
-        ("to_k", "k_proj"),
-        ("to_v", "v_proj"),
-        ("to_out", "out_proj"),
-    ):
-        key = key.replace(f"self_attn.{old}", f"self_attn.{new}")
-    return key
+    return re.sub(r"self_attn\.to_(q|k|v|out)$", r"self_attn.\1_proj", key)
 
 
 def _kohya_file(folder, path, seed: int = 3) -> dict[str, str]:
@@ -232,11 +220,8 @@ def _kohya_file(folder, path, seed: int = 3) -> dict[str, str]:
     for stem in stems:
         targets[stem] = _diffusers_module(stem, pipe.unet.config)
         part, _, name = targets[stem].partition(".")
-        module = getattr(pipe, part)
-        if part != "unet":
-            module = _text_module(module, name.removeprefix("text_model."))
-        else:
-            module = module.get_submodule(name)
+        model, name = getattr(pipe, part), name.removeprefix("text_model.")
+        module = model.get_submodule(name) if part == "unet" else _text_module(model, name)
         down, up = _pair(module.weight, gen)
         state |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
                   f"{stem}.alpha": torch.tensor(3.0)}  # fmt: skip
