@@ -48,7 +48,9 @@ def test_loopback_by_default_and_listen_needs_credentials(capsys):
     for host in ("0.0.0.0", "192.168.1.5"):
         with pytest.raises(LdmError, match="--api-auth"):
             ServeConfig(host=host).check()
-        ServeConfig(host=host, token="t").check()
+        ServeConfig(host=host, token="t0123456").check()
+        with pytest.raises(LdmError, match="--api-token"):
+            ServeConfig(host=host, token="a b;c=d").check()
         ServeConfig(host=host, auth=("u", "p")).check()
     assert main(["serve", "--listen"]) == 2  # refused before any model loads
     err = capsys.readouterr().err.strip()
@@ -56,7 +58,7 @@ def test_loopback_by_default_and_listen_needs_credentials(capsys):
 
 
 def test_credentials_on_every_route_websocket_and_page(make):
-    with make(auth=("user", "secret"), token="tok") as client:
+    with make(auth=("user", "secret"), token="tok-12345") as client:
         for path in ("/", "/sdapi/v1/samplers", "/queue", "/object_info", "/api/queue",
                      "/history/x", "/view?filename=x", "/v1/models", "/static/app.js"):  # fmt: skip
             r = client.get(path)
@@ -65,15 +67,29 @@ def test_credentials_on_every_route_websocket_and_page(make):
         assert client.post("/sdapi/v1/txt2img", json=SMALL).status_code == 401
         ok = client.get("/sdapi/v1/samplers", headers=_basic("user", "secret"))
         assert ok.status_code == 200
-        bearer = {"Authorization": "Bearer tok"}
+        bearer = {"Authorization": "Bearer tok-12345"}
         assert client.post("/sdapi/v1/txt2img", json=SMALL, headers=bearer).status_code == 200
         with pytest.raises(WebSocketDisconnect):
             with client.websocket_connect("/ws") as ws:
                 ws.receive_json()
-        with client.websocket_connect("/ws?clientId=a&token=tok") as ws:
+        with client.websocket_connect("/ws?clientId=a&token=tok-12345") as ws:
             assert ws.receive_json()["type"] == "status"
         with client.websocket_connect("/ws", headers=_basic("user", "secret")) as ws:
             assert ws.receive_json()["type"] == "status"
+
+
+def test_a_token_in_the_page_address_becomes_a_strict_cookie(make):
+    with make(token="tok-12345") as client:
+        assert client.get("/sdapi/v1/samplers?token=tok-12345").status_code == 401  # page only
+        assert client.get("/static/app.js").status_code == 401
+        page = client.get("/?token=tok-12345")
+        assert page.status_code == 200
+        cookie = page.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert client.get("/static/app.js").status_code in (200, 404)  # the cookie now counts
+        assert client.get("/sdapi/v1/samplers").status_code == 200
+        client.cookies.clear()
+        assert client.get("/sdapi/v1/samplers").status_code == 401
 
 
 def test_foreign_or_null_origin_is_refused_unless_allowed(make):

@@ -7,6 +7,7 @@ request body is parsed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,8 @@ class ServeConfig:
         if self.host not in LOCAL_HOSTS and self.auth is None and self.token is None:
             raise LdmError(f"--host {self.host} / --listen serves other machines: it needs "
                            "--api-auth user:pass or --api-token TOKEN")  # fmt: skip
+        if self.token is not None and not re.fullmatch(r"[A-Za-z0-9._~+/=-]{8,}", self.token):
+            raise LdmError("--api-token must be at least 8 characters of A-Z a-z 0-9 . _ ~ + / = -")
         if self.queue_size < 1:
             raise LdmError(f"--queue-size must be >= 1, got {self.queue_size}")
 

@@ -1,7 +1,8 @@
 """One ASGI guard in front of every route, the websocket and the page included.
 
 In order: credentials (HTTP Basic ``--api-auth`` or ``Authorization: Bearer`` ``--api-token``;
-the websocket may also pass ``?token=``), the Origin rule (a state-changing request or a
+the page ``/`` and the websocket may pass ``?token=``, which the page keeps in a SameSite=Strict
+cookie for its own files), the Origin rule (a state-changing request or a
 websocket from a page of another origin, or ``Origin: null``, is refused unless
 ``--cors-allow-origins`` lists it: the CSRF defence, since browsers send simple cross-site POSTs
 without asking), the body-size limit (read before the app parses anything), and
@@ -18,6 +19,7 @@ from urllib.parse import parse_qs
 from ldm.serve.config import ServeConfig
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+COOKIE = "ldm_token"
 
 
 class Guard:
@@ -34,6 +36,8 @@ class Guard:
         if not self._authorized(scope, headers):
             return await _refuse(send, websocket, 401, "missing or wrong credentials",
                                  {"www-authenticate": 'Basic realm="ldm"'})  # fmt: skip
+        if self.config.token is not None and _query_token(scope) == self.config.token:
+            send = _with_cookie(send, self.config.token)  # the page's own files need it next
         origin = headers.get("origin")
         changes = websocket or scope["method"] not in SAFE_METHODS
         if changes and origin is not None and not self._origin_ok(origin, scope, headers):
@@ -57,10 +61,13 @@ class Guard:
         if token is not None:
             if scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), token):
                 return True
-            if scope["type"] == "websocket":  # browsers cannot set headers on a websocket
-                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-                if any(hmac.compare_digest(t, token) for t in query.get("token", [])):
-                    return True
+            # a browser cannot set headers on a navigation or a websocket: the page takes
+            # ?token= once and keeps it in a SameSite=Strict cookie for its own files
+            page = scope["type"] == "websocket" or scope["path"] == "/"
+            if page and hmac.compare_digest(_query_token(scope) or "", token):
+                return True
+            if hmac.compare_digest(_cookies(headers).get(COOKIE, ""), token):
+                return True
         if auth is not None and scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(value.strip()).decode().partition(":")
@@ -78,6 +85,33 @@ class Guard:
         scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
         host = headers.get("host", "")
         return origin.rstrip("/") in (f"{scheme}://{host}", f"{_other(scheme)}://{host}")
+
+
+def _query_token(scope) -> str | None:
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return (query.get("token") or [None])[0]
+
+
+def _cookies(headers: dict) -> dict:
+    from http.cookies import CookieError, SimpleCookie
+
+    jar = SimpleCookie()
+    try:
+        jar.load(headers.get("cookie", ""))
+    except CookieError:
+        return {}
+    return {k: m.value for k, m in jar.items()}
+
+
+def _with_cookie(send, token: str):
+    cookie = f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/".encode("latin-1")
+
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = dict(message, headers=[*message.get("headers", []), (b"set-cookie", cookie)])
+        await send(message)
+
+    return wrapped
 
 
 def _other(scheme: str) -> str:
