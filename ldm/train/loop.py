@@ -1,10 +1,11 @@
 """The training loop: stages of (VAE | U-Net | text encoder) training, read top to bottom.
 
 ``train`` runs each stage (``prepare_stage``) step by step (``train_step``, ``after_step``); the
-diffusion loss is the Denoiser's (``ldm.denoiser.Denoiser.loss``), weighted by ``train.loss``.
-Randomness is a pure function of (seed, stage, step, rank): each step makes its own generator,
-so resuming from a checkpoint needs only weights, optimizer, EMA and the step counter to continue
-exactly as an uninterrupted run would.
+diffusion loss is the Denoiser's (``ldm.denoiser.Denoiser.loss``), weighted by ``train.loss``,
+on the Cond that ``ldm.train.conditioning`` builds (text, dropout, SDXL time ids). Randomness is
+a pure function of (seed, stage, step, rank): each step makes its own generator (LoRA's initial
+weights come from the seed too), so resuming from a checkpoint needs only weights, optimizer,
+EMA and the step counter to continue exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
