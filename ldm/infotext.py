@@ -177,6 +177,8 @@ def format_infotext(params: dict) -> str:
         value = params.get(key)
         if value is None or (key == "clip_skip" and int(value) <= 1):
             continue  # A1111 leaves out Clip skip 1, its default
+        if key == "guidance_rescale" and float(value) == 0:
+            continue  # off: A1111 has no such key then
         if key == "eta":
             spec = SPEC[params["sampler"]]
             if spec.eta is None or float(value) == spec.eta:

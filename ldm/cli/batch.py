@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
+from ldm.cli.txt2img import add_config_argument, load_model_flag
 from ldm.errors import LdmError
 
 # flag dest -> job parameter (the flags are defaults; a prompt file line overrides them)
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-invalid", action="store_true", help="skip invalid lines, say so, go on")
     g = p.add_argument_group("model and device")
     g.add_argument("--model", help="diffusers folder or .safetensors/.ckpt (default: demo model)")
+    add_config_argument(g)
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's accelerator)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 cuda, fp32 cpu")
     g.add_argument("--clip-skip", type=int, help="use the output of the n-th last CLIP layer (1)")
@@ -103,10 +105,8 @@ def run(args: argparse.Namespace) -> int:
         _on_main(state, main, lambda: _refuse_if_busy(Path(args.outdir)))
 
     # 2. the model, then every job validated before the first image
-    from ldm.pipeline import load_pipeline
-
     device = args.device or (state.device if state is not None else None)
-    pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+    pipe = load_model_flag(args.model, device, args.dtype, args.config)
     _family_defaults(defaults, pipe.sampling_defaults)
     apply_accel(pipe, args)
     if args.vae_tiling:

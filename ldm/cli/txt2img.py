@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--from-png", metavar="IMAGE", help="re-render a PNG from its embedded record")
     g = p.add_argument_group("model and device")
     g.add_argument("--model", help="diffusers folder or .safetensors/.ckpt (default: demo model)")
+    add_config_argument(g)
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 cuda, fp32 cpu")
     g.add_argument("--clip-skip", type=int, help="use the output of the n-th last CLIP layer (1)")
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ldm.pipeline import load_pipeline
 
-    pipe = load_pipeline(settings["model"], device=args.device, dtype=args.dtype)
+    pipe = load_model_flag(settings["model"], args.device, args.dtype, args.config)
     refiner = None
     if settings["refiner"]:
         refiner = load_pipeline(settings["refiner"], device=args.device, dtype=args.dtype)
@@ -153,6 +154,33 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def add_config_argument(g) -> None:
+    g.add_argument(
+        "--config",
+        metavar="FOLDER_OR_YAML",
+        help="a single file's model config (a diffusers folder or an original YAML), for files "
+        "whose shape ldm cannot infer; files ldm wrote carry theirs",
+    )
+
+
+def load_model_flag(model, device, dtype, config):
+    """``load_pipeline``, with ``--config`` for a single file (ldm.loading.load_model)."""
+    from ldm.pipeline import load_pipeline
+
+    if config is None:
+        return load_pipeline(model, device=device, dtype=dtype)
+    from ldm.loading import load_model, resolve_device, resolve_dtype
+    from ldm.pipeline import Pipeline
+
+    if model is None:
+        raise LdmError("--config needs --model (a single file)")
+    if not Path(config).exists():
+        raise LdmError(f"--config {config}: no such file or folder")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    return Pipeline(load_model(model, device, torch_dtype, config=config), device, torch_dtype)
 
 
 def _settings(args: argparse.Namespace) -> dict:
