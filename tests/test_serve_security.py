@@ -115,6 +115,9 @@ def test_foreign_or_null_origin_is_refused_unless_allowed(make):
         assert r.headers["access-control-allow-origin"] == "http://ok.example"
         r = client.post("/sdapi/v1/interrupt", headers={"Origin": "http://evil.example"})
         assert r.status_code == 403
+    with make(cors_origins=["*"]) as client:
+        r = client.post("/sdapi/v1/interrupt", headers={"Origin": "http://any.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"]
 
 
 def _png_b64(w: int, h: int) -> str:
