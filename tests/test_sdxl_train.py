@@ -123,6 +123,30 @@ def test_training_cond_equals_diffusers_and_dropout_zeroes_both_encoders(tiny_sd
         torch.testing.assert_close(cond.time_ids[row], ids[0])
 
 
+def test_trained_encoders_are_called_through_their_accelerate_wrappers(tiny_sdxl):
+    """Under DDP only the prepared wrapper's forward syncs gradients: the Cond must call it."""
+    from ldm.loading import load_model
+    from ldm.train.conditioning import TrainingText
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    parts = load_model(tiny_sdxl, device="cpu", dtype=torch.float32)
+    parts.text_encoder_2.requires_grad_(True)  # as set_trainable leaves a trained part
+    wrapper = Wrapper(parts.text_encoder_2)
+    trained = {"text_encoder_2": parts.text_encoder_2}
+    text = TrainingText(parts, trained=trained, wrapped={"text_encoder_2": wrapper})
+    sizes = [((32, 32), (0, 0), (32, 32))]
+    cond = text(["a red disc"], [False], sizes, torch.device("cpu"))
+    assert wrapper.calls == 1 and cond.pooled.requires_grad
+
+
 def test_refiner_dropout_encodes_the_empty_prompt_and_ids_carry_the_score(
     tiny_sdxl_refiner, data, tmp_path
 ):
