@@ -319,10 +319,13 @@ def test_unmatched_sdxl_keys_are_reported_and_comfyui_names_apply(tiny_sdxl, tmp
     q = _text_module(parts.text_encoder, "encoder.layers.0.self_attn.q_proj")  # 32 -> 32
     fc2 = _text_module(parts.text_encoder_2, "encoder.layers.1.mlp.fc2")  # 64 -> 32
     before = [m.weight.clone() for m in (proj_in, q, fc2)]
+    out = parts.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0")
+    before.append(out.weight.clone())
     good = {
         "diffusion_model.input_blocks.3.1.proj_in": proj_in,  # ComfyUI's own LoRA names
         "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj": q,
         "text_encoders.clip_g.transformer.text_model.encoder.layers.1.mlp.fc2": fc2,
+        "lycoris_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_out_0": out,
     }
     state, pairs = {}, []
     for stem, module in good.items():
@@ -348,6 +351,7 @@ def test_unmatched_sdxl_keys_are_reported_and_comfyui_names_apply(tiny_sdxl, tmp
         "text_encoder.encoder.layers.0.self_attn.q_proj",
         "text_encoder_2.encoder.layers.1.mlp.fc2",
         "unet.down_blocks.1.attentions.0.proj_in",
+        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0",
     ]
     assert sorted(report.unmatched) == sorted(
         ["lora_unet_input_blocks_3_1_proj_in.dora_scale"]
@@ -358,7 +362,18 @@ def test_unmatched_sdxl_keys_are_reported_and_comfyui_names_apply(tiny_sdxl, tmp
     for (module, down, up), old in zip(pairs, before):
         expected = old + 0.8 * (1.0 / RANK) * (up @ down)
         torch.testing.assert_close(module.weight, expected, rtol=1e-6, atol=1e-6)
-    assert load_lora(path).format == "comfyui"
+    # diffusers' older attention-processor spelling, CLIP included
+    unet_stem = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora"
+    clip_stem = "text_encoder_2.text_model.encoder.layers.2.self_attn.to_v_lora"
+    old = {f"{unet_stem}.down.weight": ghost[0], f"{unet_stem}.up.weight": ghost[1]}
+    old |= {f"{clip_stem}.down.weight": ghost[0][:, :32], f"{clip_stem}.up.weight": ghost[1][:32]}
+    save_state_dict(old, tmp_path / "old.safetensors")
+    report = apply_lora(load_folder(tiny_sdxl), tmp_path / "old.safetensors")
+    assert report.warning() is None
+    assert sorted(m.replace("text_model.", "") for m in report.matched) == [
+        "text_encoder_2.encoder.layers.2.self_attn.v_proj",
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    ]
     with pytest.raises(LdmError, match="not converted"):
         convert_lora(parts, path, tmp_path / "out.safetensors", "kohya")
     assert not (tmp_path / "out.safetensors").exists()

@@ -15,6 +15,7 @@ the table the single-file loader uses, so LoRA and checkpoint names cannot drift
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 
@@ -32,6 +33,7 @@ PREFIXES = (
     ("lora_te1_", "text_encoder", "kohya"),  # SDXL: CLIP ViT-L
     ("lora_te2_", "text_encoder_2", "kohya"),  # SDXL: OpenCLIP bigG
     ("lora_te_", "text_encoder", "kohya"),  # SD 1.x/2.x
+    ("lycoris_", "unet", "kohya"),  # SimpleTuner's LyCORIS: diffusers paths, underscored
     ("unet.", "unet", "diffusers"),
     ("text_encoder.", "text_encoder", "diffusers"),
     ("text_encoder_2.", "text_encoder_2", "diffusers"),
@@ -71,10 +73,12 @@ def flat(name: str) -> str:
     """A module name in any layout -> underscore space (peft wrappers, processors, text_model off).
 
     diffusers' attention-processor spelling names ``attn1.processor.to_out_lora`` for the module
-    ``attn1.to_out.0``; PEFT wraps a module as ``<path>.base_layer``.
+    ``attn1.to_out.0`` (and ``self_attn.to_q_lora`` for CLIP's ``q_proj``); PEFT wraps a module
+    as ``<path>.base_layer``.
     """
     name = name.replace(".base_layer", "").replace(".", "_").removeprefix("text_model_")
     name = name.replace("_processor_to_", "_to_")
+    name = re.sub(r"self_attn_to_(q|k|v|out)$", r"self_attn_\1_proj", name)  # CLIP, same era
     return name + "_0" if name.endswith("_to_out") else name
 
 
