@@ -113,13 +113,13 @@ def _configs(family: str, unet: dict, vae: dict, texts: dict, stored: dict, sour
     return configs, inferred
 
 
-def _markers(state_dict: dict, configs: dict, inferred: dict) -> None:
+def _markers(keys: set, configs: dict, inferred: dict) -> None:
     """ComfyUI's ``v_pred`` / ``ztsnr`` keys say what the family default cannot."""
     scheduler = configs["scheduler"]
-    if V_PRED in state_dict:
+    if V_PRED in keys:
         scheduler["prediction_type"] = "v_prediction"
         inferred["prediction_type"] = f"v_prediction (the file's {V_PRED!r} key)"
-    if ZTSNR in state_dict and not scheduler.get("rescale_betas_zero_snr"):
+    if ZTSNR in keys and not scheduler.get("rescale_betas_zero_snr"):
         scheduler["rescale_betas_zero_snr"] = True  # zero terminal SNR (Lin et al. 2024, 3.1)
         inferred["rescale_betas_zero_snr"] = f"True (the file's {ZTSNR!r} key)"
 
@@ -152,7 +152,8 @@ def load_single_file(
     """Load an original SD 1.x / 2.x / SDXL (base or refiner) single file into ldm's modules."""
     path, dtype = Path(path), to_dtype(dtype, "dtype")
     source = str(path)
-    state_dict = load_state_dict(path, check_finite=False)  # load_weights checks each part
+    # cast as read (never a second copy in the file's dtype); load_weights checks each part
+    state_dict = load_state_dict(path, check_finite=False, dtype=dtype)
     family = families.from_keys(state_dict, source).name
     for key, label in EDM_MARKERS.items():
         if key in state_dict:
@@ -165,6 +166,8 @@ def load_single_file(
             texts[spec.subfolder] = _read_text(state_dict, spec.kind, prefix, arch)
     except KeyError as e:
         raise CheckpointError(f"{source}: incomplete {family} checkpoint (no {e})") from None
+    markers = {k for k in (V_PRED, ZTSNR) if k in state_dict}
+    del state_dict  # the parts' dicts hold what is used; each tensor goes once its module has it
     is_safetensors = path.suffix == ".safetensors"
     meta = read_safetensors_header(path).get("__metadata__", {}) if is_safetensors else {}
     stored = read_config_metadata(meta)
@@ -174,15 +177,17 @@ def load_single_file(
         configs["scheduler"]["prediction_type"] = kind
         inferred["prediction_type"] = f"{kind} (file metadata)"
     if "scheduler" not in stored:
-        _markers(state_dict, configs, inferred)
+        _markers(markers, configs, inferred)
     inferred = _override(configs, inferred, config, prediction_type)
     check_guesses(configs["unet"], configs["vae"], [configs[p] for p in texts], source)
 
     unet = build_network(configs["unet"], f"{source} (unet)", family=family, empty=True)
     unet_state = remap(unet_sd, unet_pairs(configs["unet"]), False, source)
+    del unet_sd
     load_weights(unet, unet_state, f"{source} (unet)", device, dtype)
     vae = build_vae(configs["vae"], f"{source} (vae)", empty=True)
     vae_state = remap(vae_attn_shapes(vae_sd, False), vae_pairs(configs["vae"]), False, source)
+    del vae_sd
     load_weights(vae, vae_state, f"{source} (vae)", device, dtype)
     text = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
     tokenizers = {}
@@ -191,7 +196,7 @@ def load_single_file(
         length = text_config["max_position_embeddings"]
         arch = text_config.get("architectures", [arch])[0]
         model = build_text_encoder(text_config, arch, empty=True)
-        weights = fit_clip_keys(texts[spec.subfolder][0], model)
+        weights = fit_clip_keys(texts.pop(spec.subfolder)[0], model)
         load_weights(model, weights, f"{source} ({spec.subfolder})", device, dtype)
         text[spec.subfolder] = model
         # one BPE build per file: SDXL's second tokenizer is a copy (with its own pad token)
