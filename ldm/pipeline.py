@@ -45,7 +45,7 @@ from ldm.sampling.schedules import (
     part_of_schedule,
     timestep_interp,
 )
-from ldm.sampling.watch import Progress, StepCallback, nan_guard
+from ldm.sampling.watch import PreviewCallback, Progress, StepCallback, nan_guard
 from ldm.text.encoders import TextEncoder, text_encoder_for
 from ldm.text.micro import MicroConditioning, with_time_ids, zero_empty
 from ldm.text.prompts import encode_cond_uncond, encode_prompts
@@ -189,13 +189,15 @@ class Pipeline:
         seeds: list[int],
         *,
         callback: StepCallback | None = None,
+        preview: PreviewCallback | None = None,
         encode: EncodeText | None = None,
         **settings,
     ) -> list[Generated]:
         """Generate one image per (prompt, seed); image i draws all its noise from seed i.
 
         ``settings`` are :meth:`prepare`'s (steps, sampler, guidance_scale, ...); ``encode``
-        replaces :meth:`encode_text` (same signature), e.g. by a cache of encodings.
+        replaces :meth:`encode_text` (same signature), e.g. by a cache of encodings; ``preview``
+        sees each step's denoised latents (decode them with :meth:`decode` for a live view).
         """
         request = self.prepare(prompts, seeds, **settings)
         self.accelerate()
@@ -203,7 +205,7 @@ class Pipeline:
             request.prompts, request.negatives, request.clip_skip, request.guidance_scale > 1.0
         )
         cond, uncond = self.condition(request, cond, uncond)
-        latents = self.denoise(request, cond, uncond, callback)
+        latents = self.denoise(request, cond, uncond, callback, preview=preview)
         images, retried = self.decode(latents)
         return [
             Generated(image, self._record(request, i, retried[i])) for i, image in enumerate(images)
@@ -297,6 +299,7 @@ class Pipeline:
         uncond,
         callback: StepCallback | None = None,
         *,
+        preview: PreviewCallback | None = None,
         generators: list[torch.Generator] | None = None,  # None: one per seed, fresh
         start_latents: torch.Tensor | None = None,  # (B, C, h, w) at the first sigma (hand-off)
     ):
@@ -348,7 +351,7 @@ class Pipeline:
         )  # fmt: skip
         if keep is not None:
             denoise = blend_known(denoise, init_latents, keep)
-        progress = Progress(len(sigmas) - 1, callback)
+        progress = Progress(len(sigmas) - 1, callback, preview)
         denoise = nan_guard(denoise, progress, self.dtype)
 
         # 3d. sample (later noise for image i comes from generator i too)

@@ -457,11 +457,6 @@ def test_page_sends_a_token_as_bearer(browser, server):
     t.close()
 
 
-@pytest.mark.xfail(
-    reason="the server refuses the page itself without an Authorization header: a browser cannot "
-    "send a Bearer token on navigation (needs ?token= on GET / and a cookie for static/)",
-    strict=False,
-)
 def test_page_with_a_token(browser, server):
     """/?token=T: the page keeps the token for the tab and sends it as a Bearer header."""
     t = Page(browser, server.url, query=f"?token={TOKEN}")

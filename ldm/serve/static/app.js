@@ -24,7 +24,10 @@ function readToken() {
   const m = /(?:^|[?#&])token=([^&#]+)/.exec(location.search + location.hash);
   if (m) {
     sessionStorage.setItem("ldm-token", decodeURIComponent(m[1]));
-    history.replaceState(null, "", location.pathname + location.search); // keep it off screen
+    const query = new URLSearchParams(location.search);
+    query.delete("token");
+    const rest = query.toString();
+    history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : "")); // off screen
   }
   state.token = sessionStorage.getItem("ldm-token");
 }
