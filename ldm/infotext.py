@@ -10,7 +10,8 @@ Format (AUTOMATIC1111 stable-diffusion-webui, ``modules/processing.py`` writes i
 The last line is ``Key: value`` pairs separated by ", "; a value containing ``,`` ``:`` or a newline
 is written as a JSON string. A1111 omits ``Clip skip`` when it is 1 and ``RNG`` when it is "GPU".
 Names come from the sampler table (``ldm.sampling.samplers``), meaning included: A1111 >= 1.9 reads
-"Schedule type: Automatic" as the sampler's own default (Karras for DPM++ 2M).
+"Schedule type: Automatic" as the sampler's own schedule (Karras for DPM++ 2M), and so does ldm;
+ldm writes it only where A1111 renders ldm's schedule by it (docs/infotext.md has the table).
 
 Our params dict uses ldm's names: prompt, negative_prompt, steps, sampler, schedule (ldm sampler and
 schedule names), guidance_scale, seed, width, height, model_hash, model, denoising_strength, eta,
