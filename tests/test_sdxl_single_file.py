@@ -156,10 +156,14 @@ def test_config_metadata_round_trip(xl, tmp_path):
             assert type(ours) is type(ref)
     flags = {k: v for k, v in back.model_index.items() if k != "scheduler"}
     assert flags == {k: parts.model_index[k] for k in flags} and flags  # SDXL pipeline flags
-    meta = dict(read_safetensors_header(path)["__metadata__"], **{"ldm.config": "{not json"})
-    for broken in ({}, meta):  # no metadata, unreadable metadata: inferred from the keys
+    meta = read_safetensors_header(path)["__metadata__"]
+    unreadable, other_family = (
+        dict(meta, **{"ldm.config": "{x"}),
+        dict(meta, **{"ldm.family": "sd1"}),
+    )
+    for broken in ({}, unreadable, other_family):  # metadata absent or not for these weights:
         save_state_dict(load_state_dict(path), tmp_path / "x.safetensors", broken or None)
-        with pytest.raises(ConfigError, match="--config"):
+        with pytest.raises(ConfigError, match="--config"):  # inferred from the keys
             load_single_file(tmp_path / "x.safetensors")
         (tmp_path / "x.safetensors").unlink()
 

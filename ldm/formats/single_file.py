@@ -170,7 +170,9 @@ def load_single_file(
     del state_dict  # the parts' dicts hold what is used; each tensor goes once its module has it
     is_safetensors = path.suffix == ".safetensors"
     meta = read_safetensors_header(path).get("__metadata__", {}) if is_safetensors else {}
-    stored = read_config_metadata(meta)
+    # ldm's own record, trusted only for the family the keys show (a tool that rewrote the
+    # weights and kept the metadata would otherwise describe another model)
+    stored = read_config_metadata(meta) if meta.get("ldm.family") == family else {}
     configs, inferred = _configs(family, unet_sd, vae_sd, texts, stored, source)
     if "scheduler" not in stored and "ldm.prediction_type" in meta:  # older ldm exports
         kind = normalize_prediction_type(meta["ldm.prediction_type"])
