@@ -132,6 +132,17 @@ def test_4_diffusers_runs_an_fp16_export_without_dtype(exported):
     assert np.isfinite(image.images).all()
 
 
+def test_4_diffusers_runs_the_bundled_demo_model():
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.loading import DEFAULT_MODEL
+
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np")
+    assert np.isfinite(image.images).all()
+
+
 def test_9_tokenizer_config_and_steps_offset(exported, tiny_sd1, tmp_path):
     config = json.loads((exported / "tokenizer" / "tokenizer_config.json").read_text())
     assert "local_files_only" not in config and config["tokenizer_class"] == "CLIPTokenizer"

@@ -277,7 +277,9 @@ def save_diffusers_lora(
 
     ``text_encoder.`` / ``text_encoder_2.`` pairs keep transformers' ``text_model.`` level.
     alpha / rank is folded into lora_B, so the file means the same to every reader: diffusers with
-    or without adapter metadata, ComfyUI, and ``apply_lora`` all use alpha = rank.
+    or without adapter metadata and ``apply_lora`` use alpha = rank. ComfyUI skips this layout's
+    U-Net attention pairs (it maps only the ``processor.`` spelling): ComfyUI and A1111 users take
+    the kohya file ldm writes beside it (docs/lora.md).
     """
     state_dict, alphas = {}, {}
     for m in modules:

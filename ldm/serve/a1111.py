@@ -25,7 +25,7 @@ from ldm.serve import jobs
 from ldm.serve.worker import Job, JobResult, QueueFull
 
 # A1111 >= 1.9 scheduler names (modules/sd_schedulers.py) ldm has, "automatic" first
-SCHEDULERS = [("automatic", "Automatic"), ("uniform", "Uniform")] + [
+SCHEDULERS = [("automatic", "Automatic")] + [
     (label.lower().replace(" ", "_"), label) for key, label in SCHEDULE_TO_A1111.items()
     if key != "default"
 ]  # fmt: skip

@@ -16,7 +16,11 @@ from ldm.serve.worker import Job
 
 # ComfyUI scheduler -> ldm schedule: the same names, but ComfyUI calls the checkpoint's own
 # (uniform-in-timestep) spacing "normal"
-SCHEDULERS = {"normal": "default"} | {s: s for s in SIGMA_SCHEDULES if s != "default"}
+SCHEDULERS = {"normal": "default"} | {
+    s: s
+    for s in SIGMA_SCHEDULES
+    if s not in ("default", "uniform")  # ComfyUI has no uniform
+}
 SAMPLERS = [s.name for s in SPECS] + [a for s in SPECS for a in s.aliases if "_" in a]
 # class_type -> (required inputs: name -> type, outputs)
 NODES = {
