@@ -401,11 +401,21 @@ def test_single_file_gives_the_folders_image(folders, tmp_path):
 
 
 def test_incomplete_sdxl_file_is_one_line_error(folders, tmp_path):
-    original = to_original_state_dict(load_folder(folders["sdxl"]))
-    for drop in ("conditioner.embedders.0.transformer.", "model.diffusion_model.label_emb."):
+    folder = folders["sdxl"]
+    original = to_original_state_dict(load_folder(folder))
+    texts = {p: json.loads((folder / p / "config.json").read_text())
+             for p in ("text_encoder", "text_encoder_2")}  # fmt: skip
+    width = original["model.diffusion_model.label_emb.0.0.weight"].shape[1]
+    odd = {"model.diffusion_model.label_emb.0.0.weight": torch.zeros(64, width + 1)}
+    cases = [  # (weights, config, words): the U-Net is inferred where the config leaves it out
+        ({k: v for k, v in original.items() if not k.startswith(BASE_PREFIXES[0])}, folder, ""),
+        ({k: v for k, v in original.items() if "label_emb" not in k}, folder, "missing"),
+        ({**original, **odd}, texts, "6 time ids"),  # 40 pooled + 6 x 8: one too many
+    ]
+    for state_dict, config, words in cases:
         path = tmp_path / "broken.safetensors"
-        save_state_dict({k: v for k, v in original.items() if not k.startswith(drop)}, path)
+        save_state_dict(state_dict, path)
         with pytest.raises((CheckpointError, ConfigError)) as e:
-            load_single_file(path, config=folders["sdxl"])
-        assert "\n" not in str(e.value) and str(path) in str(e.value)
+            load_single_file(path, config=config)
+        assert "\n" not in str(e.value) and str(path) in str(e.value) and words in str(e.value)
         path.unlink()

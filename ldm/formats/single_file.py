@@ -53,6 +53,7 @@ from ldm.models.build import build_network, build_text_encoder, build_vae
 from ldm.models.parts import ModelParts
 from ldm.text.tokenizer import build_clip_tokenizer
 
+PARTS_ORDER = ["unet", "vae", "scheduler"]  # after the text encoders (the U-Net needs their widths)
 MODEL_INDEX_FLAGS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")  # SDXL's
 # empty marker tensors ComfyUI (and OneTrainer, kohya) put in v-prediction / zero-terminal-SNR
 # files (comfy supported_models SDXL.model_type): the only in-file word on the parametrisation
@@ -81,65 +82,68 @@ def _read_text(state_dict: dict, kind: str, prefix: str, arch: str) -> tuple[dic
     return text, n, ""
 
 
-def _configs(family: str, unet: dict, vae: dict, texts: dict, stored: dict, source: str):
-    """Every part's config: the file's own (``ldm.config``) where stored, else inferred."""
+def _hints(keys: set, meta: dict) -> dict:
+    """What a file says about its schedule outside ``ldm.config``: older ldm exports'
+    ``ldm.prediction_type`` metadata; ComfyUI's ``v_pred`` / ``ztsnr`` marker keys."""
+    hints = {}
+    if "ldm.prediction_type" in meta:
+        kind = normalize_prediction_type(meta["ldm.prediction_type"])
+        hints["prediction_type"] = (kind, "file metadata")
+    if V_PRED in keys:
+        hints["prediction_type"] = ("v_prediction", f"the file's {V_PRED!r} key")
+    if ZTSNR in keys:  # zero terminal SNR (Lin et al. 2024, sec. 3.1)
+        hints["rescale_betas_zero_snr"] = (True, f"the file's {ZTSNR!r} key")
+    return hints
+
+
+def _infer(part: str, family: str, weights: dict, configs: dict, hints: dict):
+    """One part's config as the keys (and the family registry) say, with notes on the guesses."""
+    if part == "unet":  # SDXL's added conditioning takes the last encoder's pooled output
+        pooled = configs[text_towers(family)[-1][0].subfolder].get("projection_dim")
+        return infer_unet_config(weights["unet"], family, pooled)
+    if part == "vae":
+        return infer_vae_config(weights["vae"], family), {}
+    if part == "scheduler":
+        scheduler = dict(families.get(family).single_file["scheduler"])
+        notes = {"prediction_type": f"{scheduler['prediction_type']} ({family} default)"}
+        for key, (value, why) in hints.items():
+            scheduler[key] = value
+            notes[key] = f"{value} ({why})"
+        return scheduler, notes
+    text, n, note = weights[part]
+    kind = next(spec.kind for spec, _, _ in text_towers(family) if spec.subfolder == part)
+    notes = {f"{part}.num_attention_heads": "one head per 64 channels (CLIP)"}
+    notes.update({f"{part}.num_hidden_layers": note} if note else {})
+    return infer_text_config(text, family, n, part, kind), notes
+
+
+def _configs(family: str, weights: dict, stored: dict, given: dict, hints: dict, source: str):
+    """Every part's config: the file's own (``ldm.config``) where stored, else inferred from the
+    keys; what the user gave goes on top (a complete given config needs no inference)."""
     inferred = {"family": f"{family} ({', '.join(p + '*' for _, p, _ in text_towers(family))})"}
     configs = {}
-    try:
-        for spec, _, _ in text_towers(family):
-            part = spec.subfolder
-            text, n, note = texts[part]
-            if part in stored:
-                configs[part] = stored[part]
-                continue
-            configs[part] = infer_text_config(text, family, n, part, spec.kind)
-            inferred[f"{part}.num_attention_heads"] = "one head per 64 channels (CLIP)"
-            if note:
-                inferred[f"{part}.num_hidden_layers"] = note
-        if "unet" in stored:
-            configs["unet"] = stored["unet"]
-        else:  # SDXL's added conditioning takes the last encoder's pooled (projected) output
-            last = text_towers(family)[-1][0].subfolder
-            pooled = configs[last].get("projection_dim")
-            configs["unet"], notes = infer_unet_config(unet, family, pooled)
-            inferred.update(notes)
-        configs["vae"] = stored.get("vae") or infer_vae_config(vae, family)
-    except (KeyError, StopIteration) as e:
-        raise CheckpointError(f"{source}: incomplete {family} checkpoint (no {e})") from None
-    scheduler = stored.get("scheduler") or dict(families.get(family).single_file["scheduler"])
-    where = "file metadata" if "scheduler" in stored else f"{family} default"
-    inferred["prediction_type"] = f"{scheduler['prediction_type']} ({where})"
-    configs["scheduler"] = scheduler
-    return configs, inferred
-
-
-def _markers(keys: set, configs: dict, inferred: dict) -> None:
-    """ComfyUI's ``v_pred`` / ``ztsnr`` keys say what the family default cannot."""
-    scheduler = configs["scheduler"]
-    if V_PRED in keys:
-        scheduler["prediction_type"] = "v_prediction"
-        inferred["prediction_type"] = f"v_prediction (the file's {V_PRED!r} key)"
-    if ZTSNR in keys and not scheduler.get("rescale_betas_zero_snr"):
-        scheduler["rescale_betas_zero_snr"] = True  # zero terminal SNR (Lin et al. 2024, 3.1)
-        inferred["rescale_betas_zero_snr"] = f"True (the file's {ZTSNR!r} key)"
-
-
-def _override(configs: dict, inferred: dict, config, prediction_type: str | None) -> dict:
-    """What the user gave replaces the file's configs and the guesses about that part."""
-    given = read_config_override(config)
-    for part, value in given.items():
-        if part not in configs:
-            raise ConfigError(f"config: this file has no {part}")
+    for part in [spec.subfolder for spec, _, _ in text_towers(family)] + PARTS_ORDER:
+        base, notes = stored.get(part), {}
+        if part == "scheduler" and base is not None:
+            notes = {"prediction_type": f"{base['prediction_type']} (file metadata)"}
+        if base is None:
+            try:
+                base, notes = _infer(part, family, weights, configs, hints)
+            except (KeyError, StopIteration, CheckpointError) as e:
+                if part not in given:  # a missing weight, or shapes no diffusers config has
+                    why = e if isinstance(e, CheckpointError) else f"incomplete (no {e})"
+                    raise CheckpointError(f"{source}: {family} {part}: {why}") from None
+                base = {}  # the user's config has to say it all
+        value = given.get(part, {})
         keep = {k: v for k, v in value.items() if part == "scheduler" or k[0] != "_"}
-        configs[part] = {**configs[part], **keep}  # a scheduler's _class_name counts
-        inferred = {k: v for k, v in inferred.items() if not k.startswith(f"{part}.")}
-        inferred[part] = f"from config {config if not isinstance(config, dict) else '(dict)'}"
-    if "prediction_type" in given.get("scheduler", {}):
-        inferred["prediction_type"] = f"{configs['scheduler']['prediction_type']} (from config)"
-    if prediction_type is not None:
-        configs["scheduler"]["prediction_type"] = normalize_prediction_type(prediction_type)
-        inferred["prediction_type"] = f"{configs['scheduler']['prediction_type']} (given)"
-    return inferred
+        configs[part] = {**base, **keep}  # a scheduler's _class_name counts
+        if part in given:  # what the user gave replaces the guesses about that part
+            notes = {k: v for k, v in notes.items() if k == "prediction_type"}
+            notes[part] = "from the given config"
+            if "prediction_type" in value:
+                notes["prediction_type"] = f"{value['prediction_type']} (from config)"
+        inferred.update(notes)
+    return configs, inferred
 
 
 def load_single_file(
@@ -173,22 +177,24 @@ def load_single_file(
     # ldm's own record, trusted only for the family the keys show (a tool that rewrote the
     # weights and kept the metadata would otherwise describe another model)
     stored = read_config_metadata(meta) if meta.get("ldm.family") == family else {}
-    configs, inferred = _configs(family, unet_sd, vae_sd, texts, stored, source)
-    if "scheduler" not in stored and "ldm.prediction_type" in meta:  # older ldm exports
-        kind = normalize_prediction_type(meta["ldm.prediction_type"])
-        configs["scheduler"]["prediction_type"] = kind
-        inferred["prediction_type"] = f"{kind} (file metadata)"
-    if "scheduler" not in stored:
-        _markers(markers, configs, inferred)
-    inferred = _override(configs, inferred, config, prediction_type)
-    check_guesses(configs["unet"], configs["vae"], [configs[p] for p in texts], source)
+    given = read_config_override(config)
+    weights = {"unet": unet_sd, "vae": vae_sd, **texts}
+    del unet_sd, vae_sd, texts
+    for part in set(given) - set(weights) - {"scheduler"}:
+        raise ConfigError(f"config: this file has no {part}")
+    configs, inferred = _configs(family, weights, stored, given, _hints(markers, meta), source)
+    if prediction_type is not None:
+        configs["scheduler"]["prediction_type"] = normalize_prediction_type(prediction_type)
+        inferred["prediction_type"] = f"{configs['scheduler']['prediction_type']} (given)"
+    text_parts = [spec.subfolder for spec, _, _ in text_towers(family)]
+    check_guesses(configs["unet"], configs["vae"], [configs[p] for p in text_parts], source)
 
     unet = build_network(configs["unet"], f"{source} (unet)", family=family, empty=True)
-    unet_state = remap(unet_sd, unet_pairs(configs["unet"]), False, source)
-    del unet_sd
+    unet_state = remap(weights.pop("unet"), unet_pairs(configs["unet"]), False, source)
     load_weights(unet, unet_state, f"{source} (unet)", device, dtype)
     vae = build_vae(configs["vae"], f"{source} (vae)", empty=True)
-    vae_state = remap(vae_attn_shapes(vae_sd, False), vae_pairs(configs["vae"]), False, source)
+    vae_sd = vae_attn_shapes(weights.pop("vae"), False)
+    vae_state = remap(vae_sd, vae_pairs(configs["vae"]), False, source)
     del vae_sd
     load_weights(vae, vae_state, f"{source} (vae)", device, dtype)
     text = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
@@ -198,8 +204,8 @@ def load_single_file(
         length = text_config["max_position_embeddings"]
         arch = text_config.get("architectures", [arch])[0]
         model = build_text_encoder(text_config, arch, empty=True)
-        weights = fit_clip_keys(texts.pop(spec.subfolder)[0], model)
-        load_weights(model, weights, f"{source} ({spec.subfolder})", device, dtype)
+        text_state = fit_clip_keys(weights.pop(spec.subfolder)[0], model)
+        load_weights(model, text_state, f"{source} ({spec.subfolder})", device, dtype)
         text[spec.subfolder] = model
         # one BPE build per file: SDXL's second tokenizer is a copy (with its own pad token)
         made = tokenizers.get(length)
