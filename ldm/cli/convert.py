@@ -38,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--config", metavar="PATH",
         help="diffusers folder or model .yaml whose configs describe a single-file SRC (or MODEL)",
     )  # fmt: skip
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="weights dtype (as loaded)")
+    p.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), help="dtype of the written weights (as read)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
