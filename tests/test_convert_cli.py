@@ -81,3 +81,30 @@ def test_lora_convert_errors_are_one_line(tiny_sdxl, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("ldm: error:") and words in err and "\n" not in err, err
     assert not dst.exists() and not (tmp_path / "f").exists()
+
+
+def test_convert_keeps_the_source_dtype(tiny_sdxl, tmp_path, capsys):
+    """An fp16 folder becomes an fp16 file and an fp16 folder again, tensor for tensor (fp32 in
+    between holds fp16 exactly); --dtype still chooses."""
+    from ldm.cli import main
+    from ldm.formats.diffusers_folder import save_folder
+    from ldm.formats.safe_load import read_safetensors_header
+
+    half = save_folder(load_folder(tiny_sdxl), tmp_path / "half", dtype="fp16")
+    single, back = tmp_path / "m.safetensors", tmp_path / "back"
+    assert main(["convert", str(half), str(single), "--to", "single-file"]) == 0
+    assert main(["convert", str(single), str(back), "--to", "diffusers"]) == 0
+    assert "fp16" in capsys.readouterr().out
+    header = read_safetensors_header(single)
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16", "I64"}
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for f in (half / part).glob("*.safetensors"):
+            ours, ref = load_state_dict(back / part / f.name), load_state_dict(f)
+            assert ours.keys() == ref.keys()
+            assert all(ours[k].dtype == torch.float16 and torch.equal(ours[k], ref[k]) for k in ref)
+    assert main(["convert", str(half), str(tmp_path / "f.safetensors"), "--to", "single-file",
+                 "--dtype", "fp32"]) == 0  # fmt: skip
+    assert (
+        load_state_dict(tmp_path / "f.safetensors")["first_stage_model.quant_conv.bias"].dtype
+        == torch.float32
+    )

@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="diffusers folder or model .yaml whose configs describe a single-file SRC (or MODEL)",
     )  # fmt: skip
     p.add_argument(
-        "--dtype", choices=("fp32", "fp16", "bf16"), help="dtype of the written weights (as read)"
-    )
+        "--dtype", choices=("fp32", "fp16", "bf16"),
+        help="dtype of the written weights (default: SRC's, when all its weights share one)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -64,12 +65,32 @@ def run(args: argparse.Namespace) -> int:
         raise LdmError("--model names the base model of a LoRA (--to lora-kohya/lora-diffusers)")
     parts = load_model(src, "cpu", torch.float32, args.config, args.prediction_type)
     _print_inferred(parts)
+    dtype = args.dtype or stored_dtype(src)  # fp16 in, fp16 out (fp32 holds it exactly between)
     if args.to == "diffusers":
-        save_folder(parts, dst, dtype=args.dtype, overwrite=args.overwrite)
+        save_folder(parts, dst, dtype=dtype, overwrite=args.overwrite)
     else:
-        save_single_file(parts, dst, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote {dst} ({args.to}, {parts.family.label}, prediction type {parts.prediction_type})")
+        save_single_file(parts, dst, dtype=dtype, overwrite=args.overwrite)
+    label = f"{args.to}, {parts.family.label}, {dtype or 'fp32'}"
+    print(f"wrote {dst} ({label}, prediction type {parts.prediction_type})")
     return 0
+
+
+def stored_dtype(path: Path) -> str | None:
+    """The one floating dtype of a safetensors file's (or folder's) weights; None if mixed,
+    unknown (pickles) or fp64."""
+    from ldm.formats.safe_load import read_safetensors_header
+
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return None
+    found = {
+        info["dtype"]
+        for f in files
+        for name, info in read_safetensors_header(f).items()
+        if name != "__metadata__" and info["dtype"] in ("F16", "BF16", "F32", "F64")
+    }
+    names = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}
+    return names.get(found.pop()) if len(found) == 1 else None
 
 
 def _print_inferred(parts) -> None:
@@ -92,6 +113,7 @@ def _convert_lora(args: argparse.Namespace, src: Path, dst: Path) -> int:
     parts = load_model(args.model, "cpu", torch.bfloat16, args.config, args.prediction_type)
     _print_inferred(parts)
     layout = args.to.removeprefix("lora-")
-    report = convert_lora(parts, src, dst, layout, to_dtype(args.dtype, "--dtype"))
+    dtype = to_dtype(args.dtype or stored_dtype(src), "--dtype")
+    report = convert_lora(parts, src, dst, layout, dtype)
     print(f"wrote {dst} ({layout} LoRA, {len(report.matched)} modules of {parts.family.label})")
     return 0
