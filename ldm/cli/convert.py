@@ -46,7 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from ldm.formats.diffusers_folder import save_folder
     from ldm.formats.single_file import save_single_file
@@ -63,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
         return _convert_lora(args, src, dst)
     if args.model is not None:
         raise LdmError("--model names the base model of a LoRA (--to lora-kohya/lora-diffusers)")
-    parts = load_model(src, "cpu", torch.float32, args.config, args.prediction_type)
+    stored = stored_dtype(src)
+    dtype = args.dtype or stored  # fp16 in, fp16 out
+    # nothing is computed: the stored dtype holds every weight exactly, in half the memory of fp32
+    load_as = stored if stored and dtype == stored else "fp32"
+    parts = load_model(src, "cpu", load_as, args.config, args.prediction_type)
     _print_inferred(parts)
-    dtype = args.dtype or stored_dtype(src)  # fp16 in, fp16 out (fp32 holds it exactly between)
     if args.to == "diffusers":
         save_folder(parts, dst, dtype=dtype, overwrite=args.overwrite)
     else:
@@ -99,7 +101,6 @@ def _print_inferred(parts) -> None:
 
 
 def _convert_lora(args: argparse.Namespace, src: Path, dst: Path) -> int:
-    import torch
 
     from ldm.dtypes import to_dtype
     from ldm.formats.lora import convert_lora
@@ -109,8 +110,9 @@ def _convert_lora(args: argparse.Namespace, src: Path, dst: Path) -> int:
         raise LdmError(f"--to {args.to}: pass --model, the base model the LoRA was made for")
     if not src.is_file():
         raise LdmError(f"{src}: --to {args.to} reads a LoRA file")
-    # only the model's module names and weight shapes matter here: bf16 halves the memory
-    parts = load_model(args.model, "cpu", torch.bfloat16, args.config, args.prediction_type)
+    # only the model's module names and weight shapes matter here: no fp32 copy
+    load_as = stored_dtype(Path(args.model)) or "bf16"
+    parts = load_model(args.model, "cpu", load_as, args.config, args.prediction_type)
     _print_inferred(parts)
     layout = args.to.removeprefix("lora-")
     dtype = to_dtype(args.dtype or stored_dtype(src), "--dtype")
