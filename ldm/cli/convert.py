@@ -46,7 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from ldm.formats.diffusers_folder import save_folder
     from ldm.formats.single_file import save_single_file
     from ldm.loading import load_model
@@ -101,7 +100,6 @@ def _print_inferred(parts) -> None:
 
 
 def _convert_lora(args: argparse.Namespace, src: Path, dst: Path) -> int:
-
     from ldm.dtypes import to_dtype
     from ldm.formats.lora import convert_lora
     from ldm.loading import load_model
