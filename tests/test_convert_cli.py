@@ -108,3 +108,18 @@ def test_convert_keeps_the_source_dtype(tiny_sdxl, tmp_path, capsys):
         load_state_dict(tmp_path / "f.safetensors")["first_stage_model.quant_conv.bias"].dtype
         == torch.float32
     )
+
+
+def test_stored_dtype_ignores_stray_scalars(tmp_path):
+    from ldm.cli.convert import stored_dtype
+
+    half = {"w": torch.zeros(1000, dtype=torch.float16), "ids": torch.arange(77)}
+    cases = [
+        ({**half, "logit_scale": torch.tensor(4.6)}, "fp16"),  # OpenCLIP's fp32 scalar
+        ({**half, "vae": torch.zeros(100)}, None),  # a real fp32 part: mixed, written as fp32
+        ({"w": torch.zeros(10, dtype=torch.bfloat16)}, "bf16"),
+    ]
+    for i, (state_dict, want) in enumerate(cases):
+        save_state_dict(state_dict, tmp_path / f"{i}.safetensors")
+        assert stored_dtype(tmp_path / f"{i}.safetensors") == want, i
+    assert stored_dtype(tmp_path) is None  # a folder of all three: mixed

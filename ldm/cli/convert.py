@@ -13,6 +13,7 @@ names (``lora_unet_``, ``lora_te1_``/``lora_te2_``) or diffusers/PEFT names (``u
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -77,21 +78,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def stored_dtype(path: Path) -> str | None:
-    """The one floating dtype of a safetensors file's (or folder's) weights; None if mixed,
-    unknown (pickles) or fp64."""
+    """The floating dtype of a safetensors file's (or folder's) weights: the one that holds 99 %
+    of their elements (stray scalars such as OpenCLIP's fp32 logit_scale do not count); None if
+    mixed, unknown (pickles) or fp64."""
     from ldm.formats.safe_load import read_safetensors_header
 
     files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
     if not files or any(f.suffix != ".safetensors" for f in files):
         return None
-    found = {
-        info["dtype"]
-        for f in files
-        for name, info in read_safetensors_header(f).items()
-        if name != "__metadata__" and info["dtype"] in ("F16", "BF16", "F32", "F64")
-    }
+    counts: dict[str, int] = {}
+    for f in files:
+        for name, info in read_safetensors_header(f).items():
+            if name != "__metadata__" and info["dtype"] in ("F16", "BF16", "F32", "F64"):
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + math.prod(info["shape"])
+    if not counts:
+        return None
+    top = max(counts, key=counts.get)
     names = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}
-    return names.get(found.pop()) if len(found) == 1 else None
+    return names.get(top) if counts[top] >= 0.99 * sum(counts.values()) else None
 
 
 def _print_inferred(parts) -> None:
