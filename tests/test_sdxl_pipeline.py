@@ -373,6 +373,12 @@ def test_nine_channel_inpainting_matches_diffusers(tmp_path, tiny_sdxl):
     )  # fmt: skip
     pipe = load_pipeline(str(folder), device="cpu", dtype="fp32", accel="off")
     assert pipe.parts.family.name == "sdxl" and pipe.is_inpainting_model
+    from ldm.formats.diffusers_folder import save_folder
+
+    saved = json.loads(
+        (save_folder(pipe.parts, tmp_path / "saved") / "model_index.json").read_text()
+    )
+    assert saved["_class_name"] == "StableDiffusionXLInpaintPipeline"  # as diffusers saves it
     (result,) = pipe(
         [PROMPT], [SEED], init_image=init, mask=mask, strength=1.0, steps=3,
         guidance_scale=SCALE, sampler="euler",

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "txt2img": ("ldm.cli.txt2img", "generate images from a prompt (txt2img, img2img, inpaint)"),
     "batch": ("ldm.cli.batch", "generate many images from a prompt file, resumably"),
     "train": ("ldm.cli.train", "train or fine-tune a model from a YAML config"),
-    "convert": ("ldm.cli.convert", "convert between diffusers folders and single files"),
+    "convert": ("ldm.cli.convert", "convert checkpoints (folder <-> single file) and LoRA files"),
     "shapes": ("ldm.cli.shapes", "the shapes world: export a procedural image-caption dataset"),
     "eval": ("ldm.cli.eval", "score images or a model with the shapes judge"),
     "serve": ("ldm.cli.serve", "serve A1111, ComfyUI and OpenAI image APIs and a web page"),

@@ -295,6 +295,8 @@ def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> N
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
     index = {**DEFAULT_MODEL_INDEX, **parts.model_index, "_diffusers_version": version}
     index["_class_name"] = parts.family.pipeline_class
+    if parts.family.name == "sdxl" and parts.unet.config.in_channels == 9:
+        index["_class_name"] = "StableDiffusionXLInpaintPipeline"  # as diffusers saves one
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     if parts.family.name.startswith("sdxl"):  # diffusers' SDXL pipelines take no safety checker
         for key in ("safety_checker", "requires_safety_checker"):

@@ -58,8 +58,6 @@ MODEL_INDEX_FLAGS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score"
 # empty marker tensors ComfyUI (and OneTrainer, kohya) put in v-prediction / zero-terminal-SNR
 # files (comfy supported_models SDXL.model_type): the only in-file word on the parametrisation
 V_PRED, ZTSNR = "v_pred", "ztsnr"
-# EDM-parametrised SDXL variants (Playground v2.5; CosXL-style EDM v-prediction): refused by name
-EDM_MARKERS = {"edm_mean": "Playground v2.5 (EDM)", "edm_vpred.sigma_max": "EDM v-prediction"}
 _NOT_CONFIG = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")  # per save
 
 
@@ -158,10 +156,7 @@ def load_single_file(
     source = str(path)
     # cast as read (never a second copy in the file's dtype); load_weights checks each part
     state_dict = load_state_dict(path, check_finite=False, dtype=dtype)
-    family = families.from_keys(state_dict, source).name
-    for key, label in EDM_MARKERS.items():
-        if key in state_dict:
-            raise CheckpointError(f"{source}: {label} SDXL files are not supported yet")
+    family = families.from_keys(state_dict, source).name  # refuses EDM SDXL, SD3, FLUX by name
     unet_sd = _sub(state_dict, UNET)
     vae_sd = {k: v for k, v in _sub(state_dict, VAE).items() if not k.startswith("loss.")}
     texts = {}

@@ -194,6 +194,8 @@ KNOWN_ELSEWHERE = {
     "LatentConsistencyModelPipeline": "LCM",
 }
 SINGLE_FILE_MARKERS = (  # a key fragment that identifies a family, checked in this order
+    ("edm_mean", "Playground v2.5 (EDM SDXL)"),  # EDM-parametrised SDXL variants
+    ("edm_vpred.sigma_max", "EDM v-prediction SDXL"),
     ("joint_blocks.", "Stable Diffusion 3"),
     ("double_blocks.", "FLUX.1"),
 )
@@ -257,7 +259,9 @@ def from_keys(keys: Iterable[str], source: str) -> Family:
         return FAMILIES["sd2"]
     if any(k.startswith(CLIP_PREFIX) for k in keys):
         return FAMILIES["sd1"]
-    raise CheckpointError(f"{source}: no text encoder weights (cond_stage_model.*)")
+    raise CheckpointError(
+        f"{source}: no text encoder weights (cond_stage_model.* or conditioner.embedders.*)"
+    )
 
 
 def from_text_encoder(text_encoder) -> Family:
