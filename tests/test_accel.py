@@ -202,3 +202,23 @@ def test_ldm_cpu_on_a_peft_wrapped_unet():
     x, context = _inputs()
     with torch.no_grad():
         _close(fast(x, 20, context), plain(x, 20, context), 1e-5)
+
+
+def test_ldm_cpu_bf16_inference_leaves_many_row_products_to_f_linear(monkeypatch):
+    """bf16 weights, no autograd, no autocast (a bf16 pipeline): many rows per image (SDXL's
+    77 context tokens) run as F.linear, not oneDNN's 1x1 convolution (2.4x slower there)."""
+    from ldm.accel import matmul
+
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", True)
+    conv = []
+    real = matmul.onednn_linear
+    monkeypatch.setattr(matmul, "onednn_linear", lambda *a: conv.append(a) or real(*a))
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 77, 64).bfloat16(), torch.randn(32, 64).bfloat16(), torch.randn(32)
+    with torch.no_grad():
+        out = matmul.linear(x, w, b.bfloat16())
+    assert conv == []
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b.bfloat16()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: unchanged
+        matmul.linear(x.float(), w.float(), b)
+    assert len(conv) == 1

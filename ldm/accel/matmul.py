@@ -154,8 +154,10 @@ def matmul_rows(
                 and weight.is_contiguous()
             ):
                 return InnerProduct.apply(x.contiguous(), weight, bias)  # oneDNN both ways
-        if rows_per_image > WEIGHT_FIRST_MAX_ROWS:  # autograd or autocast: the convolution
-            return onednn_linear(x, weight, bias)  # has a backward and takes bf16
+        if rows_per_image > WEIGHT_FIRST_MAX_ROWS and (
+            needs_grad(x, weight, bias) or torch.is_autocast_enabled("cpu")
+        ):  # autograd or autocast: the convolution has a backward and takes bf16; bf16
+            return onednn_linear(x, weight, bias)  # weights without either: F.linear, faster
         if needs_grad(x, weight, bias):  # few rows under autograd, not InnerProduct's (bf16, a
             return F.linear(x, weight, bias)  # strided weight, no rows): MKL x-first
     if weight_first(rows_per_image, weight):
