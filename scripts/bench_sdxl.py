@@ -56,7 +56,7 @@ POOL_SIZE = 1_000_003  # a prime: a matrix's rows never repeat the pool in step
 _pool: list[torch.Tensor] = []
 
 
-def draw(key: str, shape: torch.Size, seed: int) -> torch.Tensor:
+def draw(key: str, shape: torch.Size, seed: int, dtype: torch.dtype = torch.float32):
     """One tensor of random weights, a function of (key, shape, seed) only (order-free).
 
     Each tensor is a stretch of one seeded uniform pool (starting where the key's CRC says,
@@ -65,12 +65,14 @@ def draw(key: str, shape: torch.Size, seed: int) -> torch.Tensor:
     uniform in +-1/sqrt(fan_in) (torch's default init scale), so activations stay O(1).
     """
     if len(shape) == 1 and "norm" in key and key.endswith("weight"):
-        return torch.ones(shape)
+        return torch.ones(shape, dtype=dtype)
     if not _pool:  # uniform in [-1, 1)
         gen = torch.Generator().manual_seed(seed)
         _pool.append(torch.rand(POOL_SIZE, generator=gen).mul_(2).sub_(1))
     pool, n = _pool[0], shape.numel()
-    out, start, done = torch.empty(n), zlib.crc32(key.encode()) % POOL_SIZE, 0
+    # written straight in ``dtype``: no float32 temporaries to fragment the heap before the
+    # measurement starts
+    out, start, done = torch.empty(n, dtype=dtype), zlib.crc32(key.encode()) % POOL_SIZE, 0
     bound = 0.02 if len(shape) == 1 else (shape[1:].numel() or 1) ** -0.5
     while done < n:
         chunk = min(n - done, POOL_SIZE - start)
@@ -81,7 +83,7 @@ def draw(key: str, shape: torch.Size, seed: int) -> torch.Tensor:
 
 def random_state(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0) -> dict:
     """A full state dict for ``model`` (possibly on the meta device): ``draw`` per key."""
-    return {k: draw(k, v.shape, seed).to(dtype) for k, v in model.state_dict().items()}
+    return {k: draw(k, v.shape, seed, dtype) for k, v in model.state_dict().items()}
 
 
 def fill_(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -312,13 +314,16 @@ def alternate(kind: str, dtype: str, opts: dict, rounds: int, tmp: Path, need_gb
 def summary(results: dict, dtype: str, goal: str) -> str:
     """Medians over every timed call, ratio, peak RSS, load, checksum agreement."""
     med = {k: statistics.median(t for r in v for t in r["times"]) for k, v in results.items()}
+    low = {k: min(t for r in v for t in r["times"]) for k, v in results.items()}
     rss = {k: max(r["peak_rss_gb"] for r in v) for k, v in results.items()}
     loads = [x for v in results.values() for r in v for x in r["load"]]
     sums = {r["checksum"] for v in results.values() for r in v}
     accel = results["ldm"][0]["accel"]
     return (
         f"{dtype}: ldm ({accel}) {med['ldm']:.2f} s, diffusers {med['diffusers']:.2f} s, ratio "
-        f"{med['ldm'] / med['diffusers']:.3f} ({goal}); peak RSS ldm {rss['ldm']:.2f} GB, "
+        f"{med['ldm'] / med['diffusers']:.3f} ({goal}; fastest calls: ldm {low['ldm']:.2f} s, "
+        f"diffusers {low['diffusers']:.2f} s, ratio {low['ldm'] / low['diffusers']:.3f}); "
+        f"peak RSS ldm {rss['ldm']:.2f} GB, "
         f"diffusers {rss['diffusers']:.2f} GB (ratio {rss['ldm'] / rss['diffusers']:.3f}); "
         f"load average {min(loads):.1f}-{max(loads):.1f}; "
         f"weights {'identical' if len(sums) == 1 else 'DIFFER: ' + str(sums)}"
