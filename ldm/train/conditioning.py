@@ -43,9 +43,8 @@ class TrainingText:
         self.grad = any(n in TEXT_PARTS for n in trained)  # gradients through the encoders
         _call_wrapped(self.encoder, trained, wrapped)
         self.micro = getattr(parts.family, "micro_conditioning", None)  # None: no time ids
-        self.zero_dropped = self.micro is not None and bool(
-            parts.model_index.get("force_zeros_for_empty_prompt", True)
-        )
+        default = parts.family.force_zeros_for_empty_prompt  # a folder's model_index may say
+        self.zero_dropped = bool(parts.model_index.get("force_zeros_for_empty_prompt", default))
         self.aesthetic_score = aesthetic_score
         self.cache: TextEmbeddingCache | None = None
 
