@@ -66,6 +66,17 @@ def test_linear_equals_nn_linear(tokens, bias, any_weight_size, routes):
     assert len(routes) == (tokens <= matmul.WEIGHT_FIRST_MAX_ROWS)
 
 
+@pytest.mark.parametrize("tokens", [16, 32, 33, 64])
+def test_bf16_goes_weight_first_only_up_to_its_own_row_limit(tokens, any_weight_size, routes):
+    """bf16 GEMMs gain nothing weight-first at 64 rows and the transposed result costs a copy."""
+    layer = Linear(24, 40).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(3, tokens, 24, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
+    assert len(routes) == (tokens <= matmul.WEIGHT_FIRST_MAX_ROWS_BF16)
+
+
 def test_weight_first_takes_strided_inputs(any_weight_size, routes):
     torch.manual_seed(0)
     layer = Linear(16, 8)

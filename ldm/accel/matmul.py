@@ -16,6 +16,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 WEIGHT_FIRST_MAX_ROWS = 64  # tokens (or output positions) per image: an 8x8 latent
+# bf16 GEMMs gain nothing weight-first at 64 rows, and the transposed result costs a copy
+WEIGHT_FIRST_MAX_ROWS_BF16 = 32
 WEIGHT_FIRST_MIN_ELEMENTS = 1 << 20  # 4 MiB in fp32, twice a core's L2: a weight read from memory
 
 
@@ -119,9 +121,10 @@ class InnerProduct(torch.autograd.Function):
 
 def weight_first(rows_per_image: int, weight: torch.Tensor) -> bool:
     """Whether a product with this many rows per image runs as ``(W @ x.T).T`` (CPU only)."""
+    most = WEIGHT_FIRST_MAX_ROWS_BF16 if weight.dtype == torch.bfloat16 else WEIGHT_FIRST_MAX_ROWS
     return (
         weight.device.type == "cpu"
-        and rows_per_image <= WEIGHT_FIRST_MAX_ROWS
+        and rows_per_image <= most
         and weight.numel() >= WEIGHT_FIRST_MIN_ELEMENTS
     )
 
