@@ -150,8 +150,15 @@ def info(result: JobResult, job: Job, server) -> dict:
 
 
 def router(server) -> APIRouter:
+    """A1111's /sdapi/v1: generation, job control, and what the server has."""
     r = APIRouter(prefix="/sdapi/v1")
+    _generation_routes(r, server)
+    _control_routes(r, server)
+    _info_routes(r, server)
+    return r
 
+
+def _generation_routes(r: APIRouter, server) -> None:
     async def generate(req: GenerationRequest, request: Request, img2img: bool):
         try:
             job = await asyncio.to_thread(build_job, req, server, img2img)
@@ -174,6 +181,8 @@ def router(server) -> APIRouter:
     async def img2img(req: GenerationRequest, request: Request):
         return await generate(req, request, img2img=True)
 
+
+def _control_routes(r: APIRouter, server) -> None:
     @r.get("/progress")
     async def progress(skip_current_image: bool = False):
         return server.progress(skip_current_image)
@@ -188,6 +197,20 @@ def router(server) -> APIRouter:
         server.worker.skip()
         return {}
 
+    @r.post("/options")
+    async def set_options(options: dict):
+        unknown = sorted(set(options) - {"sd_model_checkpoint"})
+        if unknown:
+            raise HTTPException(422, f"options: only sd_model_checkpoint can be set, not "
+                                f"{', '.join(unknown)}")  # fmt: skip
+        try:
+            server.models.select(str(options["sd_model_checkpoint"]))
+        except LdmError as e:
+            raise HTTPException(422, str(e)) from None
+        return None
+
+
+def _info_routes(r: APIRouter, server) -> None:
     @r.get("/samplers")
     async def samplers():
         return [{"name": s.a1111, "aliases": [s.name, *s.aliases],
@@ -210,18 +233,6 @@ def router(server) -> APIRouter:
         return {"sd_model_checkpoint": m.title(m.selected), "sd_checkpoint_hash": None,
                 "CLIP_stop_at_last_layers": 1, "samples_format": "png"}  # fmt: skip
 
-    @r.post("/options")
-    async def set_options(options: dict):
-        unknown = sorted(set(options) - {"sd_model_checkpoint"})
-        if unknown:
-            raise HTTPException(422, f"options: only sd_model_checkpoint can be set, not "
-                                f"{', '.join(unknown)}")  # fmt: skip
-        try:
-            server.models.select(str(options["sd_model_checkpoint"]))
-        except LdmError as e:
-            raise HTTPException(422, str(e)) from None
-        return None
-
     @r.post("/png-info")
     async def png_info(req: PngInfoRequest):
         try:
@@ -238,8 +249,6 @@ def router(server) -> APIRouter:
     @r.get("/scripts")
     async def scripts():  # webuiapi asks at start which extensions exist: none
         return {"txt2img": [], "img2img": []}
-
-    return r
 
 
 def read_png_info(data: str, limits) -> dict:

@@ -168,8 +168,15 @@ def _ms() -> int:
 
 
 def router(server, comfy: Comfy) -> APIRouter:
+    """ComfyUI's routes: the prompt queue and its results, node info, and the websocket."""
     r = APIRouter()
+    _queue_routes(r, server, comfy)
+    _result_routes(r, server, comfy)
+    _websocket_route(r, comfy)
+    return r
 
+
+def _queue_routes(r: APIRouter, server, comfy: Comfy) -> None:
     @r.post("/prompt")
     async def prompt(request: Request):
         try:  # JSON whatever the Content-Type says (ComfyUI's example client sends none)
@@ -189,6 +196,21 @@ def router(server, comfy: Comfy) -> APIRouter:
     async def prompt_status():
         return comfy.status()
 
+    @r.get("/queue")
+    async def queue():
+        return comfy.queue()
+
+    @r.post("/interrupt")
+    async def interrupt(request: Request):
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            body = {}
+        server.worker.interrupt(body.get("prompt_id") if isinstance(body, dict) else None)
+        return JSONResponse({})
+
+
+def _result_routes(r: APIRouter, server, comfy: Comfy) -> None:
     @r.get("/history")
     async def history_all(max_items: int | None = None):
         return comfy.history_items(max_items)
@@ -206,19 +228,6 @@ def router(server, comfy: Comfy) -> APIRouter:
         return FileResponse(path, media_type="image/png", filename=filename,
                             content_disposition_type="inline")  # fmt: skip
 
-    @r.get("/queue")
-    async def queue():
-        return comfy.queue()
-
-    @r.post("/interrupt")
-    async def interrupt(request: Request):
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            body = {}
-        server.worker.interrupt(body.get("prompt_id") if isinstance(body, dict) else None)
-        return JSONResponse({})
-
     @r.get("/object_info")
     async def object_info():
         return comfy_workflow.object_info(server)
@@ -228,6 +237,8 @@ def router(server, comfy: Comfy) -> APIRouter:
         info = comfy_workflow.object_info(server)
         return {node_class: info[node_class]} if node_class in info else {}
 
+
+def _websocket_route(r: APIRouter, comfy: Comfy) -> None:
     @r.websocket("/ws")
     async def ws(websocket: WebSocket, clientId: str | None = None):  # noqa: N803 (ComfyUI's)
         await websocket.accept()
@@ -249,8 +260,6 @@ def router(server, comfy: Comfy) -> APIRouter:
         finally:
             receiver.cancel()
             comfy.hub.disconnect(sid, q)
-
-    return r
 
 
 async def _drain(websocket: WebSocket) -> None:
