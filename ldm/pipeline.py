@@ -10,7 +10,6 @@ wrap the denoiser (see :mod:`ldm.modes`).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from ldm.sampling.schedules import (
 )
 from ldm.sampling.watch import PreviewCallback, Progress, StepCallback, nan_guard
 from ldm.text.encoders import TextEncoder, text_encoder_for
-from ldm.text.micro import MicroConditioning, with_time_ids, zero_empty
+from ldm.text.micro import MicroConditioning, with_time_ids, zero_rows
 from ldm.text.prompts import encode_cond_uncond, encode_prompts
 
 # encode(prompts, negatives, clip_skip, guided) -> (cond, uncond or None), as Pipeline.encode_text
@@ -208,7 +207,7 @@ class Pipeline:
         latents = self.denoise(request, cond, uncond, callback, preview=preview)
         images, retried = self.decode(latents)
         return [
-            Generated(image, self._record(request, i, retried[i])) for i, image in enumerate(images)
+            Generated(image, self.record(request, i, retried[i])) for i, image in enumerate(images)
         ]
 
     # ---- steps of the call --------------------------------------------------------------------
@@ -274,16 +273,15 @@ class Pipeline:
         """
         encoder = self.text_encoder(clip_skip)
         if guided:  # one batch, so prompts and negatives get the same number of 75-token chunks
-            cond, uncond = encode_cond_uncond(encoder, prompts, negatives)
-            return _lean(cond.to(self.device, self.dtype)), _lean(
-                uncond.to(self.device, self.dtype)
-            )
-        return _lean(encode_prompts(encoder, prompts).to(self.device, self.dtype)), None
+            conds = encode_cond_uncond(encoder, prompts, negatives)
+        else:
+            conds = encode_prompts(encoder, prompts), None
+        return tuple(c if c is None else c.to(self.device, self.dtype).lean() for c in conds)
 
     def condition(self, r: Request, cond, uncond):
         """Step 2b (SDXL): empty negatives as zeros, and the size/crop/aesthetic ids."""
         if uncond is not None and self.force_zeros_for_empty_prompt:
-            uncond = zero_empty(uncond, r.negatives)
+            uncond = zero_rows(uncond, [n == "" for n in r.negatives])  # diffusers' None
         kind = self.parts.family.micro_conditioning
         if kind is None:
             return cond, uncond
@@ -396,22 +394,13 @@ class Pipeline:
             self._vae_fp32 = copy.deepcopy(self.vae).float()
         return self._vae_fp32
 
-    def _record(self, r: Request, i: int, retried: bool) -> dict:
+    def record(self, r: Request, i: int, retried: bool) -> dict:
         """Step 5: everything needed to make image i again (the JSON record beside the PNG)."""
-        settings = dict(
-            sampler=r.spec.name, schedule=r.schedule, steps=r.steps,
-            guidance_scale=r.guidance_scale, guidance_rescale=r.guidance_rescale, eta=r.eta,
-            width=r.width, height=r.height, clip_skip=r.clip_skip, mode=r.mode,
-        )  # fmt: skip
-        if r.init_image is not None:
-            settings["strength"] = r.strength
-        if self.parts.family.micro_conditioning:
-            settings["micro_conditioning"] = dataclasses.asdict(r.micro)
         return dict(
             prompt=r.prompts[i],
             negative_prompt=r.negatives[i],
             seed=r.seeds[i],
-            **settings,
+            **r.settings(micro=self.parts.family.micro_conditioning is not None),
             model=self.model_name,
             model_hash=self.model_hash,
             model_path=str(self.model_path) if self.model_path else None,
@@ -423,11 +412,3 @@ class Pipeline:
             loras=list(self.loras),
             ldm_version=__version__,
         )
-
-
-# ---- helpers ----------------------------------------------------------------------------------
-def _lean(cond):
-    """Drop an all-True token mask: attending everywhere needs no mask, and SDPA is faster."""
-    if cond.mask is not None and bool(cond.mask.all()):
-        return type(cond)(cond.context, cond.pooled, None, cond.time_ids)
-    return cond

@@ -57,7 +57,7 @@ def generate_with_refiner(
     images, retried = refiner.decode(latents)
     out = []
     for i, image in enumerate(images):
-        record = base._record(first, i, retried[i])
+        record = base.record(first, i, retried[i])
         path = str(refiner.model_path) if refiner.model_path else None
         record.update(refiner=refiner.model_name, refiner_hash=refiner.model_hash,
                       refiner_switch_at=switch_at, refiner_path=path)  # fmt: skip

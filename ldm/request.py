@@ -6,6 +6,7 @@ users set them; the Python API raises the same LdmError.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -47,6 +48,20 @@ class Request:
     @property
     def start_from_image(self) -> bool:
         return self.init_image is not None and self.strength < 1.0
+
+    def settings(self, micro: bool = False) -> dict:
+        """The settings every image of the request shares, as its JSON record names them."""
+        out = dict(
+            sampler=self.spec.name, schedule=self.schedule, steps=self.steps,
+            guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
+            eta=self.eta, width=self.width, height=self.height, clip_skip=self.clip_skip,
+            mode=self.mode,
+        )  # fmt: skip
+        if self.init_image is not None:
+            out["strength"] = self.strength
+        if micro:  # SDXL families: the size/crop/aesthetic conditioning
+            out["micro_conditioning"] = dataclasses.asdict(self.micro)
+        return out
 
 
 def prompt_lists(prompts, seeds, negative_prompt) -> tuple[list[str], list[str]]:

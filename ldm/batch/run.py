@@ -105,9 +105,7 @@ class TextCache:
         """(cond, uncond or None) on the pipeline's device, as ``Pipeline.encode_text``."""
         texts = list(prompts) + (list(negatives) if guided else [])
         n = max(self.num_chunks(t) for t in texts)
-        both = Cond.cat([self._one(t, clip_skip, n) for t in texts])
-        if both.mask is not None and bool(both.mask.all()):
-            both = Cond(both.context, both.pooled, None, both.time_ids)  # no mask: faster SDPA
+        both = Cond.cat([self._one(t, clip_skip, n) for t in texts]).lean()
         return (both[: len(prompts)], both[len(prompts) :]) if guided else (both, None)
 
     def _one(self, text: str, clip_skip: int, num_chunks: int):

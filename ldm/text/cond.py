@@ -36,6 +36,12 @@ class Cond:
             move(self.time_ids, floating=False),  # ids stay float32: sizes like 1024 are exact
         )  # fmt: skip
 
+    def lean(self) -> Cond:
+        """Without an all-True token mask: attending everywhere needs none, and SDPA is faster."""
+        if self.mask is not None and bool(self.mask.all()):
+            return Cond(self.context, self.pooled, None, self.time_ids)
+        return self
+
     def __getitem__(self, index) -> Cond:
         def pick(t):
             return None if t is None else t[index]

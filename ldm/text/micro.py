@@ -76,12 +76,12 @@ def with_time_ids(cond: Cond, ids: torch.Tensor) -> Cond:
     return Cond(cond.context, cond.pooled, cond.mask, ids)
 
 
-def zero_empty(uncond: Cond, negatives: list[str]) -> Cond:
-    """Rows whose negative prompt is empty become zero context and pooled (diffusers' SDXL
-    ``force_zeros_for_empty_prompt`` with ``negative_prompt=None``), row by row."""
-    empty = torch.tensor([n == "" for n in negatives], device=uncond.context.device)
-    if not empty.any():
-        return uncond
-    keep = (~empty).to(uncond.context.dtype)  # (B,)
-    pooled = None if uncond.pooled is None else uncond.pooled * keep[:, None]
-    return Cond(uncond.context * keep[:, None, None], pooled, uncond.mask, uncond.time_ids)
+def zero_rows(cond: Cond, rows: list[bool]) -> Cond:
+    """The chosen rows as zero context and zero pooled: SDXL's unconditional input when
+    ``force_zeros_for_empty_prompt`` (an empty negative prompt, a dropped training caption)."""
+    zero = torch.tensor(rows, dtype=torch.bool, device=cond.context.device)
+    if not zero.any():
+        return cond
+    keep = (~zero).to(cond.context.dtype)  # (B,)
+    pooled = None if cond.pooled is None else cond.pooled * keep[:, None].to(cond.pooled.dtype)
+    return Cond(cond.context * keep[:, None, None], pooled, cond.mask, cond.time_ids)

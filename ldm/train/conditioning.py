@@ -21,7 +21,7 @@ from ldm.data.cache import TextEmbeddingCache, module_hash, precompute_text
 from ldm.errors import ConfigError
 from ldm.text.cond import Cond
 from ldm.text.encoders import text_encoder_for
-from ldm.text.micro import time_ids, with_time_ids
+from ldm.text.micro import time_ids, with_time_ids, zero_rows
 from ldm.train.batches import Sizes
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
@@ -57,13 +57,10 @@ class TrainingText:
             with torch.set_grad_enabled(self.grad):
                 out = self.encoder.encode(texts)
             context, pooled = out.context, out.pooled
-        context = context.to(device)
         pooled = None if pooled is None else pooled.to(device)
-        if self.zero_dropped and any(drop):  # force_zeros_for_empty_prompt: zero the whole row
-            keep = torch.tensor([not d for d in drop], device=device)  # (B,)
-            context = context * keep[:, None, None].to(context.dtype)
-            pooled = pooled * keep[:, None].to(pooled.dtype)
-        cond = Cond(context, pooled)  # no mask: CLIP-conditioned U-Nets attend to all 77 tokens
+        cond = Cond(context.to(device), pooled)  # no mask: CLIP U-Nets attend to all 77 tokens
+        if self.zero_dropped:  # force_zeros_for_empty_prompt: a dropped caption is all zeros
+            cond = zero_rows(cond, drop)
         if self.micro is not None:
             ids = torch.stack([self._time_ids(s) for s in sizes])  # (B, 6) or (B, 5)
             cond = with_time_ids(cond, ids)
