@@ -13,7 +13,8 @@ torch's fused AdamW, tuned malloc) against diffusers', one model at a time in AB
     python scripts/bench_models.py --family sdxl --latent 16 --repeats 3 --rounds 2
 
 ``--family sdxl``: the SDXL base U-Net (real config, 2.6 B parameters), ldm (accel auto) against
-diffusers, fp32 and bf16, each in its own process (peak RSS per process; scripts/bench_sdxl.py drives scripts/bench_sdxl_worker.py).
+diffusers, fp32 and bf16, each in its own process (peak RSS per process;
+scripts/bench_sdxl.py).
 
 ``--floor`` replays the forward's own matmul, convolution and attention kernels alone, in order:
 the time the forward would take if everything else cost nothing. Run with ``PYTHONPATH`` at a

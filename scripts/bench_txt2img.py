@@ -13,7 +13,8 @@ equal output; ldm bf16 <= 0.5x diffusers fp32 with PSNR >= 30 dB.
 
 ``--family sdxl``: an SDXL pipeline with the real U-Net, CLIP-L, OpenCLIP bigG and VAE configs,
 ldm (accel auto) against diffusers' StableDiffusionXLPipeline (euler, CFG 5), fp32 and bf16, each
-in its own process (peak RSS per process; scripts/bench_sdxl.py drives scripts/bench_sdxl_worker.py).
+in its own process (peak RSS per process;
+scripts/bench_sdxl.py).
 """
 
 from __future__ import annotations
