@@ -129,7 +129,8 @@ class Pipeline:
     @property
     def sampling_defaults(self) -> dict:
         """The model family's sampler, schedule, steps and guidance scale (ldm.models.families);
-        SDXL takes its sampler and schedule from the checkpoint's scheduler config."""
+        SDXL takes its sampler and schedule from the checkpoint's scheduler config, and a model's
+        stored defaults (ModelParts.defaults) override both."""
         family = self.parts.family
         sampler, schedule = family.sampler, family.schedule
         if family.sampler_from_checkpoint:
@@ -137,8 +138,9 @@ class Pipeline:
                 sampler,
                 schedule,
             )
-        return dict(sampler=sampler, schedule=schedule, steps=family.steps,
-                    guidance_scale=family.guidance_scale)  # fmt: skip
+        defaults = dict(sampler=sampler, schedule=schedule, steps=family.steps,
+                        guidance_scale=family.guidance_scale)  # fmt: skip
+        return {**defaults, **self.parts.defaults}  # the model's own (an LCM student's) win
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:

@@ -28,6 +28,11 @@ class ModelParts:
     family: Family = FAMILIES["sd1"]  # ldm.models.families entry
     text_encoder_2: torch.nn.Module | None = None  # SDXL: transformers CLIPTextModelWithProjection
     tokenizer_2: Any = None  # SDXL: its CLIPTokenizer (pads with id 0, as OpenCLIP)
+    text_encoder_3: torch.nn.Module | None = None  # SD3: transformers T5EncoderModel (optional)
+    tokenizer_3: Any = None  # SD3: its T5 tokenizer (from the model folder)
+    # sampling defaults stored with the model (sampler, schedule, steps, guidance_scale): they
+    # override the family's (an LCM student's "lcm, 4 steps, guidance 1")
+    defaults: dict = field(default_factory=dict)
 
     def text_modules(self) -> list[tuple[TextEncoderSpec, torch.nn.Module, Any]]:
         """(spec, text model, tokenizer) for each of the family's text encoders, in order."""
