@@ -2,7 +2,8 @@
 
 ResNet blocks (He et al. 2016, with the DDPM time-embedding injection of Ho et al. 2020), the
 spatial transformer of Rombach et al. 2022 (self-attention, cross-attention, GEGLU feed-forward;
-Vaswani et al. 2017, Shazeer 2020), down/up sampling and the sinusoidal timestep embedding.
+Vaswani et al. 2017, Shazeer 2020), down/up sampling, the sinusoidal timestep embedding and LCM's
+guidance-scale embedding.
 Every module keeps diffusers' attribute names so a diffusers state dict loads with strict=True.
 Plain ``torch.nn`` modules and functional ops only: hardware speed-ups are applied to a loaded model
 by ``ldm.accel``.
@@ -35,16 +36,39 @@ def timestep_embedding(
     return emb
 
 
-class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2 (DDPM)."""
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) guidance scales w -> (B, dim) fp32: [sin, cos] of w * 1000 at
+    frequencies 10000^(-i / (dim/2 - 1)) (VDM, Kingma et al. 2021; LCM, Luo et al. 2023, eq. 9).
+    LCM U-Nets embed w = guidance_scale - 1 (diffusers' LatentConsistencyModelPipeline)."""
+    half = dim // 2
+    # diffusers' get_guidance_scale_embedding's operation order: arguments reach ~1e4, where a
+    # different rounding of the frequencies would move sin/cos by 1e-3
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = (w.float() * 1000.0)[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
-    def __init__(self, in_channels: int, time_embed_dim: int):
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2 (DDPM); LCM U-Nets add a
+    projected condition (the guidance-scale embedding) to the sinusoid first (diffusers' cond_proj).
+    """
+
+    def __init__(self, in_channels: int, time_embed_dim: int, cond_proj_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.cond_proj = None
+        if cond_proj_dim is not None:
+            self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False)
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:  # (B, cond_proj_dim); None skips it, as in diffusers
+            if self.cond_proj is None:
+                raise ValueError("a timestep condition given to a U-Net without time_cond_proj_dim")
+            emb = emb + self.cond_proj(condition.to(emb.dtype))
         return self.linear_2(self.act(self.linear_1(emb)))
 
 

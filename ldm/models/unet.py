@@ -2,8 +2,9 @@
 
 Parameter names follow diffusers' ``UNet2DConditionModel`` so its state dicts load with
 strict=True both ways. Covers SD 1.x (conv proj, fixed head count), SD 2.x (linear proj,
-per-block head counts, upcast attention) and SDXL (transformer depth per level, and the
-"text_time" added conditioning: pooled text + embedded size/crop ids, Podell et al. 2023 Sec. 2.2).
+per-block head counts, upcast attention), SDXL (transformer depth per level, and the "text_time"
+added conditioning: pooled text + embedded size/crop ids, Podell et al. 2023 Sec. 2.2) and full LCM
+U-Nets (a guidance-scale embedding added to the timestep's, Luo et al. 2023 Sec. 4.2).
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ _UNSUPPORTED: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -102,6 +102,7 @@ class UNetConfig:
     addition_embed_type: str | None = None  # SDXL: "text_time" (pooled text + size ids)
     addition_time_embed_dim: int | None = None  # SDXL: sinusoid width per time id (256)
     projection_class_embeddings_input_dim: int | None = None  # pooled width + ids x 256
+    time_cond_proj_dim: int | None = None  # LCM: width of the guidance-scale (w) embedding
 
     def __post_init__(self) -> None:
         for name in ("down_block_types", "up_block_types", "block_out_channels"):
@@ -299,7 +300,7 @@ class UNet2DConditionModel(nn.Module):
         self.conv_in = nn.Conv2d(
             c.in_channels, chs[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2
         )
-        self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
+        self.time_embedding = TimestepEmbedding(chs[0], temb_ch, c.time_cond_proj_dim)
         if c.addition_embed_type == "text_time":  # add_time_proj is the parameter-free sinusoid
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb_ch)
 
@@ -352,15 +353,17 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """sample (B, C, H, W), timestep scalar or (B,), context (B, L, D), mask (B, L) 1=keep;
-        SDXL: added_cond_kwargs {"text_embeds": (B, P) pooled text, "time_ids": (B, N)}."""
+        SDXL: added_cond_kwargs {"text_embeds": (B, P) pooled text, "time_ids": (B, N)};
+        LCM: timestep_cond (B, time_cond_proj_dim), layers.guidance_scale_embedding(scale - 1)."""
         c = self.config
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t
         emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        temb = self.time_embedding(emb.to(sample.dtype))
+        temb = self.time_embedding(emb.to(sample.dtype), timestep_cond)
         if c.addition_embed_type == "text_time":
             temb = temb + self._text_time(added_cond_kwargs, temb.dtype)
         context = encoder_hidden_states
