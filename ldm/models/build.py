@@ -28,6 +28,7 @@ from ldm.config import load_config
 from ldm.errors import ConfigError
 from ldm.models import families
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.mmdit import SD3Config, SD3Transformer2DModel
 from ldm.models.parts import ModelParts
 from ldm.models.unet import UNet2DConditionModel, UNetConfig
 from ldm.text.tokenizer import build_clip_tokenizer
@@ -38,7 +39,10 @@ except ImportError:  # transformers 4.x
     from transformers.modeling_utils import no_init_weights
 
 # a family's network (ldm.models.families.Family.network) -> (config class, module class)
-NETWORKS = {"UNet2DConditionModel": (UNetConfig, UNet2DConditionModel)}
+NETWORKS = {
+    "UNet2DConditionModel": (UNetConfig, UNet2DConditionModel),
+    "SD3Transformer2DModel": (SD3Config, SD3Transformer2DModel),
+}
 # a text encoder's transformers architecture -> (config class, model class)
 TEXT_MODELS = {
     "CLIPTextModel": (CLIPTextConfig, CLIPTextModel),
