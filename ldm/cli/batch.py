@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
-from ldm.cli.txt2img import add_config_argument, load_model_flag
+from ldm.cli.txt2img import MODEL_HELP, add_config_argument, load_model_flag
 from ldm.errors import LdmError
 
 # flag dest -> job parameter (the flags are defaults; a prompt file line overrides them)
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--skip-invalid", action="store_true", help="skip invalid lines, say so, go on")
     g = p.add_argument_group("model and device")
-    g.add_argument("--model", help="diffusers folder or .safetensors/.ckpt (default: demo model)")
+    g.add_argument("--model", help=MODEL_HELP)
     add_config_argument(g)
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's accelerator)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 cuda, fp32 cpu")
@@ -92,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
         raise LdmError("--seeds and --n-per-prompt cannot be combined (--seeds lists them all)")
     if not Path(args.prompts).is_file():
         raise LdmError(f"--prompts {args.prompts}: no such file")
-    if args.model is not None and not Path(args.model).exists():
-        raise LdmError(f"--model {args.model}: no such file or folder")
+    if args.model is not None:
+        from ldm.models.bundled import resolve_model
+
+        resolve_model(args.model)  # a path or a bundled name, else a one-line error
     sweeps = [parse_sweep(s) for s in args.sweep]
     if len({k for k, _ in sweeps}) != len(sweeps):
         raise LdmError("--sweep: each key may be swept once")
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     # 2. the model, then every job validated before the first image
     device = args.device or (state.device if state is not None else None)
     pipe = load_model_flag(args.model, device, args.dtype, args.config)
-    _family_defaults(defaults, pipe.sampling_defaults)
+    _model_defaults(defaults, pipe.sampling_defaults)
     apply_accel(pipe, args)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
@@ -198,7 +200,7 @@ def _signature(args, spec, pipe) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     fields = dict(spec=dataclasses.asdict(spec), batch_size=args.batch_size,
-                  model=pipe.model_hash, dtype=str(pipe.dtype))  # fmt: skip
+                  model=pipe.model_hash, loras=pipe.loras, dtype=str(pipe.dtype))  # fmt: skip
     digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -223,8 +225,9 @@ def _on_main(state, main: bool, fn, public=lambda result: result):
     return result if main else shared
 
 
-def _family_defaults(defaults: dict, family: dict) -> None:
-    """The model family's sampler, schedule, steps and guidance where no flag set them."""
+def _model_defaults(defaults: dict, family: dict) -> None:
+    """The model's sampler, schedule, steps and guidance where no flag set them (its stored
+    defaults, else its family's: ``Pipeline.sampling_defaults``)."""
     if defaults["sampler"] is None:  # the family's sampler comes with its schedule
         defaults["schedule"] = defaults["schedule"] or family["schedule"]
     for key in ("sampler", "steps", "guidance_scale"):

@@ -25,12 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report", metavar="FILE", help="JSON report path (default: see --outdir)")
     g.add_argument("--strict", action="store_true", help="objects not in the prompt also fail")
     g = p.add_argument_group("generation (without --images)")
-    g.add_argument("--model", help="diffusers folder or single file (default: demo model)")
+    g.add_argument("--model", help="diffusers folder, single file or bundled name (default: "
+                   "shapes-demo)")  # fmt: skip
     g.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (1)")
     g.add_argument("--outdir", help="save images + manifest.jsonl + report here")
     g.add_argument("--sampler", help=sampler_help())
     g.add_argument("--schedule", help=schedule_help())
-    g.add_argument("--steps", type=int, help="sampler steps (pipeline default)")
+    g.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, ... (cpu)")
@@ -51,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate(items, strict=args.strict, skipped=skipped)
         report_path = Path(args.report or Path(args.images) / "shapes-report.json")
     else:
-        items, skipped = _generate(args)
+        items, skipped, defaults = _generate(args)
         report = evaluate(items, strict=args.strict, skipped=skipped)
-        report["settings"] = _settings(args)
+        report["settings"] = _settings(args, defaults)
         report_path = Path(args.report or Path(args.outdir or ".") / "shapes-report.json")
     write_report(report_path, report)
     for s in report["skipped"]:
@@ -64,19 +65,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace) -> dict:
+def _settings(args: argparse.Namespace, defaults: dict) -> dict:
+    """The run's settings; sampling ones not given are the model's (``sampling_defaults``)."""
     keys = ("model", "prompts", "n_per_prompt", "sampler", "schedule", "steps", "guidance_scale")
-    return {k: getattr(args, k) for k in (*keys, "seed", "dtype", "strict")}
+    out = {k: getattr(args, k) for k in (*keys, "seed", "dtype", "strict")}
+    if args.sampler is None:  # the model's sampler comes with its schedule
+        out["schedule"] = out["schedule"] or defaults["schedule"]
+    for key in ("sampler", "steps", "guidance_scale"):
+        out[key] = defaults[key] if out[key] is None else out[key]
+    return out
 
 
-def _generate(args: argparse.Namespace) -> tuple[list, list[dict]]:
+def _generate(args: argparse.Namespace) -> tuple[list, list[dict], dict]:
     """Generate n-per-prompt images per prompt; image i of the run uses seed + i."""
     from tqdm import tqdm
 
+    from ldm.cli.txt2img import load_model_flag
     from ldm.data.shapes import eval_prompts
     from ldm.errors import LdmError
     from ldm.eval.report import read_prompt_file
-    from ldm.pipeline import load_pipeline
 
     if args.n_per_prompt < 1 or args.batch_size < 1:
         raise LdmError("--n-per-prompt and --batch-size must be at least 1")
@@ -93,7 +100,7 @@ def _generate(args: argparse.Namespace) -> tuple[list, list[dict]]:
         for k in ("steps", "guidance_scale", "sampler", "schedule")
         if (v := getattr(args, k)) is not None
     }  # flags not given fall back to the pipeline's own defaults
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = load_model_flag(args.model, args.device, args.dtype, None)
     if args.accel or args.verbose:  # else the pipeline applies $LDM_ACCEL or auto itself
         apply_accel(pipe, args)
     outdir = Path(args.outdir) if args.outdir else None
@@ -118,7 +125,7 @@ def _generate(args: argparse.Namespace) -> tuple[list, list[dict]]:
         from ldm.io import atomic_write_text
 
         atomic_write_text(outdir / "manifest.jsonl", "\n".join(manifest) + "\n")
-    return items, skipped
+    return items, skipped, pipe.sampling_defaults
 
 
 def _save(out, path: Path) -> None:

@@ -5,7 +5,8 @@ Flags follow CompVis ``txt2img.py`` and diffusers. Modes: plain text-to-image; `
 L,R,U,D`` pads the init image by that many pixels on the left, right, top and bottom and paints
 the new border. ``--from-png IMAGE`` re-renders an image from its embedded record; flags given
 explicitly override the record. Image i of a request with seed s uses seed s + i. Unset sampling
-flags take the model family's defaults; ``--accel`` picks the accelerator (``ldm.accel``). The paths
+flags take the model's stored defaults (``ldm_model.json``), else its family's; ``--model`` also
+takes a bundled model's name (``ldm models``); ``--accel`` picks the accelerator. The paths
 written are printed on stdout, one per line; the progress bar, the seed and notes go to stderr.
 """
 
@@ -21,6 +22,10 @@ from pathlib import Path
 from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
 from ldm.errors import LdmError
 
+MODEL_HELP = (
+    "a diffusers folder, a .safetensors/.ckpt file, or a bundled model's name (`ldm "
+    "models`; an existing path wins); default: shapes-demo"
+)
 # flag defaults; the parser's own default is None so --from-png can tell "given" from "default"
 DEFAULTS = dict(
     prompt=None,
@@ -58,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negative-prompt", help="what to steer away from (default: empty)")
     g.add_argument("--from-png", metavar="IMAGE", help="re-render a PNG from its embedded record")
     g = p.add_argument_group("model and device")
-    g.add_argument("--model", help="diffusers folder or .safetensors/.ckpt (default: demo model)")
+    g.add_argument("--model", help=MODEL_HELP)
     add_config_argument(g)
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 cuda, fp32 cpu")
@@ -123,14 +128,12 @@ def run(args: argparse.Namespace) -> int:
     if seed_is_random:
         settings["seed"] = secrets.randbelow(2**32)  # printed once generation starts
 
-    from ldm.pipeline import load_pipeline
-
     pipe = load_model_flag(settings["model"], args.device, args.dtype, args.config)
     refiner = None
     if settings["refiner"]:
-        refiner = load_pipeline(settings["refiner"], device=args.device, dtype=args.dtype)
+        refiner = load_model_flag(settings["refiner"], args.device, args.dtype, None)
         apply_accel(refiner, args)
-    for spec in args.lora:
+    for spec in settings["lora"]:
         from ldm.formats.lora import parse_lora_arg
 
         report = pipe.apply_lora(*parse_lora_arg(spec))
@@ -167,11 +170,13 @@ def add_config_argument(g) -> None:
 
 def load_model_flag(model, device, dtype, config):
     """``load_pipeline``, with ``--config`` for a single file (ldm.loading.load_model)."""
+    from ldm.loading import adopt_loras, load_model, resolve_device, resolve_dtype
     from ldm.pipeline import load_pipeline
 
     if config is None:
-        return load_pipeline(model, device=device, dtype=dtype)
-    from ldm.loading import load_model, resolve_device, resolve_dtype
+        pipe = load_pipeline(model, device=device, dtype=dtype)
+        adopt_loras(pipe)  # a LoRA model's own LoRA, in the records
+        return pipe
     from ldm.pipeline import Pipeline
 
     if model is None:
@@ -185,12 +190,14 @@ def load_model_flag(model, device, dtype, config):
 
 def _settings(args: argparse.Namespace) -> dict:
     """Defaults, then the record of --from-png, then the flags given explicitly."""
-    settings = dict(DEFAULTS)
+    settings = dict(DEFAULTS, lora=[])  # lora: FILE[:SCALE] specs
     if args.from_png:
         settings.update(_from_png(args.from_png, args.init_image))
     for key in DEFAULTS:
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
+    if args.lora:
+        settings["lora"] = list(args.lora)
     micro = _micro_flags(args)
     if micro:
         settings["micro"] = {**(settings["micro"] or {}), **micro}
@@ -234,6 +241,16 @@ def _from_png(path: str, init_image: str | None) -> dict:
         path = record.get(f"{key}_path")
         if path and Path(path).exists():
             out[key] = path
+    out["lora"], missing = [], []
+    for lora in record.get("loras") or []:  # a LoRA model's own, and --lora files
+        path = lora.get("path") if isinstance(lora, dict) else None
+        if path and Path(path).is_file():
+            out["lora"].append(f"{path}:{lora.get('scale', 1.0)}")
+        else:
+            missing.append(str(lora.get("name") if isinstance(lora, dict) else lora))
+    if missing:
+        print(f"ldm: warning: --from-png: LoRA {', '.join(missing)} not found; pass it with "
+              "--lora to re-render the same image", file=sys.stderr)  # fmt: skip
     if record.get("micro_conditioning"):
         out["micro"] = {k: v for k, v in record["micro_conditioning"].items() if v is not None}
     return out
@@ -261,9 +278,11 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
         check_sampler(s["sampler"], s["schedule"] or "default")
     if s["schedule"] is not None:
         check_schedule(s["schedule"])
+    from ldm.models.bundled import resolve_model
+
     for key in ("model", "refiner"):
-        if s[key] is not None and not Path(s[key]).exists():
-            raise LdmError(f"--{key} {s[key]}: no such file or folder")
+        if s[key] is not None:
+            resolve_model(s[key], f"--{key}")
     if s["refiner"] and (args.init_image or args.mask or args.outpaint):
         raise LdmError("--refiner works with txt2img (no --init-image, --mask or --outpaint)")
     if (args.mask or args.outpaint) and not args.init_image:
@@ -272,7 +291,7 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
         raise LdmError("--mask and --outpaint cannot be combined (outpaint makes its own mask)")
     from ldm.formats.lora import parse_lora_arg
 
-    for spec in args.lora:
+    for spec in s["lora"]:
         path, _ = parse_lora_arg(spec)
         if not Path(path).is_file():
             raise LdmError(f"--lora {spec}: no such file")

@@ -13,16 +13,15 @@ from ldm.errors import LdmError
 
 
 class ModelTable:
-    """Names -> model paths (None: the bundled demo model); the selected and the loaded one."""
+    """Names -> model paths (None: the bundled demo model; bundled names resolve as ``--model``
+    does, ``ldm.models.bundled``); the selected and the loaded one."""
 
     def __init__(self, models: list[str | None], device=None, dtype=None, accel=None):
-        from ldm.loading import DEFAULT_MODEL
+        from ldm.models.bundled import resolve_model
 
         self.paths: dict[str, Path] = {}
         for model in models or [None]:
-            path = Path(model) if model is not None else DEFAULT_MODEL
-            if not path.exists():
-                raise LdmError(f"--model {model}: no such file or folder")
+            path = resolve_model(model)  # a path, or a bundled model's name
             name = path.stem if path.is_file() else path.name
             if name in self.paths:
                 raise LdmError(f"--model {model}: two models are named {name!r}")
@@ -71,12 +70,14 @@ class ModelTable:
         with self._lock:
             if self._loaded is not None and self._loaded[0] == name:
                 return self._loaded[1]
+            from ldm.loading import adopt_loras
             from ldm.pipeline import load_pipeline
 
             self._loaded = None  # free the old model before loading the next
             path = self.paths[name]
             model = None if path == _default() else path
             pipe = load_pipeline(model, device=self.device, dtype=self.dtype, accel=self.accel)
+            adopt_loras(pipe)  # a LoRA model's own LoRA, in the records
             pipe.accelerate()
             self._loaded = (name, pipe)
             return pipe
