@@ -1,7 +1,8 @@
 """LCM-LoRA files on the tiny SD folder: the diffusers/PEFT form (what diffusers'
 train_lcm_distill_lora_sd_wds.py saves: ``get_peft_model_state_dict`` through
 ``save_lora_weights``) and the kohya form (``lora_unet_<path>`` with alpha, as the published
-LCM-LoRA files and A1111/ComfyUI use), loaded in ldm and in diffusers.
+LCM-LoRA files and A1111/ComfyUI use), loaded in ldm and in diffusers, for SD 1.x and SDXL (whose
+published LCM-LoRA names diffusers' module paths in kohya keys, not sgm's).
 
 Weights: ldm's merged U-Net equals diffusers' fused one. Images: the ``lcm`` sampler with the LoRA
 equals diffusers' StableDiffusionPipeline with LCMScheduler and the same LoRA (fused or not).
@@ -70,20 +71,38 @@ def _kohya_file(state: dict, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def files(tiny_sd1, tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("lcm_lora")
-    state, config = _peft_state(tiny_sd1)
+def _lora_files(folder: Path, out: Path) -> dict[str, Path]:
+    state, config = _peft_state(folder)
     return {
         "diffusers": _diffusers_file(state, config, out / "peft"),
         "kohya": _kohya_file(state, out / "lcm_lora_kohya.safetensors"),
     }
 
 
-def _diffusers_pipe(folder: Path, lora: Path | None = None, fuse: bool = True):
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+@pytest.fixture(scope="module")
+def files(tiny_sd1, tmp_path_factory) -> dict[str, Path]:
+    return _lora_files(tiny_sd1, tmp_path_factory.mktemp("lcm_lora"))
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+
+@pytest.fixture(scope="module")
+def sdxl_files(tiny_sdxl, tmp_path_factory) -> dict[str, Path]:
+    """The published SDXL LCM-LoRA's layout: kohya keys on diffusers' paths, not sgm's."""
+    return _lora_files(tiny_sdxl, tmp_path_factory.mktemp("lcm_lora_xl"))
+
+
+def _setup(request, kind: str, form: str) -> tuple[Path, Path]:
+    """(model folder, LoRA file) for kind "sd1" or "sdxl"."""
+    folder = request.getfixturevalue("tiny_sdxl" if kind == "sdxl" else "tiny_sd1")
+    return folder, request.getfixturevalue("sdxl_files" if kind == "sdxl" else "files")[form]
+
+
+def _diffusers_pipe(folder: Path, lora: Path | None = None, fuse: bool = True):
+    import diffusers
+    from diffusers import LCMScheduler
+
+    sdxl = (folder / "text_encoder_2").is_dir()
+    cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     if lora is not None:
@@ -93,16 +112,17 @@ def _diffusers_pipe(folder: Path, lora: Path | None = None, fuse: bool = True):
     return pipe
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 @pytest.mark.parametrize("form", ["diffusers", "kohya"])
-def test_lcm_lora_merges_as_diffusers_fuses_it(form, files, tiny_sd1):
-    path = files[form]
+def test_lcm_lora_merges_as_diffusers_fuses_it(kind, form, request):
+    folder, path = _setup(request, kind, form)
     keys = load_state_dict(path)
     if form == "kohya":
         assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.") for k in keys)
         assert "lora_unet_mid_block_resnets_0_time_emb_proj.alpha" in keys
     else:
         assert "unet.up_blocks.0.upsamplers.0.conv.lora_A.weight" in keys
-    parts, base = load_folder(tiny_sd1), load_folder(tiny_sd1)
+    parts, base = load_folder(folder), load_folder(folder)
     report = apply_lora(parts, path)
     n_pairs = sum(".lora_A." in k or ".lora_down." in k for k in keys)
     assert report.warning() is None and len(report.matched) == n_pairs
@@ -112,7 +132,7 @@ def test_lcm_lora_merges_as_diffusers_fuses_it(form, files, tiny_sd1):
     for target in LCM_TARGETS:
         assert any(n.endswith("." + target) for n in names), target
 
-    theirs = _diffusers_pipe(tiny_sd1, path)
+    theirs = _diffusers_pipe(folder, path)
     theirs.unload_lora_weights()  # fused: the merged weights stay, peft's wrappers go
     reference = theirs.unet.state_dict()
     mine, before = parts.unet.state_dict(), base.unet.state_dict()
@@ -136,21 +156,25 @@ def _theirs(pipe, scale: float, steps: int = 4) -> np.ndarray:
     return _array(out.images[0])
 
 
-@pytest.mark.parametrize("form, fuse", [("diffusers", False), ("kohya", True)])
-def test_lcm_lora_image_matches_diffusers(form, fuse, files, tiny_sd1):
+@pytest.mark.parametrize(
+    "kind, form, fuse",
+    [("sd1", "diffusers", False), ("sd1", "kohya", True), ("sdxl", "kohya", False)],
+)
+def test_lcm_lora_image_matches_diffusers(kind, form, fuse, request):
     """Pipeline.apply_lora + the lcm sampler: diffusers' image (its LoRA unfused or fused)."""
     from ldm.pipeline import load_pipeline
 
-    pipe, plain = (load_pipeline(str(tiny_sd1), "cpu", "fp32", "off") for _ in range(2))
-    report = pipe.apply_lora(files[form])
+    folder, path = _setup(request, kind, form)
+    pipe, plain = (load_pipeline(str(folder), "cpu", "fp32", "off") for _ in range(2))
+    report = pipe.apply_lora(path)
     assert report.warning() is None
     kwargs = dict(steps=4, sampler="lcm", guidance_scale=1.0, height=SIZE, width=SIZE)
     (ours,) = pipe([PROMPT], [SEED], **kwargs)
     (without,) = plain([PROMPT], [SEED], **kwargs)
-    expected = _theirs(_diffusers_pipe(tiny_sd1, files[form], fuse), 1.0)
+    expected = _theirs(_diffusers_pipe(folder, path, fuse), 1.0)
     assert expected.std() > 5
     diff = np.abs(_array(ours.image) - expected)
-    assert diff.max() <= 2, f"{form}: max pixel diff {diff.max()}/255"
+    assert diff.max() <= 2, f"{kind} {form}: max pixel diff {diff.max()}/255"
     assert np.abs(_array(without.image) - expected).max() > 10  # the LoRA changed the image
 
 
