@@ -279,9 +279,23 @@ class Denoiser(torch.nn.Module):
             kwargs["encoder_attention_mask"] = cond.mask
         if cond.time_ids is not None:  # SDXL added conditioning, in diffusers' calling form
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        if cond.guidance is not None:  # the network embeds the guidance scale itself
+            w = _guidance_embedding(self.network, cond.guidance.to(x_in.device))
+            kwargs["timestep_cond"] = w.to(x_in.dtype)
         out = self.network(x_in, c_noise, **kwargs)
         out = getattr(out, "sample", out)  # diffusers' UNet returns an output record
         return out.float() if self.dtype is not None else out
+
+
+def _guidance_embedding(network, guidance: torch.Tensor) -> torch.Tensor:
+    """LCM's w-embedding (Luo et al. 2023, sec. 4.2): sinusoidal features of w - 1, as diffusers'
+    LatentConsistencyModelPipeline computes it, for a U-Net with ``time_cond_proj_dim``."""
+    from ldm.models.layers import guidance_scale_embedding
+
+    dim = getattr(network.config, "time_cond_proj_dim", None)
+    if dim is None:
+        raise ValueError("this network does not embed a guidance scale (no time_cond_proj_dim)")
+    return guidance_scale_embedding(guidance.float() - 1, dim)
 
 
 def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:

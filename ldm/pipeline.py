@@ -10,6 +10,7 @@ wrap the denoiser (see :mod:`ldm.modes`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,30 @@ class Pipeline:
         default = self.parts.family.force_zeros_for_empty_prompt
         return bool(self.parts.model_index.get("force_zeros_for_empty_prompt", default))
 
+    @property
+    def guidance_embedded(self) -> bool:
+        """The network takes the guidance scale as an input (a full LCM U-Net's w-embedding)."""
+        return getattr(self.unet.config, "time_cond_proj_dim", None) is not None
+
+    def two_pass(self, r: Request) -> bool:
+        """Classifier-free guidance runs an unconditioned pass: scale > 1, not embedded."""
+        return r.guidance_scale > 1.0 and not self.guidance_embedded
+
+    def resolve_sampling(self, sampler, schedule, steps, guidance_scale):
+        """(spec, schedule, steps, guidance scale): what is given, else the model's defaults; a
+        sampler other than the model's first brings its own (a few-step sampler's steps,
+        guidance off, its schedule) from the sampler table."""
+        model = self.sampling_defaults
+        if sampler is None:  # the model's sampler comes with its schedule
+            sampler, schedule = model["sampler"], schedule or model["schedule"]
+        spec, _ = check_sampler(sampler, "default")
+        own = dict(spec.defaults) if spec.name != model["sampler"] else {}
+        fill = {**model, **own}
+        spec, schedule = check_sampler(sampler, schedule or own.get("schedule", "default"))
+        steps = fill["steps"] if steps is None else steps
+        guidance_scale = fill["guidance_scale"] if guidance_scale is None else guidance_scale
+        return spec, schedule, steps, guidance_scale
+
     def text_encoder(self, clip_skip: int = 1) -> TextEncoder:
         """The family's text encoder(s) behind one interface (ldm.text.encoders), per clip skip."""
         if clip_skip not in self._text_encoders:
@@ -203,7 +228,7 @@ class Pipeline:
         request = self.prepare(prompts, seeds, **settings)
         self.accelerate()
         cond, uncond = (encode or self.encode_text)(
-            request.prompts, request.negatives, request.clip_skip, request.guidance_scale > 1.0
+            request.prompts, request.negatives, request.clip_skip, self.two_pass(request)
         )
         cond, uncond = self.condition(request, cond, uncond)
         latents = self.denoise(request, cond, uncond, callback, preview=preview)
@@ -237,13 +262,10 @@ class Pipeline:
         denoising_end: float | None = None,  # stop part-way (a base before its refiner)
     ) -> Request:
         """Step 1: check the whole request before any work (one LdmError per bad value)."""
-        family = self.sampling_defaults
-        steps = family["steps"] if steps is None else steps
-        guidance_scale = family["guidance_scale"] if guidance_scale is None else guidance_scale
-        if sampler is None:  # the family's sampler comes with its schedule
-            sampler, schedule = family["sampler"], schedule or family["schedule"]
+        spec, schedule, steps, guidance_scale = self.resolve_sampling(
+            sampler, schedule, steps, guidance_scale
+        )
         prompts, negatives = prompt_lists(prompts, seeds, negative_prompt)
-        spec, schedule = check_sampler(sampler, schedule or "default")
         if isinstance(init_image, (str, Path)):
             init_image = load_image(init_image, "--init-image")
         if isinstance(mask, (str, Path)):
@@ -281,7 +303,10 @@ class Pipeline:
         return tuple(c if c is None else c.to(self.device, self.dtype).lean() for c in conds)
 
     def condition(self, r: Request, cond, uncond):
-        """Step 2b (SDXL): empty negatives as zeros, and the size/crop/aesthetic ids."""
+        """Step 2b: an embedded guidance scale; SDXL: empty negatives as zeros, and the
+        size/crop/aesthetic ids."""
+        if self.guidance_embedded:  # diffusers' LatentConsistencyModelPipeline: w, one pass
+            cond = dataclasses.replace(cond, guidance=torch.full((len(cond),), r.guidance_scale))
         if uncond is not None and self.force_zeros_for_empty_prompt:
             uncond = zero_rows(uncond, [n == "" for n in r.negatives])  # diffusers' None
         kind = self.parts.family.micro_conditioning
@@ -338,15 +363,16 @@ class Pipeline:
             if r.start_from_image:
                 x = init_latents + noise * sigmas[0]  # VE form of diffusers' add_noise
             else:
-                x = noise * init_noise_scale(sigmas, self.schedule, r.spec.name)  # as diffusers
+                x = noise * init_noise_scale(sigmas, self.schedule, r.spec.name, r.schedule)
         if r.mode == "inpaint":
             keep, extra = inpaint_inputs(
                 vae[0], r.mask, pixels, generators, self.is_inpainting_model, **vae[1]
             )
 
         # 3c. network -> denoiser -> guided denoiser (-> inpaint blending), NaN-checked
+        scale = r.guidance_scale if uncond is not None else 1.0  # 1: the conditioned pass only
         denoise = cfg(
-            denoiser, cond, uncond, r.guidance_scale, rescale=r.guidance_rescale,
+            denoiser, cond, uncond, scale, rescale=r.guidance_rescale,
             batched=r.batched_guidance, concat=extra,
         )  # fmt: skip
         if keep is not None:
@@ -357,6 +383,8 @@ class Pipeline:
         # 3d. sample (later noise for image i comes from generator i too)
         noise_fn = make_noise(generators, latent_shape[1:], device=self.device)
         options = r.spec.options(self.schedule, r.eta)
+        if r.spec.timestep_maps:  # LCM, TCD: defined on the training timesteps
+            options.update(sigma_to_t=denoiser.sigma_to_t, t_to_sigma=denoiser.t_to_sigma)
         x = r.spec.function(denoise, x, sigmas, noise=noise_fn, callback=progress, **options)
         if keep is not None:
             x = keep * init_latents + (1 - keep) * x

@@ -45,7 +45,7 @@ def generate_with_refiner(
     latents = None
     for pipe, request in ((base, first), (refiner, second)):
         pipe.accelerate()
-        guided = request.guidance_scale > 1.0
+        guided = pipe.two_pass(request)
         cond, uncond = pipe.encode_text(
             request.prompts, request.negatives, request.clip_skip, guided
         )

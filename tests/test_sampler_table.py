@@ -11,7 +11,7 @@ from ldm.errors import LdmError
 from ldm.infotext import format_infotext, parse_infotext
 from ldm.request import check_sampler
 from ldm.sampling.noise import make_noise
-from ldm.sampling.samplers import SAMPLERS, SPECS, resolve_sampler, sampler_spec
+from ldm.sampling.samplers import SAMPLERS, SPEC, SPECS, resolve_sampler, sampler_spec
 from ldm.sampling.schedules import SIGMA_SCHEDULES, TIMESTEP_SPACINGS, NoiseSchedule
 
 # the diffusers scheduler class each sampler reproduces (CONVENTIONS.md)
@@ -26,7 +26,14 @@ DIFFUSERS_CLASS = {
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
     "dpmpp_3m_sde": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
+    "turbo": "EulerAncestralDiscreteScheduler",  # with timestep_spacing="trailing"
 }
+PRESETS = {"turbo": "euler_ancestral"}  # a preset of another sampler's function and label
+# A1111's LCM (sd_samplers_lcm.py) samples its own 50-timestep grid, which no ldm schedule
+# reproduces, and A1111 has no TCD: documented limitations, like DDPM (docs/infotext.md)
+A1111_OWN_GRID = {"lcm", "tcd", "ddpm"}
 # A1111 >= 1.9 modules/sd_samplers_kdiffusion.py: options["scheduler"] of each sampler, restated;
 # "Automatic" (or no Schedule type) means this, and "uniform" (k-diffusion's get_sigmas) for the
 # k-diffusion samplers not listed; DDIM and UniPC (sd_samplers_timesteps.py) run on A1111's own
@@ -43,11 +50,14 @@ A1111_TYPES = {"Uniform": "uniform", "Karras": "karras", "Exponential": "exponen
 
 
 def test_functions_and_names():
-    assert list(SAMPLERS) == [s.name for s in SPECS] and len(SPECS) == 10
+    assert list(SAMPLERS) == [s.name for s in SPECS] and len(SPECS) == 13
     owners: dict[str, set[str]] = {}  # spelling -> samplers it names
     for spec in SPECS:
-        assert spec.function.__name__ == f"sample_{spec.name}" and callable(spec.function)
-        names = [spec.name, spec.a1111, *spec.aliases, *(n for n, _ in spec.named_schedules)]
+        base = SPEC[PRESETS.get(spec.name, spec.name)]
+        assert spec.function.__name__ == f"sample_{base.name}" and callable(spec.function)
+        names = [spec.name, *spec.aliases, *(n for n, _ in spec.named_schedules)]
+        names += [spec.a1111] if base is spec else []
+        assert spec.a1111 == base.a1111  # a preset writes its base's label, which reads as it
         for n in names:
             owners.setdefault(" ".join(n.lower().split()), set()).add(spec.name)
         for name in names:
@@ -55,7 +65,9 @@ def test_functions_and_names():
             assert resolve_sampler(f"  {name.upper()} ")[0] == spec.name
         for name, schedule in spec.named_schedules:
             assert resolve_sampler(name) == (spec.name, schedule) and schedule in SIGMA_SCHEDULES
-        assert spec.a1111_schedule in SIGMA_SCHEDULES and spec.spacing in TIMESTEP_SPACINGS
+        assert spec.a1111_schedule in SIGMA_SCHEDULES
+        assert spec.spacing in (*TIMESTEP_SPACINGS, "lcm")
+        assert set(dict(spec.defaults)) <= {"steps", "guidance_scale", "schedule"}
     assert all(len(o) == 1 for o in owners.values()), "a name means two samplers"
     with pytest.raises(LdmError, match="valid: ddim, ddpm"):
         sampler_spec("nope")
@@ -73,7 +85,9 @@ def test_eta_and_noise_match_the_function(spec):
         calls.append(1)
         return noise()
 
-    spec.function(lambda x, s: 0.5 * x, x, sigmas, noise=counting)
+    maps = dict(sigma_to_t=lambda s: s * 100, t_to_sigma=lambda t: t / 100)
+    spec.function(lambda x, s: 0.5 * x, x, sigmas, noise=counting,
+                  **(maps if spec.timestep_maps else {}))  # fmt: skip
     assert bool(calls) == spec.stochastic
 
 
@@ -81,7 +95,8 @@ def test_eta_and_noise_match_the_function(spec):
 def test_timestep_facts_match_diffusers(spec):
     cls = getattr(diffusers, DIFFUSERS_CLASS[spec.name])
     spacing = inspect.signature(cls.__init__).parameters["timestep_spacing"].default
-    assert spec.spacing == spacing
+    # LCM/TCD ignore timestep_spacing ("lcm": their own grid); Turbo is run with "trailing"
+    assert spec.spacing == {"lcm": "lcm", "tcd": "lcm", "turbo": "trailing"}.get(spec.name, spacing)
     assert spec.multistep == ("Multistep" in cls.__name__)
     # Euler-family schedulers keep k-space latents: their init_noise_sigma is sigma_max
     scheduler = cls(timestep_spacing="linspace")
@@ -105,11 +120,11 @@ def test_a1111_label_round_trips(spec, schedule):
     eta = {} if spec.eta is None else {"eta": 0.25}
     params = {**BASE, "sampler": spec.name, "schedule": schedule, **eta}
     text = format_infotext(params)
-    assert parse_infotext(text) == params  # ours reads back what we wrote
+    # ours reads back what we wrote (a preset as the sampler it presets: the same image)
+    assert parse_infotext(text) == {**params, "sampler": PRESETS.get(spec.name, spec.name)}
     got = a1111_parse(text)
     assert got["Sampler"] == spec.a1111
-    if spec.a1111 not in A1111_SAMPLERS:
-        assert spec.name == "ddpm"  # the documented limitation (docs/infotext.md)
+    if spec.name in A1111_OWN_GRID:
         return
     # what A1111 renders from our text is what ldm rendered; ldm's "default" (diffusers'
     # spacing) where A1111 has no such schedule: the nearest one, marked as diffusers' spacing

@@ -144,6 +144,30 @@ FAMILIES: dict[str, Family] = {
             ),  # fmt: skip
         ),
         Family(
+            name="lcm",
+            label="Latent Consistency Model (SD 1.x)",
+            pipeline_class="LatentConsistencyModelPipeline",
+            network="UNet2DConditionModel",
+            text_encoders=(TextEncoderSpec("clip"),),
+            text_combine="single",
+            prediction_type="epsilon",
+            vae_scaling_factor=AutoencoderConfig.scaling_factor,
+            # diffusers' LatentConsistencyModelPipeline: the w-embedded U-Net, no CFG pass
+            sampler="lcm",
+            sampler_from_checkpoint=True,
+            steps=4,
+            guidance_scale=8.5,
+            single_file=dict(  # LCM Dreamshaper v7's configs (SD 1.5 + the w-embedding)
+                unet=dict(attention_head_dim=8, upcast_attention=False, sample_size=96,
+                          time_cond_proj_dim=256),
+                vae=dict(sample_size=768),
+                text_encoder=dict(hidden_act="quick_gelu", projection_dim=768),
+                scheduler=dict(_SD_SCHEDULER, _class_name="LCMScheduler",
+                               prediction_type="epsilon", original_inference_steps=50,
+                               timestep_scaling=10.0, set_alpha_to_one=True),
+            ),  # fmt: skip
+        ),
+        Family(
             name="sdxl",
             label="Stable Diffusion XL",
             pipeline_class="StableDiffusionXLPipeline",
@@ -191,7 +215,6 @@ FAMILIES: dict[str, Family] = {
 KNOWN_ELSEWHERE = {
     "StableDiffusion3Pipeline": "Stable Diffusion 3",
     "FluxPipeline": "FLUX.1",
-    "LatentConsistencyModelPipeline": "LCM",
 }
 SINGLE_FILE_MARKERS = (  # a key fragment that identifies a family, checked in this order
     ("edm_mean", "Playground v2.5 (EDM SDXL)"),  # EDM-parametrised SDXL variants
@@ -233,6 +256,8 @@ def from_folder(model_index: dict, text_encoder_config: dict | None, source: str
         raise CheckpointError(
             f"{source}: pipeline class {pipeline_class!r} is not one ldm loads ({', '.join(known)})"
         )
+    if holders[0].name == "lcm":
+        return holders[0]
     if holders[0].name == "sdxl":
         # the refiner: second encoder only, aesthetic-score ids (diffusers' img2img pipeline flag)
         no_first = (model_index.get("text_encoder") or [None])[0] is None

@@ -21,6 +21,20 @@ def _lam(sigma: float) -> float:
     return -math.log(sigma)  # half log-SNR, DPM-Solver's lambda (Lu et al. 2022, Sec. 3)
 
 
+def _lam_alpha(sigma: float, sigma_next: float, flow: bool) -> tuple[float, float, float]:
+    """(lambda(sigma), lambda(sigma_next), alpha(sigma_next)) for the SDE solvers.
+
+    k-space: alpha = 1, lambda = -log sigma. Flow (x = (1 - sigma) x0 + sigma eps): alpha =
+    1 - sigma, lambda = log((1 - sigma) / sigma), the half log-SNR ComfyUI's SDE samplers read
+    from a flow model. Pure noise (sigma = 1) has lambda = -inf; ComfyUI moves that first sigma
+    to just below 1 instead, here the step takes its h -> inf limit, which is exact.
+    """
+    if not flow:
+        return _lam(sigma), _lam(sigma_next), 1.0
+    lam = -math.inf if sigma >= 1 else math.log((1 - sigma) / sigma)
+    return lam, math.log((1 - sigma_next) / sigma_next), 1 - sigma_next
+
+
 def _denoise(denoise: Denoise, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return denoise(x, sigma * x.new_ones([x.shape[0]]))
 
@@ -64,8 +78,11 @@ def sample_dpmpp_2m_sde(
     eta: float = 1.0,
     s_noise: float = 1.0,
     solver_type: str = "midpoint",
+    flow: bool = False,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE, Lu et al. 2022 (Sec. 5) as k-diffusion; eta 0 is the ODE solver."""
+    """DPM-Solver++(2M) SDE, Lu et al. 2022 (Sec. 5) as k-diffusion; eta 0 is the ODE solver.
+
+    ``flow``: lambda and alpha of a rectified-flow model (ComfyUI's form, ``_lam_alpha``)."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     noise = require_noise(noise, "dpmpp_2m_sde") if eta else noise
@@ -79,16 +96,18 @@ def sample_dpmpp_2m_sde(
         if sigma_next == 0:
             x = denoised
         else:
-            h = _lam(sigma_next) - _lam(sigma)
-            eta_h = eta * h
+            lam, lam_next, alpha_next = _lam_alpha(sigma, sigma_next, flow)
+            h = lam_next - lam
+            eta_h = eta * h if eta else 0.0  # (0 * inf is nan at sigma = 1)
             phi_1 = -math.expm1(-h - eta_h)
-            x = (sigma_next / sigma) * math.exp(-eta_h) * x + phi_1 * denoised
+            x = (sigma_next / sigma) * math.exp(-eta_h) * x + (alpha_next * phi_1) * denoised
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
-                    x = x + (phi_1 / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                    c = alpha_next * (phi_1 / (-h - eta_h) + 1)
+                    x = x + c * (1 / r) * (denoised - old_denoised)
                 else:
-                    x = x + 0.5 * phi_1 * (1 / r) * (denoised - old_denoised)
+                    x = x + 0.5 * alpha_next * phi_1 * (1 / r) * (denoised - old_denoised)
             if eta:
                 x = x + noise() * (sigma_next * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise)
         old_denoised, h_last = denoised, h
@@ -104,8 +123,11 @@ def sample_dpmpp_3m_sde(
     callback: Callback | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
+    flow: bool = False,
 ) -> torch.Tensor:
-    """DPM-Solver++(3M) SDE (Lu et al. 2022, third-order multistep, as k-diffusion)."""
+    """DPM-Solver++(3M) SDE (Lu et al. 2022, third-order multistep, as k-diffusion).
+
+    ``flow``: lambda and alpha of a rectified-flow model (ComfyUI's form, ``_lam_alpha``)."""
     noise = require_noise(noise, "dpmpp_3m_sde") if eta else noise
     n = len(sigmas) - 1
     denoised_1, denoised_2, h, h_1, h_2 = None, None, None, None, None
@@ -117,9 +139,15 @@ def sample_dpmpp_3m_sde(
         if sigma_next == 0:
             x = denoised
         else:
-            h = _lam(sigma_next) - _lam(sigma)
+            lam, lam_next, alpha_next = _lam_alpha(sigma, sigma_next, flow)
+            h = lam_next - lam
             h_eta = h * (eta + 1)
-            x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
+            if flow:  # ComfyUI's general form; k-space (alpha 1) keeps k-diffusion's algebra
+                eta_h = eta * h if eta else 0.0  # (0 * inf is nan at sigma = 1)
+                x = (sigma_next / sigma) * math.exp(-eta_h) * x
+                x = x - (alpha_next * math.expm1(-h_eta)) * denoised
+            else:
+                x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
             phi_2 = math.expm1(-h_eta) / h_eta + 1  # h * phi_2(h), Lu et al. 2022 eq. 19
             if h_2 is not None:  # third order: two previous denoised estimates
                 r0, r1 = h_1 / h, h_2 / h
@@ -128,9 +156,9 @@ def sample_dpmpp_3m_sde(
                 d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                x = x + (alpha_next * phi_2) * d1 - (alpha_next * phi_3) * d2
             elif h_1 is not None:
-                x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+                x = x + (alpha_next * phi_2) * (denoised - denoised_1) / (h_1 / h)
             if eta:
                 x = x + noise() * (sigma_next * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise)
         denoised_1, denoised_2 = denoised, denoised_1

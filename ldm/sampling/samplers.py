@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ldm.errors import LdmError
+from ldm.sampling.consistency import sample_lcm, sample_tcd
 from ldm.sampling.multistep import (
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
@@ -64,12 +65,19 @@ class SamplerSpec:
     # diffusers' scheduler class for it, and the config values that select it within the class
     scheduler_class: str = ""
     scheduler_match: tuple[tuple[str, object], ...] = ()
+    # takes the model's sigma <-> training-timestep maps (sigma_to_t=, t_to_sigma=): LCM, TCD
+    timestep_maps: bool = False
+    # what a user who picks this sampler for a model made for another gets by default (few-step
+    # samplers: their step count, guidance off); the model's own sampler keeps the model's
+    defaults: tuple[tuple[str, object], ...] = ()
 
     def options(self, schedule: NoiseSchedule, eta: float | None = None) -> dict:
         """Options that reproduce diffusers' scheduler here (eta None: the sampler's default)."""
         options = {"final_sigma": schedule.final_sigma} if self.final_sigma else {}
         if self.eta is not None:
             options["eta"] = self.eta if eta is None else eta
+        if self.function is sample_lcm:
+            options["timestep_scaling"] = schedule.timestep_scaling
         return options
 
 
@@ -108,6 +116,18 @@ SPECS: tuple[SamplerSpec, ...] = (
                 a1111_schedule="exponential", **_DPM, multistep=True, **_ANCESTRAL),
     SamplerSpec("unipc", sample_unipc, "UniPC", ("uni_pc",), a1111_eta="Eta DDIM",
                 multistep=True, scheduler_class="UniPCMultistepScheduler", **_A1111_TIMESTEPS),
+    # few-step samplers for distilled models: LCM and TCD on LCM's 50 "original" timesteps,
+    # Turbo (ADD, Sauer et al. 2023) as diffusers runs it: Euler a on trailing timesteps, no CFG
+    SamplerSpec("lcm", sample_lcm, "LCM", ("k_lcm",), stochastic=True, spacing="lcm",
+                timestep_maps=True, scheduler_class="LCMScheduler",
+                defaults=(("steps", 4), ("guidance_scale", 1.0))),
+    # not an A1111 sampler (A1111 renders it as DPM++ 2M); eta is TCD's gamma
+    SamplerSpec("tcd", sample_tcd, "TCD", stochastic=True, eta=0.3, spacing="lcm",
+                timestep_maps=True, scheduler_class="TCDScheduler",
+                defaults=(("steps", 4), ("guidance_scale", 1.0))),
+    SamplerSpec("turbo", sample_euler_ancestral, "Euler a", ("euler_a_turbo",), k_space=True,
+                **_ANCESTRAL, spacing="trailing",
+                defaults=(("steps", 1), ("guidance_scale", 1.0), ("schedule", "simple"))),
 )  # fmt: skip
 SPEC: dict[str, SamplerSpec] = {s.name: s for s in SPECS}
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {s.name: s.function for s in SPECS}
@@ -119,8 +139,9 @@ def _key(name: str) -> str:
 
 # every accepted spelling (any case, any spacing) -> (ldm name, implied schedule or None)
 _NAMES: dict[str, tuple[str, str | None]] = {}
-for _s in SPECS:
-    _NAMES.update({_key(n): (_s.name, None) for n in (_s.name, _s.a1111, *_s.aliases)})
+for _s in SPECS:  # a label two samplers share (Turbo's "Euler a") reads as the first
+    for _n in (_s.name, _s.a1111, *_s.aliases):
+        _NAMES.setdefault(_key(_n), (_s.name, None))
     _NAMES.update({_key(n): (_s.name, schedule) for n, schedule in _s.named_schedules})
 
 
@@ -143,11 +164,8 @@ def sampler_spec(name: str) -> SamplerSpec:
 
 def names_help() -> list[str]:
     """Names for help texts and error messages: ldm names, then A1111 labels."""
-    return (
-        [s.name for s in SPECS]
-        + [s.a1111 for s in SPECS]
-        + [n for s in SPECS for n, _ in s.named_schedules]
-    )
+    names = [s.name for s in SPECS] + [s.a1111 for s in SPECS]
+    return list(dict.fromkeys(names + [n for s in SPECS for n, _ in s.named_schedules]))
 
 
 # diffusers' class defaults of the fields that select a sampler within a scheduler class

@@ -61,6 +61,8 @@ class NoiseSchedule:
     steps_offset: int = 0  # added to "leading" timesteps (1 for SD 1.x)
     set_alpha_to_one: bool = True  # DDIM's last step lands on abar = 1 (else on abar[0])
     rescale_betas_zero_snr: bool = False  # informational; betas are already rescaled
+    original_inference_steps: int = 50  # LCM/TCD: the distillation's timestep grid (T // 50 apart)
+    timestep_scaling: float = 10.0  # LCM: t scale inside the boundary conditions c_skip, c_out
     alphas_cumprod: torch.Tensor = field(init=False)  # (T,) float32
     sigmas: torch.Tensor = field(init=False)  # (T,) float32 training sigma table, ascending
 
@@ -121,6 +123,8 @@ class NoiseSchedule:
             steps_offset=int(c["steps_offset"]),
             set_alpha_to_one=bool(c["set_alpha_to_one"]),
             rescale_betas_zero_snr=bool(c["rescale_betas_zero_snr"]),
+            original_inference_steps=int(c["original_inference_steps"]),
+            timestep_scaling=float(c["timestep_scaling"]),
         )
 
 
@@ -135,6 +139,8 @@ _CONFIG_DEFAULTS = dict(
     steps_offset=0,
     rescale_betas_zero_snr=False,
     set_alpha_to_one=True,
+    original_inference_steps=50,
+    timestep_scaling=10.0,
 )
 
 
@@ -191,6 +197,8 @@ def default_timesteps(num_steps: int, schedule: NoiseSchedule, sampler: str) -> 
     spec = SPEC[sampler]
     spacing = schedule.timestep_spacing or spec.spacing
     T = schedule.num_train_timesteps
+    if spec.spacing == "lcm":  # LCMScheduler / TCDScheduler ignore timestep_spacing
+        return lcm_timesteps(num_steps, T, schedule.original_inference_steps)
     if spec.multistep:  # DPM-Solver / UniPC space N + 1 points and drop the last
         if spacing == "linspace":
             return np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].copy()
@@ -204,6 +212,17 @@ def default_timesteps(num_steps: int, schedule: NoiseSchedule, sampler: str) -> 
             return np.linspace(0, T - 1, num_steps).round()[::-1].copy()
         return np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
     return _spaced_timesteps(spacing, num_steps, T, schedule.steps_offset)
+
+
+def lcm_timesteps(num_steps: int, T: int, original_steps: int = 50) -> np.ndarray:
+    """LCM's timesteps (Luo et al. 2023, sec. 4.3): ``num_steps`` evenly spaced indices into
+    the descending grid k - 1, 2k - 1, ..., T - 1 (k = T // original_steps) it was distilled on."""
+    if num_steps > original_steps:
+        raise LdmError(f"--steps {num_steps} exceeds the {original_steps} timesteps LCM/TCD "
+                       "sample from (the scheduler's original_inference_steps)")  # fmt: skip
+    k = T // original_steps
+    grid = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    return grid[np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(int)]
 
 
 def _spaced_timesteps(spacing: str, num_steps: int, T: int, steps_offset: int) -> np.ndarray:
@@ -227,7 +246,9 @@ def timestep_interp(sampler: str, schedule_name: str) -> str:
     return "log"
 
 
-def init_noise_scale(sigmas: torch.Tensor, schedule: NoiseSchedule, sampler: str) -> float:
+def init_noise_scale(
+    sigmas: torch.Tensor, schedule: NoiseSchedule, sampler: str, schedule_name: str = "default"
+) -> float:
     """The factor diffusers' scheduler puts on unit noise to make the first latent (in k-space).
 
     VP-space schedulers (DDIM, DDPM, DPM-Solver, UniPC) start from unit noise at abar, which is
@@ -236,6 +257,8 @@ def init_noise_scale(sigmas: torch.Tensor, schedule: NoiseSchedule, sampler: str
     sigma0 = float(sigmas[0])
     spec = sampler_spec(sampler)
     spacing = schedule.timestep_spacing or spec.spacing
+    if schedule_name == "simple":  # trailing timesteps whatever the config says (Turbo)
+        spacing = "trailing"
     if spec.k_space and spacing in ("linspace", "trailing"):
         return sigma0
     return (sigma0**2 + 1) ** 0.5

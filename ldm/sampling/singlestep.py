@@ -51,6 +51,22 @@ def _ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float,
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
+def _flow_ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float, float]:
+    """The ancestral split for x = (1 - sigma) x0 + sigma eps (ComfyUI's sample_euler_ancestral_RF).
+
+    Step down to sigma_down = sigma_next (1 + (sigma_next / sigma - 1) eta), rescale the signal
+    from 1 - sigma_down to 1 - sigma_next, and add the noise that brings its level back to
+    sigma_next: sigma_up^2 = sigma_next^2 - (sigma_down (1 - sigma_next) / (1 - sigma_down))^2.
+    Returns (sigma_down, sigma_up, signal rescale).
+    """
+    if not eta or sigma_next == 0:
+        return sigma_next, 0.0, 1.0
+    sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+    alpha_ratio = (1 - sigma_next) / (1 - sigma_down)
+    sigma_up = max(sigma_next**2 - (sigma_down * alpha_ratio) ** 2, 0.0) ** 0.5
+    return sigma_down, sigma_up, alpha_ratio
+
+
 def sample_euler_ancestral(
     denoise: Denoise,
     x: torch.Tensor,
@@ -60,16 +76,28 @@ def sample_euler_ancestral(
     callback: Callback | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
+    flow: bool = False,
 ) -> torch.Tensor:
-    """Ancestral Euler (k-diffusion's "Euler a"): an Euler step to sigma_down, then new noise."""
+    """Ancestral Euler (k-diffusion's "Euler a"): an Euler step to sigma_down, then new noise.
+
+    ``flow``: the rectified-flow split (ComfyUI's sample_euler_ancestral_RF), for models with
+    x = (1 - sigma) x0 + sigma eps; the k-space split would add noise without shrinking the
+    signal. The Euler step itself is the same ODE step in both spaces.
+    """
     noise = require_noise(noise, "euler_ancestral") if eta else noise
     n = len(sigmas) - 1
     for i in range(n):
         denoised = denoise(x, _sigma_batch(sigmas[i], x))
         if callback is not None:
             callback(i, n, x, denoised)
-        sigma_down, sigma_up = _ancestral_step(float(sigmas[i]), float(sigmas[i + 1]), eta)
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if flow:
+            sigma_down, sigma_up, alpha_ratio = _flow_ancestral_step(sigma, sigma_next, eta)
+        else:
+            (sigma_down, sigma_up), alpha_ratio = _ancestral_step(sigma, sigma_next, eta), 1.0
         x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        if alpha_ratio != 1.0:
+            x = x * alpha_ratio
         if sigma_up > 0:
             x = x + noise() * (sigma_up * s_noise)
     return x

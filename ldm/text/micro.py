@@ -7,6 +7,7 @@ positive and negative ids with their prompts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,7 @@ def with_time_ids(cond: Cond, ids: torch.Tensor) -> Cond:
     """``cond`` with (N,) ids for every row, or (B, N) ids row by row."""
     ids = ids.to(cond.context.device, torch.float32)
     ids = ids.expand(len(cond), -1) if ids.ndim == 1 else ids
-    return Cond(cond.context, cond.pooled, cond.mask, ids)
+    return dataclasses.replace(cond, time_ids=ids)
 
 
 def zero_rows(cond: Cond, rows: list[bool]) -> Cond:
@@ -84,4 +85,4 @@ def zero_rows(cond: Cond, rows: list[bool]) -> Cond:
         return cond
     keep = (~zero).to(cond.context.dtype)  # (B,)
     pooled = None if cond.pooled is None else cond.pooled * keep[:, None].to(cond.pooled.dtype)
-    return Cond(cond.context * keep[:, None, None], pooled, cond.mask, cond.time_ids)
+    return dataclasses.replace(cond, context=cond.context * keep[:, None, None], pooled=pooled)
