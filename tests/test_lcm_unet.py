@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel as DiffusersUNet
 from PIL import Image
-from tiny import UNET_SD1
+from tiny import UNET_SD1, UNET_SDXL
 
 from ldm.models.layers import guidance_scale_embedding
 from ldm.models.unet import UNet2DConditionModel, UNetConfig
@@ -62,6 +62,21 @@ def test_lcm_unet_matches_diffusers() -> None:
     assert (want - got).abs().max().item() <= 1e-5 * scale
     assert (got - other).abs().max().item() > 1e-3 * scale  # the embedding reaches the output
     assert (no_cond[0] - no_cond[1]).abs().max().item() <= 1e-5 * scale
+
+
+def test_lcm_sdxl_unet_matches_diffusers() -> None:
+    """LCM-SDXL's layout: the w-embedding next to SDXL's text_time added conditioning."""
+    ref, ours = _pair(dict(UNET_SDXL, time_cond_proj_dim=W_DIM), seed=2)
+    gen = torch.Generator().manual_seed(3)
+    x, context = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 7, 64, generator=gen)
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [32, 48, 8, 0, 64, 64]])
+    added = {"text_embeds": torch.randn(2, 32, generator=gen), "time_ids": ids}
+    w = guidance_scale_embedding(torch.tensor([7.0, 3.0]), W_DIM)
+    t = torch.tensor([499.0, 19.0])
+    with torch.no_grad():
+        want = ref(x, t, context, added_cond_kwargs=added, timestep_cond=w).sample
+        got = ours(x, t, context, added_cond_kwargs=added, timestep_cond=w)
+    assert (want - got).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 def test_lcm_config_round_trip_and_refusals() -> None:
