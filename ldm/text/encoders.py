@@ -8,6 +8,8 @@ Every encoder owns its tokenizer and exposes:
   ``encode_ids(input_ids) -> Cond``       one (B, max_length) window of ids, used for chunks;
   ``max_length``, ``bos_token_id`` (None for T5), ``eos_token_id``, ``pad_token_id``.
 
+SD3's CLIP-L + CLIP-G + T5 combination lives in ``ldm.text.sd3`` (built by ``text_encoder_for``).
+
 CLIP-family encoders return an all-True mask: Stable Diffusion's U-Net was trained attending to
 every one of the 77 positions, padding included, so masking them would change its images.
 """
@@ -19,6 +21,7 @@ from torch import nn
 
 from ldm.errors import LdmError
 from ldm.text.cond import Cond
+from ldm.text.sd3 import SD3TextEncoder, check_max_sequence_length
 
 
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -187,13 +190,20 @@ class OpenCLIPTextEncoder(TextEncoder):
 
 
 class T5TextEncoder(TextEncoder):
-    """T5 encoder (Raffel et al. 2020) via transformers; padding masked, pooled = masked mean."""
+    """T5 encoder (Raffel et al. 2020) via transformers; pooled = mean of the real tokens.
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 77):
+    ``attention_mask``: padding is masked (the Cond's mask says which tokens are real); SD3 runs
+    T5 unmasked, attending to its padding, as diffusers and ComfyUI do (all-True Cond mask).
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer, max_length: int = 77, attention_mask: bool = True
+    ):
         super().__init__()
         self.model = model  # transformers T5EncoderModel
         self.tokenizer = tokenizer  # a transformers tokenizer with eos and pad tokens
-        self.max_length = max_length
+        self.max_length = max_length  # ids per sequence, </s> and padding included
+        self.attention_mask = attention_mask
         self.bos_token_id = None  # T5 has no start token
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
@@ -202,9 +212,14 @@ class T5TextEncoder(TextEncoder):
 
     def encode_ids(self, input_ids: torch.Tensor) -> Cond:
         input_ids = input_ids.to(self.device)
-        mask = input_ids != self.pad_token_id  # (B, L), T5's relative attention ignores padding
-        context = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
-        weights = mask.unsqueeze(-1).to(context.dtype)  # (B, L, 1)
+        real = input_ids != self.pad_token_id  # (B, L)
+        if self.attention_mask:  # T5's relative attention then ignores padding
+            context = self.model(input_ids=input_ids, attention_mask=real.long()).last_hidden_state
+            mask = real
+        else:
+            context = self.model(input_ids=input_ids).last_hidden_state
+            mask = torch.ones_like(real)
+        weights = real.unsqueeze(-1).to(context.dtype)  # (B, L, 1)
         pooled = (context * weights).sum(1) / weights.sum(1).clamp(min=1)
         return Cond(context, pooled, mask)
 
@@ -213,15 +228,19 @@ class ConcatTextEncoder(TextEncoder):
     """Several encoders on the same prompt, contexts side by side (SDXL, Podell et al. 2023).
 
     Context = the encoders' contexts concatenated on the feature axis (768 + 1280 = 2048 for
-    SDXL); pooled = the last encoder's (OpenCLIP bigG's projected embedding). The encoders share
+    SDXL); pooled = the last encoder's (OpenCLIP bigG's projected embedding), or with
+    ``pooled="concat"`` all of theirs side by side (SD3: 768 + 1280 = 2048). The encoders share
     CLIP's BPE, so one tokenization serves all; each gets its own padding id after the first
     end-of-text (OpenCLIP pads with 0). ``widths`` lets emphasis weights be applied per encoder,
     as A1111 does (ldm.text.prompts).
     """
 
-    def __init__(self, encoders: list[TextEncoder]):
+    def __init__(self, encoders: list[TextEncoder], pooled: str = "last"):
         super().__init__()
+        if pooled not in ("last", "concat"):
+            raise ValueError(f"pooled={pooled!r}: expected 'last' or 'concat'")
         self.encoders = nn.ModuleList(encoders)
+        self.pooled = pooled
         first = encoders[0]
         self.tokenizer = first.tokenizer
         self.max_length = first.max_length
@@ -238,18 +257,54 @@ class ConcatTextEncoder(TextEncoder):
         self.widths = [o.context.shape[-1] for o in outs]
         context = torch.cat([o.context for o in outs], dim=-1)  # (B, L, sum of widths)
         mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        return Cond(context, outs[-1].pooled, mask)
+        pooled = outs[-1].pooled
+        if self.pooled == "concat":
+            pooled = torch.cat([o.pooled for o in outs], dim=-1)  # (B, sum of pooled widths)
+        return Cond(context, pooled, mask)
 
 
-def text_encoder_for(parts, clip_skip: int = 1) -> TextEncoder:
-    """The family's text encoder(s) of a ``ModelParts``, behind the one TextEncoder interface."""
+def _clip_encoder(spec, model, tokenizer, clip_skip: int) -> CLIPTextEncoder:
+    """CLIP and OpenCLIP in transformers' CLIP layout."""
+    return CLIPTextEncoder(model, tokenizer, clip_skip, penultimate=spec.hidden == "penultimate")
+
+
+def text_encoder_for(
+    parts, clip_skip: int = 1, max_sequence_length: int = 256
+) -> TextEncoder | SD3TextEncoder:
+    """The family's text encoder(s) of a ``ModelParts``, behind the one TextEncoder interface.
+
+    ``max_sequence_length``: T5 tokens of an SD3 context (ldm.text.sd3; other families ignore it).
+    """
+    modules = parts.text_modules()
+    if parts.family.text_combine == "sd3":
+        return _sd3_encoder(parts, modules, clip_skip, max_sequence_length)
     encoders = []
-    for spec, model, tokenizer in parts.text_modules():
+    for spec, model, tokenizer in modules:
         if spec.kind == "t5":
             encoders.append(T5TextEncoder(model, tokenizer))
-        else:  # CLIP and OpenCLIP in transformers' CLIP layout
-            penultimate = spec.hidden == "penultimate"
-            encoders.append(CLIPTextEncoder(model, tokenizer, clip_skip, penultimate))
+        else:
+            encoders.append(_clip_encoder(spec, model, tokenizer, clip_skip))
     if parts.family.text_combine == "single":
         return encoders[0]
     return ConcatTextEncoder(encoders)
+
+
+def _sd3_encoder(parts, modules, clip_skip: int, max_sequence_length: int) -> SD3TextEncoder:
+    """CLIP-L + CLIP-G (penultimate, pooled side by side) and T5 when the folder has it."""
+    check_max_sequence_length(max_sequence_length)
+    clips = [_clip_encoder(*m, clip_skip) for m in modules if m[0].kind != "t5"]
+    t5 = [(model, tok) for spec, model, tok in modules if spec.kind == "t5" and model is not None]
+    if t5:  # diffusers calls T5 without an attention mask (its padding is attended to)
+        t5 = T5TextEncoder(*t5[0], max_length=max_sequence_length, attention_mask=False)
+        width = t5.model.config.d_model
+    else:  # no T5 (--no-t5, or absent from the folder): zeros as wide as the network's text input
+        t5, width = None, _joint_attention_dim(parts.unet)
+    return SD3TextEncoder(ConcatTextEncoder(clips, pooled="concat"), t5, width, max_sequence_length)
+
+
+def _joint_attention_dim(network) -> int:
+    """The transformer's text width (diffusers' ``joint_attention_dim``; SD3: T5-XXL's 4096)."""
+    config = getattr(network, "config", None)
+    value = config.get("joint_attention_dim") if isinstance(config, dict) else None
+    value = value or getattr(config, "joint_attention_dim", None)
+    return int(value or 4096)

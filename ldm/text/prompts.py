@@ -142,7 +142,7 @@ def prompt_chunks(encoder, prompt: str, comma_backtrack: int = 20) -> list[tuple
     return chunks
 
 
-def _weighted(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def emphasize(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111 "Original" emphasis: scale each token embedding, then restore the original mean."""
     original_mean = context.mean()
     context = context * weights.to(context.dtype).unsqueeze(-1)  # (L, D) * (L, 1)
@@ -159,10 +159,14 @@ def encode_prompts(encoder, prompts: list[str], *, min_chunks: int = 1) -> Cond:
     All prompts of the batch get the same number of chunks (at least ``min_chunks``): shorter
     ones are padded with chunks of the empty prompt, as A1111 pads cond and uncond. Pooled is the
     first chunk's. The weighting mean is taken per prompt and chunk (A1111 takes it over the
-    whole batch, so its results depend on the batch; with one prompt they agree).
+    whole batch, so its results depend on the batch; with one prompt they agree). An encoder
+    with more than CLIP windows (SD3: then T5's tokens) does it with its own ``encode_prompts``.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
+    own = getattr(encoder, "encode_prompts", None)
+    if own is not None:
+        return own(prompts, min_chunks=min_chunks)
     per_prompt = [prompt_chunks(encoder, p) for p in prompts]
     num_chunks = max(min_chunks, max(len(c) for c in per_prompt))
     empty = ([], [])
@@ -181,7 +185,7 @@ def encode_prompts(encoder, prompts: list[str], *, min_chunks: int = 1) -> Cond:
             token_weights[start : start + len(w)] = torch.tensor(w)
             # per encoder when several sit side by side (A1111 weights each embedder's output)
             parts = context[i].split(getattr(encoder, "widths", None) or [context.shape[-1]], -1)
-            weighted.append(torch.cat([_weighted(p, token_weights) for p in parts], dim=-1))
+            weighted.append(torch.cat([emphasize(p, token_weights) for p in parts], dim=-1))
         else:
             weighted.append(context[i])
     context = torch.stack(weighted)  # (B * n, L, D)

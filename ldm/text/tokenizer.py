@@ -6,6 +6,8 @@ New models trained here need a CLIP tokenizer, and nothing may be downloaded. Op
 pair that transformers' ``CLIPTokenizer`` reads, which is the layout of a diffusers ``tokenizer/``.
 OpenAI's tokenizer first cleans the text (ftfy.fix_text, html.unescape twice); transformers' does
 not, so ``ClipTokenizer`` adds that step (curly quotes, ligatures, full-width letters, entities).
+``build_t5_tokenizer`` makes a small T5-style Unigram tokenizer (T5's ids for <pad>, </s>, <unk>)
+for tests and tiny models with a T5 encoder (SD3's third encoder).
 """
 
 from __future__ import annotations
@@ -131,3 +133,59 @@ def build_clip_tokenizer(
     with tempfile.TemporaryDirectory() as tmp:
         written = write_clip_tokenizer(tmp, model_max_length, pad_token)
         return ClipTokenizer.from_pretrained(str(written))
+
+
+# ---- a small T5-style tokenizer, for tests and tiny models --------------------------------------
+# T5 (Raffel et al. 2020) tokenizes with a SentencePiece Unigram model: words get a "▁" prefix
+# for the space before them; ids 0, 1, 2 are <pad>, </s>, <unk>, and every sequence ends in </s>.
+# Real T5 vocabularies (32k pieces) cannot be made offline, but a Unigram vocabulary built from a
+# small corpus has the same layout and the same special ids, so code paths are exercised exactly.
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
+T5_CORPUS = (
+    "a photo of an astronaut riding a horse on the moon; a red cat and a blue dog sit on the "
+    "table. the green ball, the yellow square and two small circles in the sky. best quality, "
+    "masterpiece, 8k, portrait of a woman with long hair, painting, landscape at sunset"
+)
+
+
+def t5_vocabulary(corpus: str = T5_CORPUS) -> list[tuple[str, float]]:
+    """Unigram (piece, log-probability) list: T5's special tokens, the corpus' words, characters.
+
+    Whole words are scored by their corpus frequency; every printable ASCII character exists
+    alone and with the "▁" prefix (at a lower score), so any ASCII text tokenizes without <unk>.
+    """
+    import math
+    import string
+    from collections import Counter
+
+    counts = Counter(corpus.replace(",", " ").replace(".", " ").replace(";", " ").split())
+    total = sum(counts.values())
+    vocab = [(t, 0.0) for t in T5_SPECIAL] + [("▁", -8.0)]
+    vocab += [("▁" + w, math.log(n / total)) for w, n in sorted(counts.items())]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab += [(c, -12.0) for c in chars] + [("▁" + c, -12.5) for c in chars]
+    return vocab
+
+
+def build_t5_tokenizer(
+    directory: str | Path | None = None, corpus: str = T5_CORPUS, model_max_length: int = 512
+):
+    """A transformers T5 tokenizer (``T5TokenizerFast``) made offline; written to ``directory``.
+
+    Saved as ``tokenizer.json`` + ``tokenizer_config.json``, which transformers' T5 tokenizer
+    (and so diffusers' SD3 pipeline) loads from a local folder.
+    """
+    from transformers import T5TokenizerFast
+
+    tokenizer = T5TokenizerFast(
+        vocab=t5_vocabulary(corpus), extra_ids=0, model_max_length=model_max_length
+    )
+    if directory is not None:
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+            tokenizer.save_pretrained(tmp)  # then moved in file by file, each atomically
+            directory.mkdir(parents=True, exist_ok=True)
+            for f in Path(tmp).iterdir():
+                f.replace(directory / f.name)
+    return tokenizer
