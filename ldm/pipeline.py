@@ -100,7 +100,7 @@ class Pipeline:
         self.model_name = parts.name or "model"
         self._hash: str | None = None
         self._vae_fp32 = None  # lazily made fp32 copy for NaN retries
-        self.loras: list[dict] = []  # LoRA files merged into the weights, for the records
+        self.loras: list[dict] = list(parts.loras)  # LoRAs merged into the weights (records)
         self.accel_mode = accel  # ldm.accel mode to apply (None: $LDM_ACCEL, else auto)
         self.accel = None  # its ldm.accel.Decision once applied (at the first call)
 

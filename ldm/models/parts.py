@@ -33,6 +33,8 @@ class ModelParts:
     # sampling defaults stored with the model (sampler, schedule, steps, guidance_scale): they
     # override the family's (an LCM student's "lcm, 4 steps, guidance 1")
     defaults: dict = field(default_factory=dict)
+    # LoRAs merged into the weights at load (a LoRA model's own), as the image records list them
+    loras: list[dict] = field(default_factory=list)
 
     def text_modules(self) -> list[tuple[TextEncoderSpec, torch.nn.Module, Any]]:
         """(spec, text model, tokenizer) for each of the family's text encoders, in order."""
