@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 
@@ -80,6 +81,15 @@ def test_names_resolve_and_a_path_wins(names, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()
     assert bundled.resolve_model("tiny").resolve() == tmp_path / "tiny"  # the path wins
+    # a manifest's base: its bundled name whatever the working directory holds, or a path
+    # relative to the manifest's folder
+    assert bundled.read_manifest(root / "tiny-lora").base_path() == root / "tiny"
+    folder = tmp_path / "elsewhere" / "lora"
+    shutil.copytree(root / "tiny-lora", folder)
+    manifest = json.loads((folder / bundled.MANIFEST).read_text())
+    manifest["base"] = os.path.relpath(root / "tiny", folder)
+    (folder / bundled.MANIFEST).write_text(json.dumps(manifest))
+    assert bundled.read_manifest(folder).base_path().resolve() == root / "tiny"
     with pytest.raises(CheckpointError, match=r"no such file, folder or bundled model.*tiny-lora"):
         bundled.resolve_model("no-such-model")
     with pytest.raises(CheckpointError):

@@ -44,17 +44,16 @@ class Manifest:
         return self.folder / MANIFEST
 
     def base_path(self) -> Path:
-        """The base model: a path (relative to the manifest's folder) wins over a bundled name."""
-        relative = self.folder / self.base
-        if relative.exists():
-            return relative
-        try:
-            path = resolve_model(self.base)
-        except CheckpointError:
-            raise CheckpointError(
-                f"{self.path}: base {self.base!r} is neither a path (relative to the folder) nor "
-                f"a bundled model ({', '.join(bundled_names()) or 'none'})"
-            ) from None
+        """The base model: a path (relative to the manifest's folder, never to the working
+        directory) wins over a bundled name."""
+        path = self.folder / self.base  # an absolute base stays itself
+        if not path.exists():
+            if self.base not in bundled_names():
+                raise CheckpointError(
+                    f"{self.path}: base {self.base!r} is neither a path (relative to the folder) "
+                    f"nor a bundled model ({', '.join(bundled_names()) or 'none'})"
+                )
+            path = BUNDLED_DIR / self.base
         base = read_manifest(path) if path.is_dir() else None
         if base is not None and base.kind == "lora":
             raise CheckpointError(f"{self.path}: base {self.base!r} is itself a LoRA model; "
