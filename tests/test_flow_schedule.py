@@ -68,6 +68,23 @@ def test_default_equals_diffusers(name, seq, steps):
     torch.testing.assert_close(ours[:-1] * 1000, ref.timesteps, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("steps", [1, 4, 28, 50])
+@pytest.mark.parametrize(
+    "name,seq", [("flux", 256), ("flux", 4096), ("sd3", None), ("terminal", None)]
+)
+def test_pipeline_sigmas_equal_flux_pipeline(name, seq, steps):
+    """FluxPipeline passes sigmas = linspace(1, 1/N, N) and mu to set_timesteps."""
+    if name == "terminal" and steps == 1:
+        pytest.skip("one step: the stretch divides by zero in diffusers")
+    config = CONFIGS[name]
+    ref = FlowMatchEulerDiscreteScheduler.from_config(config)
+    mu = None if seq is None else flow_mu(config, seq)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ours = flow_sigmas("default", steps, config, image_seq_len=seq, pipeline_sigmas=True)
+    torch.testing.assert_close(ours, ref.sigmas, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours[:-1] * 1000, ref.timesteps, atol=1e-3, rtol=0)
+
+
 def test_diffusers_shifts_twice():
     """The quirk reproduced: the last sigma of SD3's schedule is shift(shift(1/1000))."""
     shift = lambda t: 3 * t / (1 + 2 * t)  # noqa: E731

@@ -96,18 +96,21 @@ def flow_sigmas(
     scheduler_config: dict,  # the model's scheduler/scheduler_config.json
     *,
     image_seq_len: int | None = None,  # image tokens (latent h * w / patch^2); dynamic shift only
+    pipeline_sigmas: bool = False,  # "default" as FluxPipeline: linspace(1, 1/N, N), shifted once
 ) -> torch.Tensor:
     """Descending float32 sigmas of a flow model, ending in exactly one 0.
 
     "default" is diffusers' ``FlowMatchEulerDiscreteScheduler.from_config(config)
-    .set_timesteps(num_steps, mu=mu)``; the others follow ComfyUI's schedulers for flow models.
+    .set_timesteps(num_steps, mu=mu)`` (StableDiffusion3Pipeline), or with ``pipeline_sigmas``
+    ``set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu)`` (FluxPipeline); the others follow
+    ComfyUI's schedulers for flow models.
     """
     if num_steps < 1:
         raise LdmError(f"--steps must be at least 1, got {num_steps}")
     c = flow_config(scheduler_config)
     fn = flow_shift(c, image_seq_len)
     if name == "default":
-        sigmas = _diffusers_sigmas(num_steps, c, fn)
+        sigmas = _diffusers_sigmas(num_steps, c, fn, pipeline_sigmas)
     elif name in FLOW_SCHEDULES:
         sigmas = _comfy_sigmas(name, num_steps, c, fn)
     else:
@@ -115,8 +118,11 @@ def flow_sigmas(
     return torch.cat([torch.as_tensor(sigmas, dtype=torch.float32), torch.zeros(1)])
 
 
-def _diffusers_sigmas(n: int, c: dict, fn: FlowShift) -> np.ndarray:
+def _diffusers_sigmas(n: int, c: dict, fn: FlowShift, pipeline_sigmas: bool) -> np.ndarray:
     """FlowMatchEulerDiscreteScheduler: its training sigmas, spaced, shifted, converted."""
+    if pipeline_sigmas:  # given sigmas skip the spacing below: shifted once, in float32
+        sigmas = fn(np.linspace(1.0, 1 / n, n).astype(np.float32))
+        return _converted(sigmas, n, c)
     T = int(c["num_train_timesteps"])
     # __init__: training sigmas t / T in float32, already shifted when the shift is static
     train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
@@ -128,7 +134,11 @@ def _diffusers_sigmas(n: int, c: dict, fn: FlowShift) -> np.ndarray:
     # set_timesteps: N sigmas evenly spaced between the (already shifted) ends, then shifted
     # again. diffusers' quirk, reproduced on purpose: with a static shift s the smallest sigma
     # is shift(shift(1 / T)), not shift(1 / T); the largest stays 1.
-    sigmas = fn(np.linspace(sigma_max * T, sigma_min * T, n) / T)
+    return _converted(fn(np.linspace(sigma_max * T, sigma_min * T, n) / T), n, c)
+
+
+def _converted(sigmas: np.ndarray, n: int, c: dict) -> np.ndarray:
+    """set_timesteps after the shift: shift_terminal, then the karras/exponential/beta flags."""
     if c["shift_terminal"] and n > 1:  # stretch: the last sigma becomes shift_terminal (LTX)
         # (diffusers divides 0 by 0 here for one step; the single sigma 1 is left alone)
         one_minus = 1 - sigmas
