@@ -200,3 +200,40 @@ def test_fixture_runs_in_diffusers(t5, tiny_sd3, tiny_sd3_no_t5):  # noqa: F811
     )  # fmt: skip
     assert out.images.shape == (1, 32, 32, 3)
     assert torch.isfinite(torch.from_numpy(out.images)).all()
+
+
+def test_ldm_loaders_read_the_three_encoders(both):
+    """ldm.formats' text-model loader (safe_load, strict keys) gives the same encodings."""
+    from transformers import AutoTokenizer
+
+    from ldm.formats.diffusers_folder import load_text_model, load_tokenizer, read_json
+
+    pipe, parts, has_t5 = both
+    folder = Path(pipe.config._name_or_path)
+    loaded = {}
+    for spec in SD3.text_encoders:
+        if spec.kind == "t5" and not has_t5:
+            continue
+        where = folder / spec.subfolder
+        loaded[spec.subfolder] = load_text_model(where, read_json(where / "config.json"), "cpu",
+                                                 torch.float32)  # fmt: skip
+        tokenizer_dir = folder / spec.tokenizer
+        loaded[spec.tokenizer] = (
+            AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+            if spec.kind == "t5"
+            else load_tokenizer(tokenizer_dir)  # ldm's ClipTokenizer
+        )
+    ours = ModelParts(unet=parts.unet, vae=None, scheduler_config={}, family=SD3, **loaded)
+    with torch.no_grad():
+        a, b = text_encoder_for(ours).encode(PROMPTS), text_encoder_for(parts).encode(PROMPTS)
+    _close(a.context, b.context)
+    _close(a.pooled, b.pooled)
+
+
+def test_exclamation_mark_stays_a_token_for_clip_g(tiny_sd3):  # noqa: F811
+    """Both CLIPs read the same BPE tokens (Stability's SD3 code, A1111, ComfyUI): a "!" in
+    the prompt stays BPE token 256 for CLIP-G, where transformers' CLIP-G tokenizer, whose pad
+    token is "!", reads it as padding (id 0) and so does diffusers."""
+    encoder = text_encoder_for(_parts(tiny_sd3))
+    ids = encoder.clip.input_ids(["blue sky!"])[0].tolist()
+    assert ids[:5] == [49406, 1746, 2390, 256, 49407]

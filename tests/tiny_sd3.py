@@ -14,6 +14,7 @@ Fixtures (import them into a test module: ``from tiny_sd3 import tiny_sd3, tiny_
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,13 @@ VAE_SD3 = dict(
 )  # fmt: skip
 
 
+@lru_cache  # building one reads open_clip's 49k merges (seconds); both folders share them
+def _clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    from ldm.text.tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer(pad_token=pad_token)
+
+
 def make_tiny_sd3(
     path: str | Path, t5: bool = True, seed: int = 0, transformer: dict | None = None
 ) -> Path:
@@ -57,7 +65,7 @@ def make_tiny_sd3(
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from ldm.text.tokenizer import build_clip_tokenizer, build_t5_tokenizer
+    from ldm.text.tokenizer import build_t5_tokenizer
 
     torch.manual_seed(seed)
     tokenizer_3 = build_t5_tokenizer() if t5 else None
@@ -69,9 +77,9 @@ def make_tiny_sd3(
         transformer=SD3Transformer2DModel(**{**TRANSFORMER, **(transformer or {})}),
         vae=AutoencoderKL(**VAE_SD3),
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)),
-        tokenizer=build_clip_tokenizer(),
+        tokenizer=_clip_tokenizer(),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)),
-        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        tokenizer_2=_clip_tokenizer(pad_token="!"),
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -1,7 +1,7 @@
 """SD3's text conditioning: CLIP-L and CLIP-G side by side, then T5-XXL after them (token axis).
 
 As diffusers' ``StableDiffusion3Pipeline.encode_prompt`` (Esser et al. 2024, "Scaling Rectified
-Flow Transformers", Sec. 5.2): context = the penultimate hidden states of CLIP-L and CLIP-G
+Flow Transformers", Fig. 2): context = the penultimate hidden states of CLIP-L and CLIP-G
 concatenated on the feature axis (768 + 1280), zero-padded to T5's width (4096), followed by T5's
 ``max_sequence_length`` (default 256, at most 512) states; pooled = the two CLIPs' projected pooled
 outputs side by side (768 + 1280 = 2048). T5 is optional (4.7 B parameters): without it its block
@@ -17,6 +17,9 @@ Two routes, where diffusers says nothing about prompt syntax:
   max_sequence_length, and its states get the same emphasis weights by the same rule (ComfyUI
   weights T5 too; A1111 leaves T5 unweighted). A plain prompt of at most 75 CLIP tokens gives
   exactly ``encode``'s result, so the pipeline equals diffusers there.
+Both CLIPs read the same BPE tokens (as in Stability's SD3 code, A1111 and ComfyUI), so a "!"
+in a prompt stays a BPE token for CLIP-G; diffusers' CLIP-G tokenizer, whose pad token is "!",
+reads it as padding: the one case where ``encode`` differs from diffusers.
 """
 
 from __future__ import annotations
