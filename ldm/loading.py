@@ -87,7 +87,7 @@ def _load_lora_model(manifest: Manifest, device, dtype, prediction_type) -> Mode
         raise CheckpointError(f"{manifest.path}: {report.warning()}")
     parts.defaults = {**parts.defaults, **manifest.defaults}
     record = lora_record(manifest.lora, manifest.lora_scale, name=manifest.folder.name)
-    parts.loras = [*getattr(parts, "loras", []), record]  # ModelParts.loras (see adopt_loras)
+    parts.loras = [*parts.loras, record]  # Pipeline starts its records' LoRA list from these
     return parts
 
 
@@ -96,16 +96,6 @@ def lora_record(path: str | os.PathLike, scale: float, name: str | None = None) 
     path = Path(path)
     return {"name": name or path.stem, "scale": scale, "hash": lora_hash(path),
             "path": str(path.resolve())}  # fmt: skip
-
-
-def adopt_loras(pipe) -> None:
-    """List the LoRAs a model's manifest merged at load in ``pipe.loras`` (the records), once.
-
-    A no-op once ``Pipeline.__init__`` copies ``ModelParts.loras`` itself.
-    """
-    for record in getattr(pipe.parts, "loras", []):
-        if record not in pipe.loras:
-            pipe.loras.insert(0, record)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")

@@ -170,13 +170,11 @@ def add_config_argument(g) -> None:
 
 def load_model_flag(model, device, dtype, config):
     """``load_pipeline``, with ``--config`` for a single file (ldm.loading.load_model)."""
-    from ldm.loading import adopt_loras, load_model, resolve_device, resolve_dtype
+    from ldm.loading import load_model, resolve_device, resolve_dtype
     from ldm.pipeline import load_pipeline
 
     if config is None:
-        pipe = load_pipeline(model, device=device, dtype=dtype)
-        adopt_loras(pipe)  # a LoRA model's own LoRA, in the records
-        return pipe
+        return load_pipeline(model, device=device, dtype=dtype)
     from ldm.pipeline import Pipeline
 
     if model is None:

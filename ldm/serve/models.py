@@ -70,14 +70,12 @@ class ModelTable:
         with self._lock:
             if self._loaded is not None and self._loaded[0] == name:
                 return self._loaded[1]
-            from ldm.loading import adopt_loras
             from ldm.pipeline import load_pipeline
 
             self._loaded = None  # free the old model before loading the next
             path = self.paths[name]
             model = None if path == _default() else path
             pipe = load_pipeline(model, device=self.device, dtype=self.dtype, accel=self.accel)
-            adopt_loras(pipe)  # a LoRA model's own LoRA, in the records
             pipe.accelerate()
             self._loaded = (name, pipe)
             return pipe
