@@ -237,3 +237,15 @@ def test_exclamation_mark_stays_a_token_for_clip_g(tiny_sd3):  # noqa: F811
     encoder = text_encoder_for(_parts(tiny_sd3))
     ids = encoder.clip.input_ids(["blue sky!"])[0].tolist()
     assert ids[:5] == [49406, 1746, 2390, 256, 49407]
+
+
+def test_clip_skip_counts_as_a1111(both):
+    """ldm's clip skip 2 (A1111) = diffusers' clip_skip 1: one layer before the penultimate."""
+    pipe, parts, _ = both
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(
+            PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False, clip_skip=1
+        )
+        cond = text_encoder_for(parts, clip_skip=2).encode(PROMPTS)
+    _close(cond.context, context)
+    _close(cond.pooled, pooled)
