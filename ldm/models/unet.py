@@ -1,10 +1,10 @@
 """Latent U-Net with cross-attention to the text (Rombach et al. 2022, "LDM", Sec. 3.3).
 
-Parameter names follow diffusers' ``UNet2DConditionModel`` so its state dicts load with
-strict=True both ways. Covers SD 1.x (conv proj, fixed head count), SD 2.x (linear proj,
-per-block head counts, upcast attention), SDXL (transformer depth per level, and the "text_time"
-added conditioning: pooled text + embedded size/crop ids, Podell et al. 2023 Sec. 2.2) and full LCM
-U-Nets (a guidance-scale embedding added to the timestep's, Luo et al. 2023 Sec. 4.2).
+Parameter names follow diffusers' ``UNet2DConditionModel`` (state dicts load strictly both ways).
+Covers SD 1.x (conv proj, fixed head count), SD 2.x (linear proj, per-block head counts, upcast
+attention), SDXL (transformer depth per level, "text_time" added conditioning: pooled text +
+embedded size/crop ids, Podell et al. 2023 Sec. 2.2) and full LCM U-Nets (a guidance-scale
+embedding added to the timestep's, Luo et al. 2023 Sec. 4.2).
 """
 
 from __future__ import annotations
@@ -307,11 +307,8 @@ class UNet2DConditionModel(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(c.down_block_types):
             spec = _BlockSpec(chs[max(i - 1, 0)], chs[i], layers=layers[i], heads=heads[i])
-            spec.cross, spec.depth, spec.context_dim = (
-                kind.startswith("CrossAttn"),
-                depth[i],
-                ctx[i],
-            )
+            spec.cross, spec.depth = kind.startswith("CrossAttn"), depth[i]
+            spec.context_dim = ctx[i]
             spec.sample = i < n - 1  # no downsampling after the last block
             self.down_blocks.append(DownBlock(spec, c, temb_ch))
 
