@@ -21,7 +21,6 @@ from PIL import Image
 
 from ldm import __version__
 from ldm.accel import apply as apply_accel
-from ldm.denoiser import Denoiser
 from ldm.dtypes import DTYPE_NAMES
 from ldm.errors import LdmError
 from ldm.formats.lora import apply_lora
@@ -37,14 +36,14 @@ from ldm.request import (
     prompt_lists,
 )
 from ldm.sampling.noise import make_noise
-from ldm.sampling.samplers import from_scheduler_config
-from ldm.sampling.schedules import (
-    NoiseSchedule,
-    get_sigmas,
-    init_noise_scale,
-    part_of_schedule,
-    timestep_interp,
+from ldm.sampling.plan import (
+    first_latents,
+    make_denoiser,
+    noise_schedule,
+    request_sigmas,
+    sampler_options,
 )
+from ldm.sampling.samplers import from_scheduler_config
 from ldm.sampling.watch import PreviewCallback, Progress, StepCallback, nan_guard
 from ldm.text.encoders import TextEncoder, text_encoder_for
 from ldm.text.micro import MicroConditioning, with_time_ids, zero_rows
@@ -94,7 +93,7 @@ class Pipeline:
         for _, model, _ in parts.text_modules():
             model.eval().requires_grad_(False)
         self._text_encoders: dict[int, TextEncoder] = {}  # per clip skip
-        self.schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
+        self.schedule = noise_schedule(parts.scheduler_config)  # None: a flow model
         self.device, self.dtype = device, dtype
         self.model_path = Path(parts.path) if parts.path is not None else None
         self.model_name = parts.name or "model"
@@ -122,6 +121,11 @@ class Pipeline:
         size = self.unet.config.sample_size or 64
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return h * self.factor, w * self.factor
+
+    def image_seq_len(self, r: Request) -> int:
+        """Image tokens of a transformer at the request's size (flow models' dynamic shift)."""
+        patch = getattr(self.unet.config, "patch_size", None) or 1
+        return (r.height // self.factor // patch) * (r.width // self.factor // patch)
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -329,20 +333,11 @@ class Pipeline:
         start_latents: torch.Tensor | None = None,  # (B, C, h, w) at the first sigma (hand-off)
     ):
         """Step 3: seeded noise -> sigmas -> guided sampler -> (B, C, h, w) float32 latents."""
-        # 3a. sigmas: the full schedule, cut at `strength` when starting from an image
-        sigmas = get_sigmas(r.schedule, r.steps, self.schedule, sampler=r.spec.name)
-        sigmas = sigmas.to(self.device)
-        interpolation = timestep_interp(r.spec.name, r.schedule)
-        denoiser = Denoiser(self.unet, self.schedule, interpolation, dtype=self.dtype)
-        if r.denoising_start is not None or r.denoising_end is not None:
-            t = denoiser.sigma_to_t(sigmas[:-1])  # the timestep of each step
-            T = self.schedule.num_train_timesteps
-            sigmas = part_of_schedule(sigmas, t, T, r.denoising_start, r.denoising_end)
-        elif r.start_from_image:
-            # as diffusers' img2img: skip the first steps - int(steps * strength) steps
-            sigmas = sigmas[r.steps - min(int(r.steps * r.strength), r.steps) :]
-            if len(sigmas) < 2:
-                raise LdmError(f"--strength {r.strength} x --steps {r.steps} leaves no step to run")
+        # 3a. the denoiser and the sigmas: the full schedule, cut at `strength` when starting
+        # from an image (or at the base / refiner hand-off)
+        denoiser = make_denoiser(self.unet, self.schedule, r, self.dtype)
+        sigmas = request_sigmas(r, denoiser, self.schedule, self.parts.scheduler_config,
+                                self.image_seq_len(r))  # fmt: skip
 
         # 3b. per-image generators and starting latents (encode first, then noise: as diffusers)
         if generators is None:
@@ -360,10 +355,7 @@ class Pipeline:
         else:
             noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
             noise = noise.to(self.device, torch.float32)
-            if r.start_from_image:
-                x = init_latents + noise * sigmas[0]  # VE form of diffusers' add_noise
-            else:
-                x = noise * init_noise_scale(sigmas, self.schedule, r.spec.name, r.schedule)
+            x = first_latents(r, denoiser, self.schedule, sigmas, noise, init_latents)
         if r.mode == "inpaint":
             keep, extra = inpaint_inputs(
                 vae[0], r.mask, pixels, generators, self.is_inpainting_model, **vae[1]
@@ -382,9 +374,7 @@ class Pipeline:
 
         # 3d. sample (later noise for image i comes from generator i too)
         noise_fn = make_noise(generators, latent_shape[1:], device=self.device)
-        options = r.spec.options(self.schedule, r.eta)
-        if r.spec.timestep_maps:  # LCM, TCD: defined on the training timesteps
-            options.update(sigma_to_t=denoiser.sigma_to_t, t_to_sigma=denoiser.t_to_sigma)
+        options = sampler_options(r, denoiser, self.schedule)
         x = r.spec.function(denoise, x, sigmas, noise=noise_fn, callback=progress, **options)
         if keep is not None:
             x = keep * init_latents + (1 - keep) * x

@@ -67,11 +67,8 @@ def generate_with_refiner(
 
 def _steps_left(pipe: Pipeline, request) -> int:
     """Steps the refiner runs (for a progress bar that counts both models' steps as one)."""
-    from ldm.denoiser import Denoiser
-    from ldm.sampling.schedules import get_sigmas, part_of_schedule, timestep_interp
+    from ldm.sampling.plan import make_denoiser, request_sigmas
 
-    sigmas = get_sigmas(request.schedule, request.steps, pipe.schedule, sampler=request.spec.name)
-    interp = timestep_interp(request.spec.name, request.schedule)
-    t = Denoiser(pipe.unet, pipe.schedule, interp).sigma_to_t(sigmas[:-1])
-    T = pipe.schedule.num_train_timesteps
-    return len(part_of_schedule(sigmas, t, T, start=request.denoising_start)) - 1
+    denoiser = make_denoiser(pipe.unet, pipe.schedule, request)
+    sigmas = request_sigmas(request, denoiser, pipe.schedule, pipe.parts.scheduler_config)
+    return len(sigmas) - 1

@@ -70,6 +70,10 @@ class SamplerSpec:
     # what a user who picks this sampler for a model made for another gets by default (few-step
     # samplers: their step count, guidance off); the model's own sampler keeps the model's
     defaults: tuple[tuple[str, object], ...] = ()
+    flow: bool = False  # runs on rectified-flow models (SD3, FLUX) as ComfyUI runs it there
+    # on a flow model its noise follows the flow interpolant (the function's flow=True form,
+    # ComfyUI's RF branches): ancestral and SDE samplers
+    flow_form: bool = False
 
     def options(self, schedule: NoiseSchedule, eta: float | None = None) -> dict:
         """Options that reproduce diffusers' scheduler here (eta None: the sampler's default)."""
@@ -80,8 +84,14 @@ class SamplerSpec:
             options["timestep_scaling"] = schedule.timestep_scaling
         return options
 
+    def flow_options(self, eta: float | None = None) -> dict:
+        """Options on a flow model (no discrete table: no final sigma)."""
+        options = {} if self.eta is None else {"eta": self.eta if eta is None else eta}
+        return {**options, "flow": True} if self.flow_form else options
+
 
 _ANCESTRAL = dict(stochastic=True, eta=1.0)
+_FLOW_NOISE = dict(flow=True, flow_form=True)  # the noise of the flow interpolant there
 # A1111's DDIM and UniPC (modules/sd_samplers_timesteps.py) ignore the schedule type
 _A1111_TIMESTEPS = dict(a1111_schedule="default", a1111_nearest="default")
 # diffusers' DPM-Solver spacing (N + 1 timesteps, the last dropped) is A1111's "SGM Uniform"
@@ -94,28 +104,29 @@ SPECS: tuple[SamplerSpec, ...] = (
     SamplerSpec("ddpm", sample_ddpm, "DDPM", stochastic=True, spacing="leading",
                 scheduler_class="DDPMScheduler", **_A1111_TIMESTEPS),
     SamplerSpec("euler", sample_euler, "Euler", ("k_euler",), k_space=True,
-                scheduler_class="EulerDiscreteScheduler"),
+                scheduler_class="EulerDiscreteScheduler", flow=True),
     SamplerSpec("euler_ancestral", sample_euler_ancestral, "Euler a",
-                ("k_euler_a", "k_euler_ancestral"), k_space=True, **_ANCESTRAL,
+                ("k_euler_a", "k_euler_ancestral"), k_space=True, **_ANCESTRAL, **_FLOW_NOISE,
                 scheduler_class="EulerAncestralDiscreteScheduler"),
     SamplerSpec("heun", sample_heun, "Heun", ("k_heun",), k_space=True,
-                scheduler_class="HeunDiscreteScheduler"),
+                scheduler_class="HeunDiscreteScheduler", flow=True),
     SamplerSpec("lms", sample_lms, "LMS", ("k_lms",), (("LMS Karras", "karras"),), k_space=True,
-                scheduler_class="LMSDiscreteScheduler"),
+                scheduler_class="LMSDiscreteScheduler", flow=True),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", ("k_dpmpp_2m",),
                 (("DPM++ 2M Karras", "karras"),), a1111_schedule="karras", **_DPM, multistep=True,
-                scheduler_class="DPMSolverMultistepScheduler",
+                scheduler_class="DPMSolverMultistepScheduler", flow=True,
                 scheduler_match=(("algorithm_type", "dpmsolver++"), ("solver_order", 2))),
     SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", ("k_dpmpp_2m_sde",),
                 (("DPM++ 2M SDE Karras", "karras"), ("DPM++ 2M SDE Exponential", "exponential")),
-                a1111_schedule="exponential", **_DPM, multistep=True, **_ANCESTRAL,
+                a1111_schedule="exponential", **_DPM, multistep=True, **_ANCESTRAL, **_FLOW_NOISE,
                 scheduler_class="DPMSolverMultistepScheduler",
                 scheduler_match=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2))),
     SamplerSpec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "DPM++ 3M SDE", ("k_dpmpp_3m_sde",),
                 (("DPM++ 3M SDE Karras", "karras"), ("DPM++ 3M SDE Exponential", "exponential")),
-                a1111_schedule="exponential", **_DPM, multistep=True, **_ANCESTRAL),
+                a1111_schedule="exponential", **_DPM, multistep=True, **_ANCESTRAL, **_FLOW_NOISE),
     SamplerSpec("unipc", sample_unipc, "UniPC", ("uni_pc",), a1111_eta="Eta DDIM",
-                multistep=True, scheduler_class="UniPCMultistepScheduler", **_A1111_TIMESTEPS),
+                multistep=True, flow=True, scheduler_class="UniPCMultistepScheduler",
+                **_A1111_TIMESTEPS),
     # few-step samplers for distilled models: LCM and TCD on LCM's 50 "original" timesteps,
     # Turbo (ADD, Sauer et al. 2023) as diffusers runs it: Euler a on trailing timesteps, no CFG
     SamplerSpec("lcm", sample_lcm, "LCM", ("k_lcm",), stochastic=True, spacing="lcm",
