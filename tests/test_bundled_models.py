@@ -245,3 +245,16 @@ def test_eval_and_serve_take_names(names, tmp_path, capsys):
     assert table.names == ["tiny-lora", "tiny"]
     assert table.hash("tiny-lora") == model_hash(names[0] / "tiny")  # the base's, as A1111
     assert table.resolve("TINY-LORA") == "tiny-lora"
+
+
+def test_the_shipped_models_are_listed(capsys):
+    from ldm.loading import DEFAULT_MODEL
+
+    assert bundled.resolve_model(None) == DEFAULT_MODEL == bundled.resolve_model("shapes-demo")
+    assert main(["models", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert listed["shapes-demo"]["kind"] == "model"
+    assert listed["shapes-demo"]["defaults"]["steps"] == 20  # the README's first command's
+    if "shapes-demo-lcm" in listed:  # shipped by the distillation run (issue 23)
+        assert listed["shapes-demo-lcm"]["base"] == "shapes-demo"
+        assert listed["shapes-demo-lcm"]["size_bytes"] <= 10e6  # the issue's budget
