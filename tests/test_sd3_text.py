@@ -249,3 +249,24 @@ def test_clip_skip_counts_as_a1111(both):
         cond = text_encoder_for(parts, clip_skip=2).encode(PROMPTS)
     _close(cond.context, context)
     _close(cond.pooled, pooled)
+
+
+def test_emphasis_with_a_sentencepiece_style_t5_tokenizer(tiny_sd3):  # noqa: F811
+    """A T5 tokenizer.json converted from SentencePiece splits on "▁" only (no WhitespaceSplit):
+    "a " alone would give a stray "▁" token; runs are stripped, so T5 still reads "a red cat"."""
+    import copy
+    from dataclasses import replace
+
+    from tokenizers import pre_tokenizers
+
+    parts = _parts(tiny_sd3)
+    tokenizer = copy.deepcopy(parts.tokenizer_3)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    assert len(tokenizer("a ", add_special_tokens=False).input_ids) == 2  # "▁a", "▁"
+    encoder = text_encoder_for(replace(parts, tokenizer_3=tokenizer), max_sequence_length=16)
+    with torch.no_grad():
+        plain = encoder.encode(["a red cat"])
+        weighted = encode_prompts(encoder, ["a (red:1.5) cat"])
+    weights = torch.ones(16)
+    weights[1] = 1.5
+    _close(weighted.context[:, 77:], emphasize(plain.context[0, 77:], weights)[None])

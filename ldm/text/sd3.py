@@ -111,7 +111,10 @@ class SD3TextEncoder(nn.Module):
         keep = self.t5.chunk_length  # max_sequence_length - 1: </s> always ends the sequence
         rows, row_weights = [], []
         for runs in prompt_runs:
-            pieces = self.t5.tokenize([t for t, _ in runs]) if runs else []
+            texts = [t for t, _ in runs]
+            if len(texts) > 1:  # SentencePiece reads a run's edge space as a "▁" token of its own
+                texts = [t.strip() for t in texts]  # (each run starts a word: T5 prepends "▁")
+            pieces = self.t5.tokenize(texts) if texts else []
             rows.append([i for ids in pieces for i in ids][:keep])
             row_weights.append([w for ids, (_, w) in zip(pieces, runs) for _ in ids][:keep])
         ids = torch.tensor([self.t5.wrap(r) for r in rows], dtype=torch.long)
