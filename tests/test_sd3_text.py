@@ -270,3 +270,13 @@ def test_emphasis_with_a_sentencepiece_style_t5_tokenizer(tiny_sd3):  # noqa: F8
     weights = torch.ones(16)
     weights[1] = 1.5
     _close(weighted.context[:, 77:], emphasize(plain.context[0, 77:], weights)[None])
+
+
+def test_no_t5_width_is_the_networks_text_width():
+    from ldm.text.encoders import _joint_attention_dim
+
+    assert _joint_attention_dim(SimpleNamespace(config={"joint_attention_dim": 96})) == 96
+    assert (
+        _joint_attention_dim(SimpleNamespace(config=SimpleNamespace(joint_attention_dim=64))) == 64
+    )
+    assert _joint_attention_dim(SimpleNamespace()) == 4096  # SD3's T5-XXL width
