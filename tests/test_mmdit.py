@@ -162,3 +162,23 @@ def test_unsupported_value_is_a_config_error_naming_it(field: str, value: object
 def test_every_diffusers_field_is_known() -> None:
     params = set(inspect.signature(DiffusersSD3.__init__).parameters) - {"self"}
     assert params == {f.name for f in dataclasses.fields(SD3Config)}
+
+
+def test_flow_denoiser_drives_the_transformer() -> None:
+    """ldm's flow Denoiser calls the network as (x, sigma * 1000, encoder_hidden_states=,
+    pooled_projections=): denoised = x - sigma * velocity (SD3 paper eq. 1-3), and its loss
+    differentiates through the transformer."""
+    from ldm.denoiser import Denoiser
+    from ldm.text.cond import Cond
+
+    _, ours = _pair(SD35_MEDIUM)
+    x, _, context, pooled = _inputs(2, 6, 8)
+    sigma = torch.tensor([0.9, 0.25])
+    denoiser = Denoiser(ours, None, prediction="flow")
+    with torch.no_grad():
+        denoised = denoiser(x, sigma, Cond(context, pooled))
+        v = ours(x, sigma * 1000, encoder_hidden_states=context, pooled_projections=pooled)
+    torch.testing.assert_close(denoised, x - sigma[:, None, None, None] * v)
+    loss = denoiser.loss(x, torch.randn_like(x), sigma, Cond(context, pooled)).mean()
+    loss.backward()
+    assert ours.proj_out.weight.grad.abs().max() > 0
