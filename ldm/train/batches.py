@@ -28,6 +28,7 @@ class TrainBatch:
     sizes: list[Sizes]  # per sample (ldm.data.images.CropParams.size_conditioning)
     pixels: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
     latent_stats: torch.Tensor | None = None  # (B, 2, C, h, w) posterior mean and std
+    latents: torch.Tensor | None = None  # (B, C, h, w) model-space latents (teacher samples)
 
 
 def uncropped(height: int, width: int, n: int) -> list[Sizes]:
@@ -104,3 +105,16 @@ class ShapesBatches:
         if not self.pool:
             raise ConfigError("data.cache_text with the shapes stream needs data.cache_size > 0")
         return self.captions or [self.dataset[i][1] for i in range(self.pool)]
+
+
+def batch_latents(parts, batch, g: torch.Generator, device) -> torch.Tensor:
+    """A micro-batch's (B, C, h, w) model-space latents: given (teacher samples), drawn from
+    the cached posterior (z = mean + std * eps each step), or encoded from its pixels."""
+    if batch.latents is not None:
+        return batch.latents.to(device)
+    if batch.latent_stats is not None:
+        stats = batch.latent_stats  # (B, 2, C, h, w)
+        z = stats[:, 0] + stats[:, 1] * torch.randn(stats[:, 0].shape, generator=g)
+        return parts.vae.scale_latents(z.to(device))
+    with torch.no_grad():
+        return parts.vae.encode(batch.pixels.to(device), generator=g)

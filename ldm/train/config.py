@@ -42,6 +42,10 @@ class DataConfig:
     # (requires frozen text encoders); SDXL's micro-conditioning is still computed per sample
     cache_text: bool = False
     aesthetic_score: float = 6.0  # SDXL refiner's score id (diffusers' pipeline default)
+    # source "teacher" (distill stages): the teacher's own samples of these prompts (one per
+    # line), cache_size of them, generated once into the run folder (ldm.train.teacher_data)
+    prompts: str | None = None
+    teacher_steps: int | None = None  # sampler steps for those samples (None: model default)
 
 
 @dataclass
@@ -88,6 +92,21 @@ class LoRAConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Latent consistency distillation (Luo et al. 2023, Alg. 1): ldm.train.distill."""
+
+    num_ddim_timesteps: int = 50  # N: the skipping-step solver's grid; skip k = T / N
+    guidance_scale: float = 7.5  # the teacher's CFG scale w, as the pipeline's: u + w (c - u)
+    guidance_scale_max: float | None = None  # w ~ U[guidance_scale, max] (None: w fixed)
+    loss: Literal["huber", "l2"] = "huber"
+    huber_c: float = 0.001  # pseudo-Huber's c (diffusers' example)
+    timestep_scaling: float = 10.0  # LCM boundary conditions' scaling (LCMScheduler's)
+    target_decay: float = 0.95  # EMA decay of the target network (0: the online student)
+    # the student's step counts: validation grids at each, the first stored as its default
+    student_steps: list[int] = field(default_factory=lambda: [4, 2, 1])
+
+
+@dataclass
 class StageConfig:
     name: str = "main"
     train: list[str] = field(default_factory=lambda: ["unet"])  # vae, unet, text_encoder(_2)
@@ -100,6 +119,7 @@ class StageConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig | None = None  # None: the run's data section
+    distill: DistillConfig | None = None  # set: a consistency-distillation stage (ldm distill)
 
 
 @dataclass

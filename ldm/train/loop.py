@@ -28,8 +28,10 @@ from ldm.dtypes import DTYPES
 from ldm.errors import LdmError
 from ldm.sampling.schedules import NoiseSchedule
 from ldm.train import checkpoint as ckpt
+from ldm.train.batches import batch_latents
 from ldm.train.conditioning import TrainingText
 from ldm.train.config import StageConfig, TrainConfig
+from ldm.train.distill import Distiller, check_stage, distill_loss_for_step
 from ldm.train.ema import EMA
 from ldm.train.lora import merge_lora, save_lora
 from ldm.train.loss import autoencoder_loss, min_snr_weight, training_noise
@@ -44,6 +46,7 @@ from ldm.train.model import (
 )
 from ldm.train.optim import lr_at, make_optimizer
 from ldm.train.runlog import RunLog
+from ldm.train.student import export_student
 
 
 def step_generator(seed: int, stage: int, step: int, rank: int) -> torch.Generator:
@@ -97,6 +100,7 @@ class Stage:
     data: Any  # StageData
     denoiser: Denoiser  # the U-Net (wrapped when it trains) with the stage's parametrisation
     text: TrainingText  # captions and sizes -> Cond (ldm.train.conditioning)
+    distiller: Distiller | None = None  # a distill stage's teacher, solver and target
     nonfinite: int = 0  # consecutive skipped steps
 
 
@@ -134,7 +138,10 @@ def train(
     # --- export ------------------------------------------------------------------------------
     final = run.run_dir / "final"
     if accelerator.is_main_process:
-        export_model(run.parts, final, cfg.export_dtype)
+        if cfg.stages[-1].distill is not None:  # a LoRA bundle or a folder with its defaults
+            export_student(run.parts, cfg, run.run_dir, final)
+        else:
+            export_model(run.parts, final, cfg.export_dtype)
         run.log.info(f"exported {final}")
     accelerator.wait_for_everyone()
     run.log.close()
@@ -193,6 +200,10 @@ def prepare_stage(
 ) -> Stage:
     """Freeze / unfreeze (or add LoRA), optimizer, EMA, mid-stage resume, data, denoiser."""
     parts, accelerator = run.parts, run.accelerator
+    distiller = None
+    if stage.distill is not None:  # before set_trainable: a full student copies its teacher
+        check_stage(stage)
+        distiller = Distiller(stage.distill, parts, stage.method)
     with torch.random.fork_rng(devices=[]):  # LoRA's random lora_A: from the run's seed only
         torch.manual_seed(step_generator(run.cfg.seed, index, -1, 0).initial_seed())
         trained = set_trainable(parts, stage, run.cfg.gradient_checkpointing)
@@ -221,8 +232,13 @@ def prepare_stage(
     schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
     prediction = stage.loss.prediction_type or schedule.prediction_type
     denoiser = Denoiser(wrapped.get("unet", parts.unet), schedule, prediction=prediction)
+    if distiller is not None:
+        distiller.attach(denoiser)
+        if resumed is not None:
+            distiller.load_state_tensors(resumed[0], ema_updates)
     run.log.info(f"stage '{stage.name}': training {', '.join(trained)} for {stage.steps} steps")
-    return Stage(index, stage, trained, wrapped, params, optimizer, emas, data, denoiser, text)
+    return Stage(index, stage, trained, wrapped, params, optimizer, emas, data, denoiser, text,
+                 distiller)  # fmt: skip
 
 
 def train_step(run: Run, st: Stage, step: int) -> dict | None:
@@ -241,6 +257,8 @@ def train_step(run: Run, st: Stage, step: int) -> dict | None:
         with accelerator.autocast(), attention_kernels(device, run.cfg.mixed_precision):
             if "vae" in st.trained:
                 loss, metrics = autoencoder_loss_for_step(run.parts, st, g, index, device)
+            elif st.distiller is not None:
+                loss, metrics = distill_loss_for_step(run.parts, st, g, index, device)
             else:
                 loss, metrics = diffusion_loss_for_step(run.parts, st, g, index, device)
         loss = loss / stage.gradient_accumulation
@@ -263,6 +281,8 @@ def train_step(run: Run, st: Stage, step: int) -> dict | None:
     st.optimizer.zero_grad(set_to_none=True)
     for n, e in st.emas.items():
         e.update(parts_module(run.parts, n))
+    if st.distiller is not None:
+        st.distiller.after_step()  # the target network's EMA
     run.global_step += 1
 
     seconds = time.perf_counter() - t0
@@ -313,6 +333,8 @@ def save_checkpoint(run: Run, st: Stage, step: int, done: bool) -> None:
     weights = {n: parts_module(parts, n).state_dict() for n in model_parts(parts)}
     if not done:
         weights.update({f"ema-{n}": e.shadow for n, e in emas.items()})
+        if st.distiller is not None:
+            weights.update(st.distiller.state_tensors())
     optimizer_state = {} if done else st.optimizer.state_dict()
     ckpt.save_checkpoint(
         run.run_dir, run.global_step, weights, optimizer_state, state, run.cfg.keep_checkpoints
@@ -333,13 +355,7 @@ def diffusion_loss_for_step(parts, st: Stage, g, index: int, device) -> tuple[to
     """Sample latents, timesteps and noise for one micro-batch; return the weighted loss."""
     data, loss_cfg = st.data, st.config.loss
     batch = data.batch(index)
-    if batch.latent_stats is not None:  # cached posterior: sample z = mean + std * eps each step
-        stats = batch.latent_stats  # (B, 2, C, h, w)
-        z = stats[:, 0] + stats[:, 1] * torch.randn(stats[:, 0].shape, generator=g)
-        latents = parts.vae.scale_latents(z.to(device))
-    else:
-        with torch.no_grad():
-            latents = parts.vae.encode(batch.pixels.to(device), generator=g)
+    latents = batch_latents(parts, batch, g, device)
     drop = torch.rand(len(batch.captions), generator=g) < data.config.caption_dropout  # (B,)
     cond = st.text(batch.captions, drop.tolist(), batch.sizes, device)
     den = st.denoiser

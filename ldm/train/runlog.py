@@ -27,6 +27,28 @@ class _Bar:
         self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
         self.bar.update(n)
 
+    def _sample_grid(self, parts, cfg, stage, data, device) -> tuple[list, int]:
+        """The validation prompts at the run's sampler settings; a distill stage's student with
+        the ``lcm`` sampler at guidance 1, one row per step count (distill.student_steps)."""
+        res = data.config.resolution
+        pipe = Pipeline(parts, device, torch.float32)
+        prompts = cfg.validation_prompts
+        seeds = [cfg.validation_seed] * len(prompts)
+        runs = [dict(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance)]
+        if stage.distill is not None:
+            from ldm.sampling.samplers import SPECS
+
+            if "lcm" not in {spec.name for spec in SPECS}:  # the sampler table lacks it
+                self.info("validation: no 'lcm' sampler in this ldm; the student's grid skipped")
+                return [], 0
+            runs = [dict(sampler="lcm", steps=n, guidance_scale=1.0)
+                    for n in stage.distill.student_steps]  # fmt: skip
+        images = []
+        for settings in runs:
+            outs = pipe(prompts, seeds, height=res, width=res, **settings)
+            images += [o.image for o in outs]
+        return images, len(prompts) if stage.distill is not None else min(8, len(prompts))
+
     def close(self) -> None:
         self.bar.close()
 
@@ -103,13 +125,9 @@ class RunLog:
                 images = [_to_pil(x) for x in torch.cat([pixels, recon])]
                 columns = len(pixels)
             elif cfg.validation_prompts:
-                res = data.config.resolution
-                pipe = Pipeline(parts, device, torch.float32)
-                prompts = cfg.validation_prompts
-                outs = pipe(prompts, [cfg.validation_seed] * len(prompts),
-                            steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance,
-                            height=res, width=res)  # fmt: skip
-                images, columns = [o.image for o in outs], min(8, len(outs))
+                images, columns = self._sample_grid(parts, cfg, stage, data, device)
+                if not images:
+                    return None
             else:
                 return None
         finally:
@@ -124,6 +142,28 @@ class RunLog:
                  {"prompts": cfg.validation_prompts, "step": global_step})  # fmt: skip
         self.info(f"validation grid: {path}")
         return path
+
+    def _sample_grid(self, parts, cfg, stage, data, device) -> tuple[list, int]:
+        """The validation prompts at the run's sampler settings; a distill stage's student with
+        the ``lcm`` sampler at guidance 1, one row per step count (distill.student_steps)."""
+        res = data.config.resolution
+        pipe = Pipeline(parts, device, torch.float32)
+        prompts = cfg.validation_prompts
+        seeds = [cfg.validation_seed] * len(prompts)
+        runs = [dict(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance)]
+        if stage.distill is not None:
+            from ldm.sampling.samplers import SPECS
+
+            if "lcm" not in {spec.name for spec in SPECS}:  # the sampler table lacks it
+                self.info("validation: no 'lcm' sampler in this ldm; the student's grid skipped")
+                return [], 0
+            runs = [dict(sampler="lcm", steps=n, guidance_scale=1.0)
+                    for n in stage.distill.student_steps]  # fmt: skip
+        images = []
+        for settings in runs:
+            outs = pipe(prompts, seeds, height=res, width=res, **settings)
+            images += [o.image for o in outs]
+        return images, len(prompts) if stage.distill is not None else min(8, len(prompts))
 
     def close(self) -> None:
         if self.enabled:

@@ -1,0 +1,90 @@
+"""A distilled student as a model ldm loads by name: a LoRA bundle or a full folder, each with
+``ldm_model.json`` holding its sampling defaults (the ``lcm`` sampler, its step count,
+guidance 1), so ``ldm txt2img --model <it>`` needs no extra flag.
+
+LoRA bundle (the default when the distill stage is the run's only stage and the teacher came from
+``model.pretrained``): ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys, what
+diffusers' ``load_lora_weights`` reads) + ``ldm_model.json`` {"kind": "lora", "base": teacher,
+"lora": file, "lora_scale": 1.0, "defaults": {...}, "description": ...}. Otherwise the LoRA is
+merged and the whole model is written as a diffusers folder whose ``ldm_model.json`` holds only
+{"defaults": {...}}. Both appear under their final name complete (temp folder + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ldm.dtypes import DTYPES
+from ldm.formats.diffusers_folder import save_folder
+from ldm.formats.lora import DIFFUSERS_NAME
+from ldm.formats.safe_load import save_state_dict
+from ldm.loading import DEFAULT_MODEL
+from ldm.train.config import StageConfig, TrainConfig
+
+MANIFEST = "ldm_model.json"
+
+
+def student_defaults(stage: StageConfig) -> dict:
+    """The student's sampling defaults: LCM multistep at its first step count, no guidance."""
+    steps = stage.distill.student_steps[0]
+    return {"sampler": "lcm", "schedule": "default", "steps": steps, "guidance_scale": 1.0}
+
+
+def teacher_reference(pretrained: str) -> str:
+    """How a bundle names its base: a bundled model by name ("shapes-demo"), else a path."""
+    path = Path(pretrained).expanduser()
+    if path.exists() and path.resolve().parent == DEFAULT_MODEL.resolve().parent:
+        return path.resolve().name
+    return str(path.resolve()) if path.exists() else pretrained
+
+
+def is_lora_bundle(cfg: TrainConfig) -> bool:
+    """The export is a LoRA on the teacher when nothing trained before the distill stage."""
+    last = cfg.stages[-1]
+    return len(cfg.stages) == 1 and last.method == "lora" and cfg.model.pretrained is not None
+
+
+def export_student(parts, cfg: TrainConfig, run_dir: Path, final: Path) -> Path:
+    """Write the run's distilled student to ``final`` (a LoRA bundle or a full folder)."""
+    stage = cfg.stages[-1]
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        out = tmp / "student"
+        if is_lora_bundle(cfg):
+            out.mkdir()
+            write_lora(run_dir / f"lora-{stage.name}" / DIFFUSERS_NAME, out / DIFFUSERS_NAME,
+                       DTYPES[cfg.export_dtype])  # fmt: skip
+            manifest = {
+                "kind": "lora",
+                "base": teacher_reference(cfg.model.pretrained),
+                "lora": DIFFUSERS_NAME,
+                "lora_scale": 1.0,
+                "defaults": student_defaults(stage),
+                "description": f"LCM-LoRA distilled from {cfg.model.pretrained} by ldm distill "
+                f"(stage '{stage.name}', {stage.steps} steps, rank {stage.lora.rank})",
+            }
+        else:
+            save_folder(parts, out, dtype=DTYPES[cfg.export_dtype])
+            manifest = {"defaults": student_defaults(stage)}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(out, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def write_lora(src: Path, dst: Path, dtype: torch.dtype) -> None:
+    """Copy a diffusers LoRA file in ``dtype``, its metadata kept."""
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k).to(dtype) for k in f.keys()}
+    save_state_dict(tensors, dst, metadata=metadata)
