@@ -9,6 +9,7 @@ parametrisation.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -160,6 +161,8 @@ class Denoiser(torch.nn.Module):
         if prediction is None and schedule is None:
             raise ValueError("a Denoiser without a schedule needs prediction='flow'")
         self.network = network
+        # transformers (SD3, FLUX) take the pooled text embedding as their own input
+        self.takes_pooled = "pooled_projections" in _parameters(network)
         self.parametrisation = parametrisation(prediction or schedule.prediction_type)
         self.prediction_type = self.parametrisation.name
         self.interpolation = interpolation
@@ -279,12 +282,22 @@ class Denoiser(torch.nn.Module):
             kwargs["encoder_attention_mask"] = cond.mask
         if cond.time_ids is not None:  # SDXL added conditioning, in diffusers' calling form
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        elif self.takes_pooled:
+            kwargs["pooled_projections"] = cond.pooled
         if cond.guidance is not None:  # the network embeds the guidance scale itself
             w = _guidance_embedding(self.network, cond.guidance.to(x_in.device))
             kwargs["timestep_cond"] = w.to(x_in.dtype)
         out = self.network(x_in, c_noise, **kwargs)
         out = getattr(out, "sample", out)  # diffusers' UNet returns an output record
         return out.float() if self.dtype is not None else out
+
+
+def _parameters(network) -> tuple[str, ...]:
+    """The keyword names a network's forward takes (none for a plain callable without them)."""
+    try:
+        return tuple(inspect.signature(getattr(network, "forward", network)).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
 def _guidance_embedding(network, guidance: torch.Tensor) -> torch.Tensor:

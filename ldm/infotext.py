@@ -188,6 +188,8 @@ def format_infotext(params: dict) -> str:
         if key == "refiner" and params.get("refiner_hash"):
             value = f"{value} [{params['refiner_hash']}]"
         pairs[label] = _number(value) if parse is float else str(value)
+    if any(lora.get("hash") for lora in params.get("loras") or ()):
+        pairs["Lora hashes"] = lora_hashes(params["loras"])
     for label, value in (params.get("extra") or {}).items():
         if not _RE_LABEL.fullmatch(label) or label in pairs or label == "Version":
             raise ValueError(f"infotext extra key {label!r} is not a valid or free A1111 label")
@@ -200,6 +202,13 @@ def format_infotext(params: dict) -> str:
     if negative:
         head += ("\n" if prompt else "") + f"{_NEGATIVE} {negative}"
     return f"{head}\n{line}" if head else line
+
+
+def lora_hashes(loras: list[dict]) -> str:
+    """A1111's "Lora hashes": ``name: hash`` of each merged LoRA with a hash, names without ":"
+    and "," (extensions-builtin/Lora/extra_networks_lora.py)."""
+    names = [(str(x["name"]).replace(":", "").replace(",", ""), x["hash"]) for x in loras]
+    return ", ".join(f"{name}: {h}" for name, h in names if h)
 
 
 def _parse_param_line(line: str) -> dict:

@@ -51,6 +51,7 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     config: str | os.PathLike | dict | None = None,
     prediction_type: str | None = None,
+    t5: bool = True,  # False: leave SD3's T5-XXL unread (zeros in its place)
 ) -> ModelParts:
     """A diffusers folder, an original single file (.safetensors / weights-only .ckpt), or a
     bundled model's name (None: the default one); names resolve by ``resolve_model``.
@@ -66,7 +67,7 @@ def load_model(
         manifest = read_manifest(path)
         if manifest is not None and manifest.kind == "lora":
             return _load_lora_model(manifest, device, dtype, prediction_type)
-        parts = load_folder(path, device, dtype, prediction_type=prediction_type)
+        parts = load_folder(path, device, dtype, prediction_type=prediction_type, t5=t5)
         if manifest is not None:
             parts.defaults = {**parts.defaults, **manifest.defaults}
         return parts

@@ -25,7 +25,14 @@ from ldm.dtypes import DTYPE_NAMES
 from ldm.errors import LdmError
 from ldm.formats.lora import apply_lora
 from ldm.guidance import cfg
-from ldm.loading import DEFAULT_MODEL, load_model, model_hash, resolve_device, resolve_dtype
+from ldm.loading import (
+    DEFAULT_MODEL,
+    load_model,
+    lora_record,
+    model_hash,
+    resolve_device,
+    resolve_dtype,
+)
 from ldm.modes import blend_known, encode_each, image_to_tensor, inpaint_inputs, load_image
 from ldm.request import (
     Request,
@@ -43,7 +50,6 @@ from ldm.sampling.plan import (
     request_sigmas,
     sampler_options,
 )
-from ldm.sampling.samplers import from_scheduler_config
 from ldm.sampling.watch import PreviewCallback, Progress, StepCallback, nan_guard
 from ldm.text.encoders import TextEncoder, text_encoder_for
 from ldm.text.micro import MicroConditioning, with_time_ids, zero_rows
@@ -66,8 +72,10 @@ def load_pipeline(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
     accel: str | None = None,
+    t5: bool = True,
 ) -> Pipeline:
-    """Load a model (None = the bundled demo model) onto ``device`` in ``dtype``.
+    """Load a model (None = the bundled demo model) onto ``device`` in ``dtype``; ``t5=False``
+    leaves an SD3 model's T5-XXL unread (zeros in its place, as diffusers without it).
 
     ``accel`` is the ``ldm.accel`` mode applied before the first image (None: $LDM_ACCEL, else
     auto); see :meth:`Pipeline.accelerate`.
@@ -79,7 +87,7 @@ def load_pipeline(
         if not (DEFAULT_MODEL / "model_index.json").exists():  # a broken install, not a user error
             raise LdmError(f"the bundled demo model is missing ({DEFAULT_MODEL}): reinstall ldm "
                            "or pass --model")  # fmt: skip
-    parts = load_model(model, device, torch_dtype)
+    parts = load_model(model, device, torch_dtype, t5=t5)
     return Pipeline(parts, device, torch_dtype, accel)
 
 
@@ -92,7 +100,8 @@ class Pipeline:
         self.vae = parts.vae.eval().requires_grad_(False)
         for _, model, _ in parts.text_modules():
             model.eval().requires_grad_(False)
-        self._text_encoders: dict[int, TextEncoder] = {}  # per clip skip
+        self._text_encoders: dict[tuple, TextEncoder] = {}  # per clip skip and T5 length
+        self.max_sequence_length = 256  # SD3: T5 tokens of the context (1..512)
         self.schedule = noise_schedule(parts.scheduler_config)  # None: a flow model
         self.device, self.dtype = device, dtype
         self.model_path = Path(parts.path) if parts.path is not None else None
@@ -133,19 +142,8 @@ class Pipeline:
 
     @property
     def sampling_defaults(self) -> dict:
-        """The model family's sampler, schedule, steps and guidance scale (ldm.models.families);
-        SDXL takes its sampler and schedule from the checkpoint's scheduler config, and a model's
-        stored defaults (ModelParts.defaults) override both."""
-        family = self.parts.family
-        sampler, schedule = family.sampler, family.schedule
-        if family.sampler_from_checkpoint:
-            sampler, schedule = from_scheduler_config(self.parts.scheduler_config) or (
-                sampler,
-                schedule,
-            )
-        defaults = dict(sampler=sampler, schedule=schedule, steps=family.steps,
-                        guidance_scale=family.guidance_scale)  # fmt: skip
-        return {**defaults, **self.parts.defaults}  # the model's own (an LCM student's) win
+        """The model's sampler, schedule, steps and guidance (``Family.sampling_defaults``)."""
+        return self.parts.family.sampling_defaults(self.parts.scheduler_config, self.parts.defaults)
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
@@ -179,9 +177,10 @@ class Pipeline:
 
     def text_encoder(self, clip_skip: int = 1) -> TextEncoder:
         """The family's text encoder(s) behind one interface (ldm.text.encoders), per clip skip."""
-        if clip_skip not in self._text_encoders:
-            self._text_encoders[clip_skip] = text_encoder_for(self.parts, clip_skip)
-        return self._text_encoders[clip_skip]
+        key = (clip_skip, self.max_sequence_length)
+        if key not in self._text_encoders:
+            self._text_encoders[key] = text_encoder_for(self.parts, *key)
+        return self._text_encoders[key]
 
     # ---- memory and speed switches -------------------------------------------------------------
     # (no attention slicing: on the CPU torch's SDPA already runs attention in blocks)
@@ -196,7 +195,7 @@ class Pipeline:
         if self.accel is not None:
             raise LdmError("merge LoRAs before the first image (the model is already accelerated)")
         report = apply_lora(self.parts, path, scale)
-        self.loras.append({"name": Path(path).stem, "scale": scale})
+        self.loras.append(lora_record(path, scale))  # name, scale, A1111 hash, path
         return report
 
     def accelerate(self, mode: str | None = None):

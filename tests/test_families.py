@@ -20,7 +20,7 @@ def test_registry_entries_are_complete():
         assert family.name == name
         assert family.network in NETWORKS
         assert family.text_encoders and family.prediction_type
-        assert {"unet", "vae", "scheduler"} <= set(family.single_file)
+        assert {family.network_folder, "vae", "scheduler"} <= set(family.single_file)
         assert {s.subfolder for s in family.text_encoders} <= set(family.single_file)
     assert set(families.KNOWN_ELSEWHERE).isdisjoint(
         f.pipeline_class for f in families.FAMILIES.values()
@@ -79,7 +79,6 @@ def test_loaded_weights_are_the_files_own(tiny_sd1):
 @pytest.mark.parametrize(
     "pipeline_class, words",
     [
-        ("StableDiffusion3Pipeline", "Stable Diffusion 3 models are not supported"),
         ("FluxPipeline", "FLUX.1 models are not supported"),
         ("KandinskyPipeline", "pipeline class 'KandinskyPipeline' is not one ldm loads"),
     ],

@@ -68,6 +68,7 @@ def load_folder(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     prediction_type: str | None = None,
+    t5: bool = True,  # False: an SD3 folder's T5-XXL stays unread (zeros in its place)
 ) -> ModelParts:
     """Load a diffusers Stable Diffusion folder into ldm's modules (weights via safe_load)."""
     path, dtype = Path(path), to_dtype(dtype, "dtype")
@@ -78,27 +79,34 @@ def load_folder(
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     if prediction_type is not None:
         scheduler_config["prediction_type"] = normalize_prediction_type(prediction_type)
-    where = path / "unet"
-    unet_config, vae_config = read_json(where / "config.json"), read_json(path / "vae/config.json")
     text_config_path = path / "text_encoder" / "config.json"
     text_config = read_json(text_config_path) if text_config_path.exists() else None
     family = families.from_folder(model_index, text_config, str(path))
+    where = path / family.network_folder  # unet/, or transformer/ (SD3)
+    unet_config, vae_config = read_json(where / "config.json"), read_json(path / "vae/config.json")
     unet = build_network(unet_config, where, family=family.name, empty=True)
     load_weights(unet, load_part(where, "diffusers", dtype), str(where), device, dtype)
     vae = build_vae(vae_config, path / "vae", empty=True)
     vae_state = fix_vae_keys(load_part(path / "vae", "diffusers", dtype))
     load_weights(vae, vae_state, str(path / "vae"), device, dtype)
-    text = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
-    for spec in family.text_encoders:  # SDXL: text_encoder_2/ and tokenizer_2/ too
+    text = {}  # SDXL: text_encoder_2/ and tokenizer_2/ too; SD3: text_encoder_3/ (optional)
+    for spec in family.text_encoders:
         folder = path / spec.subfolder
+        if spec.optional and not (t5 and _listed(model_index, spec.subfolder, folder)):
+            continue  # SD3 without T5: zeros in its place (ldm.text.sd3)
         config = read_json(folder / "config.json")
         text[spec.subfolder] = load_text_model(folder, config, device, dtype)
-        text[spec.tokenizer] = load_tokenizer(path / spec.tokenizer)
+        text[spec.tokenizer] = load_tokenizer(path / spec.tokenizer, spec.kind)
     return ModelParts(
-        unet, vae, text["text_encoder"], text["tokenizer"], scheduler_config, model_index, path,
-        path.name, family=family, text_encoder_2=text["text_encoder_2"],
-        tokenizer_2=text["tokenizer_2"],
+        unet, vae, text.pop("text_encoder", None), text.pop("tokenizer", None), scheduler_config,
+        model_index, path, path.name, family=family, **text,
     )  # fmt: skip
+
+
+def _listed(model_index: dict, name: str, folder: Path) -> bool:
+    """A component the folder has: listed with a class in model_index.json and present."""
+    entry = model_index.get(name)
+    return folder.is_dir() and not (isinstance(entry, list) and entry[:1] == [None])
 
 
 def load_weights(
@@ -214,7 +222,12 @@ def load_text_encoder(
     return T5TextEncoder(model, AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True))
 
 
-def load_tokenizer(folder: Path) -> Any:
+def load_tokenizer(folder: Path, kind: str = "clip") -> Any:
+    """A component's tokenizer: ldm's CLIP tokenizer, or transformers' for a T5 (SD3)."""
+    if kind == "t5":
+        if not any((folder / n).is_file() for n in ("tokenizer.json", "spiece.model")):
+            raise CheckpointError(f"{folder}: missing T5 tokenizer (tokenizer.json, spiece.model)")
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     has_fast = (folder / "tokenizer.json").is_file()
     if not has_fast and not all((folder / n).is_file() for n in ("vocab.json", "merges.txt")):
         raise CheckpointError(
@@ -271,8 +284,9 @@ def save_folder(
 def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> None:
     version = DIFFUSERS_FORMAT_VERSION
     meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    family = parts.family
     for name, module, class_name in (
-        ("unet", parts.unet, "UNet2DConditionModel"),
+        (family.network_folder, parts.unet, family.network),  # unet/ or transformer/
         ("vae", parts.vae, "AutoencoderKL"),
     ):
         config = {"_class_name": class_name, "_diffusers_version": version}
@@ -281,6 +295,8 @@ def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> N
         weights = cast(module.state_dict(), dtype)
         save_state_dict(weights, root / name / "diffusion_pytorch_model.safetensors", meta)
     for spec, model, tokenizer in parts.text_modules():
+        if model is None:  # an optional encoder the model does without (SD3's T5)
+            continue
         _write_text_encoder(model, root / spec.subfolder, dtype, meta)
         tokenizer.save_pretrained(str(root / spec.tokenizer))
         _compact_json(root / spec.tokenizer / "tokenizer.json")
@@ -298,29 +314,42 @@ def _write_folder(parts: ModelParts, root: Path, dtype: torch.dtype | None) -> N
     if parts.family.name == "sdxl" and parts.unet.config.in_channels == 9:
         index["_class_name"] = "StableDiffusionXLInpaintPipeline"  # as diffusers saves one
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-    if parts.family.name.startswith("sdxl"):  # diffusers' SDXL pipelines take no safety checker
-        for key in ("safety_checker", "requires_safety_checker"):
+    if family.name != "sd1" and family.name != "sd2":  # pipelines without a safety checker
+        for key in ("safety_checker", "requires_safety_checker", "feature_extractor"):
             index.pop(key, None)
+    if family.network_folder != "unet":
+        index.pop("unet", None)
+        index[family.network_folder] = ["diffusers", family.network]
+    if parts.family.name.startswith("sdxl"):
         index.setdefault("force_zeros_for_empty_prompt", parts.family.force_zeros_for_empty_prompt)
         if parts.family.micro_conditioning == "aesthetic":
             index["requires_aesthetics_score"] = True
     for spec in parts.family.text_encoders:
         model = getattr(parts, spec.subfolder)
+        if model is None:  # diffusers' index names an empty slot [null, null]
+            index[spec.subfolder], index[spec.tokenizer] = [None, None], [None, None]
+            continue
         index[spec.subfolder] = ["transformers", type(model).__name__]
-        index[spec.tokenizer] = ["transformers", "CLIPTokenizer"]
+        index[spec.tokenizer] = ["transformers", "T5TokenizerFast" if spec.kind == "t5"
+                                 else "CLIPTokenizer"]  # fmt: skip
     if parts.text_encoder is None:  # the SDXL refiner: diffusers' index names the empty slots
         index["text_encoder"], index["tokenizer"] = [None, None], [None, None]
     _write_json(root / "model_index.json", index)
 
 
 def _write_text_encoder(model, folder: Path, dtype: torch.dtype | None, meta: dict) -> None:
-    """A transformers CLIP text model as config.json + model.safetensors."""
+    """A transformers text model (CLIP, T5 encoder) as config.json + model.safetensors."""
     # the classic ``text_model.``-prefixed keys: what every transformers version loads
     text_state = cast(model.state_dict(), dtype)
-    text_state = {
-        k if k.startswith("text_projection.") else "text_model." + k.removeprefix("text_model."): v
-        for k, v in text_state.items()
-    }
+    if "shared.weight" in text_state:  # T5 ties it to encoder.embed_tokens: one copy on disk
+        text_state.pop("encoder.embed_tokens.weight", None)
+    if type(model).__name__.startswith("CLIP"):
+        text_state = {
+            k
+            if k.startswith("text_projection.")
+            else "text_model." + k.removeprefix("text_model."): v
+            for k, v in text_state.items()
+        }
     text_config = model.config.to_dict()
     text_config["architectures"] = [type(model).__name__]
     # transformers >= 5 loads a model in this dtype when from_pretrained is given none (older

@@ -192,11 +192,8 @@ def describe(folder: str | os.PathLike) -> dict:
 def sampling_defaults(weights: Path, stored: dict) -> dict:
     """The sampler, schedule, steps and guidance scale a model generates with by default: the
     stored ones over its family's (the family read from a diffusers folder's configs)."""
-    from types import SimpleNamespace
-
     from ldm.formats.diffusers_folder import DEFAULT_MODEL_INDEX, read_json
     from ldm.models import families
-    from ldm.pipeline import Pipeline
 
     if not weights.is_dir():  # a single file: its family needs its keys; say what is stored
         return dict(stored)
@@ -205,6 +202,4 @@ def sampling_defaults(weights: Path, stored: dict) -> dict:
     text = weights / "text_encoder" / "config.json"
     family = families.from_folder(index, read_json(text) if text.exists() else None, str(weights))
     config = read_json(weights / "scheduler" / "scheduler_config.json")
-    parts = SimpleNamespace(family=family, scheduler_config=config, defaults=stored)
-    # the pipeline's own rule (it reads only these three fields), not a second copy of it
-    return Pipeline.sampling_defaults.fget(SimpleNamespace(parts=parts))
+    return family.sampling_defaults(config, stored)

@@ -62,6 +62,32 @@ def _sdxl_single_file(refiner: bool) -> dict:
     return out
 
 
+def _sd3_single_file() -> dict:
+    """The public SD3.5-medium diffusers configs (what a single file cannot say)."""
+    transformer = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                       num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                       joint_attention_dim=4096, caption_projection_dim=1536,
+                       pooled_projection_dim=2048, pos_embed_max_size=384,
+                       dual_attention_layers=list(range(13)), qk_norm="rms_norm")  # fmt: skip
+    vae = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+               scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024,
+               block_out_channels=[128, 256, 512, 512], force_upcast=True)  # fmt: skip
+    clip = dict(architectures=["CLIPTextModelWithProjection"], max_position_embeddings=77,
+                vocab_size=49408, layer_norm_eps=1e-5)  # fmt: skip
+    clip_l = dict(clip, hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072,
+                  num_attention_heads=12, num_hidden_layers=12, projection_dim=768)  # fmt: skip
+    clip_g = dict(clip, hidden_act="gelu", hidden_size=1280, intermediate_size=5120,
+                  num_attention_heads=20, num_hidden_layers=32, projection_dim=1280)  # fmt: skip
+    t5 = dict(architectures=["T5EncoderModel"], d_model=4096, d_ff=10240, d_kv=64, num_heads=64,
+              num_layers=24, feed_forward_proj="gated-gelu", vocab_size=32128,
+              relative_attention_num_buckets=32, relative_attention_max_distance=128,
+              layer_norm_epsilon=1e-6, dense_act_fn="gelu_new", is_gated_act=True)  # fmt: skip
+    scheduler = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000,
+                     shift=3.0)  # fmt: skip
+    return dict(transformer=transformer, vae=vae, text_encoder=clip_l, text_encoder_2=clip_g,
+                text_encoder_3=t5, scheduler=scheduler)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder of a family and where its parts live in a diffusers folder."""
@@ -72,6 +98,7 @@ class TextEncoderSpec:
     # context: "last" = clip skip from the last layer, through the final LayerNorm (SD 1.x/2.x);
     # "penultimate" = from the penultimate layer, no final LayerNorm (SDXL, as diffusers counts)
     hidden: str = "last"
+    optional: bool = False  # may be absent from a folder (SD3's T5: zeros in its place)
 
 
 @dataclass(frozen=True)
@@ -101,7 +128,21 @@ class Family:
     also_pipelines: tuple[str, ...] = ()  # other model_index classes that hold this family
     vae_upcast: bool = False  # fp16: run the VAE in fp32 when its config says force_upcast
     # what an original single file's keys cannot say: diffusers config fields per component
+    network_folder: str = "unet"  # its folder in a diffusers model ("transformer": SD3, FLUX)
     single_file: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def sampling_defaults(self, scheduler_config: dict, stored: dict | None = None) -> dict:
+        """Sampler, schedule, steps and guidance a model of this family generates with: the
+        family's, the checkpoint's scheduler class where the family takes it (SDXL ships Euler),
+        and a model's stored defaults (ModelParts.defaults) over both."""
+        from ldm.sampling.samplers import from_scheduler_config
+
+        sampler, schedule = self.sampler, self.schedule
+        if self.sampler_from_checkpoint:
+            sampler, schedule = from_scheduler_config(scheduler_config) or (sampler, schedule)
+        defaults = dict(sampler=sampler, schedule=schedule, steps=self.steps,
+                        guidance_scale=self.guidance_scale)  # fmt: skip
+        return {**defaults, **(stored or {})}
 
 
 FAMILIES: dict[str, Family] = {
@@ -208,12 +249,32 @@ FAMILIES: dict[str, Family] = {
             sampler_from_checkpoint=True,
             single_file=_sdxl_single_file(refiner=True),
         ),
+        Family(
+            name="sd3",
+            label="Stable Diffusion 3",
+            pipeline_class="StableDiffusion3Pipeline",
+            network="SD3Transformer2DModel",
+            network_folder="transformer",
+            text_encoders=(
+                TextEncoderSpec("clip", hidden="penultimate"),  # CLIP-L (with projection)
+                TextEncoderSpec("openclip", "text_encoder_2", "tokenizer_2", "penultimate"),
+                TextEncoderSpec("t5", "text_encoder_3", "tokenizer_3", optional=True),  # T5-XXL
+            ),
+            text_combine="sd3",
+            prediction_type="flow",
+            vae_scaling_factor=1.5305,
+            vae_shift_factor=0.0609,
+            sampler="euler",  # FlowMatchEulerDiscreteScheduler
+            steps=28,  # diffusers' StableDiffusion3Pipeline defaults
+            guidance_scale=7.0,
+            vae_upcast=True,
+            single_file=_sd3_single_file(),
+        ),
     )
 }
 
 # families other tools load and ldm does not yet: pipeline class / single-file key -> label
 KNOWN_ELSEWHERE = {
-    "StableDiffusion3Pipeline": "Stable Diffusion 3",
     "FluxPipeline": "FLUX.1",
 }
 SINGLE_FILE_MARKERS = (  # a key fragment that identifies a family, checked in this order
@@ -256,13 +317,13 @@ def from_folder(model_index: dict, text_encoder_config: dict | None, source: str
         raise CheckpointError(
             f"{source}: pipeline class {pipeline_class!r} is not one ldm loads ({', '.join(known)})"
         )
-    if holders[0].name == "lcm":
-        return holders[0]
     if holders[0].name == "sdxl":
         # the refiner: second encoder only, aesthetic-score ids (diffusers' img2img pipeline flag)
         no_first = (model_index.get("text_encoder") or [None])[0] is None
         refiner = model_index.get("requires_aesthetics_score", False) or no_first
         return FAMILIES["sdxl-refiner" if refiner else "sdxl"]
+    if holders[0].name not in ("sd1", "sd2"):  # one family per pipeline class
+        return holders[0]
     return _by_text_activation((text_encoder_config or {}).get("hidden_act", "quick_gelu"))
 
 

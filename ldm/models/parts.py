@@ -37,10 +37,12 @@ class ModelParts:
     loras: list[dict] = field(default_factory=list)
 
     def text_modules(self) -> list[tuple[TextEncoderSpec, torch.nn.Module, Any]]:
-        """(spec, text model, tokenizer) for each of the family's text encoders, in order."""
+        """(spec, text model, tokenizer) for each of the family's text encoders, in order; an
+        optional one the model does without (SD3 without T5) is left out."""
         return [
             (spec, getattr(self, spec.subfolder), getattr(self, spec.tokenizer))
             for spec in self.family.text_encoders
+            if not (spec.optional and getattr(self, spec.subfolder) is None)
         ]
 
     @property

@@ -1,0 +1,107 @@
+"""SD3 end to end: ldm's pipeline against diffusers' StableDiffusion3Pipeline (and Img2Img) on
+tiny random SD3-shaped folders (tests/tiny_sd3.py), with and without T5, SD3-medium- and
+3.5-medium-shaped; folders ldm saves load in diffusers; flow-invalid samplers are refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_sd3 import make_tiny_sd3, tiny_sd3, tiny_sd3_no_t5  # noqa: F401 (fixtures)
+
+from ldm.cli import main
+from ldm.errors import LdmError
+from ldm.formats.diffusers_folder import load_folder, save_folder
+from ldm.pipeline import load_pipeline
+
+SETTINGS = dict(steps=4, guidance_scale=5.0, height=64, width=48)
+
+
+def diffusers_image(folder, cls="StableDiffusion3Pipeline", t5=True, seed=1, **kwargs):
+    import diffusers
+
+    missing = {} if t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    pipe = getattr(diffusers, cls).from_pretrained(folder, **missing)
+    pipe.set_progress_bar_config(disable=True)
+    s = dict(SETTINGS, **kwargs)
+    out = pipe(num_inference_steps=s.pop("steps"), generator=torch.Generator().manual_seed(seed),
+               **s)  # fmt: skip
+    return np.asarray(out.images[0], dtype=np.int16)
+
+
+def ldm_image(folder, t5=True, seed=1, **kwargs):
+    pipe = load_pipeline(folder, t5=t5)
+    prompt = kwargs.pop("prompt")
+    (out,) = pipe([prompt], [seed], **{**SETTINGS, **kwargs})
+    return np.asarray(out.image, dtype=np.int16), out.record
+
+
+def assert_close(a, b, tol=2):
+    diff = np.abs(a - b).max()
+    assert diff <= tol, f"max pixel difference {diff}/255"
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_txt2img_equals_diffusers(tiny_sd3, tiny_sd3_no_t5, t5):  # noqa: F811
+    folder = tiny_sd3 if t5 else tiny_sd3_no_t5
+    kw = dict(prompt="a red circle left of a blue square", negative_prompt="blurry")
+    ours, record = ldm_image(folder, **kw)
+    assert_close(ours, diffusers_image(folder, t5=t5, **kw))
+    assert record["sampler"] == "euler" and record["steps"] == 4
+
+
+def test_t5_can_be_left_out_of_a_folder_that_has_it(tiny_sd3):  # noqa: F811
+    kw = dict(prompt="three green circles", negative_prompt="")
+    ours, _ = ldm_image(tiny_sd3, t5=False, **kw)
+    assert_close(ours, diffusers_image(tiny_sd3, t5=False, **kw))
+    assert np.abs(ours - ldm_image(tiny_sd3, **kw)[0]).max() > 2  # T5 mattered
+
+
+def test_sd35_medium_shape_equals_diffusers(tmp_path):
+    shape = dict(dual_attention_layers=(0,), qk_norm="rms_norm")
+    folder = make_tiny_sd3(tmp_path / "sd35", transformer=shape, seed=3)
+    kw = dict(prompt="a yellow triangle", negative_prompt="a square")
+    assert_close(ldm_image(folder, **kw)[0], diffusers_image(folder, **kw))
+
+
+def test_img2img_flow_strength_equals_diffusers(tiny_sd3, tmp_path):  # noqa: F811
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 48, 3), np.uint8))
+    kw = dict(prompt="a purple square", negative_prompt="", strength=0.7, steps=5)
+    ours, record = ldm_image(tiny_sd3, init_image=init, **kw)
+    theirs = diffusers_image(tiny_sd3, "StableDiffusion3Img2ImgPipeline", image=init, **kw)
+    assert_close(ours, theirs)
+    assert record["strength"] == 0.7
+
+
+def test_saved_folder_loads_in_diffusers_and_gives_the_same_image(tiny_sd3, tmp_path):  # noqa: F811
+    saved = save_folder(load_folder(tiny_sd3), tmp_path / "saved")
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and "unet" not in index
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+    kw = dict(prompt="two squares", negative_prompt="")
+    assert_close(diffusers_image(saved, **kw), diffusers_image(tiny_sd3, **kw), tol=0)
+
+
+def test_flow_samplers_run_and_others_are_refused(tiny_sd3):  # noqa: F811
+    pipe = load_pipeline(tiny_sd3)
+    for sampler in ("heun", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde"):
+        (out,) = pipe(["a circle"], [2], sampler=sampler, steps=3, height=32, width=32)
+        assert np.isfinite(np.asarray(out.image, dtype=float)).all()
+    with pytest.raises(LdmError, match="does not run on flow models"):
+        pipe(["a circle"], [2], sampler="ddim", steps=3, height=32, width=32)
+
+
+def test_cli_txt2img_and_from_png(tiny_sd3, tmp_path, capsys):  # noqa: F811
+    args = ["txt2img", "--model", str(tiny_sd3), "--prompt", "a red circle", "--steps", "3",
+            "--H", "32", "--W", "32", "--seed", "4", "--outdir", str(tmp_path / "a")]  # fmt: skip
+    assert main(args) == 0
+    (png,) = (tmp_path / "a").glob("*.png")
+    assert "Sampler: Euler" in Image.open(png).info["parameters"]
+    again = ["txt2img", "--from-png", str(png), "--model", str(tiny_sd3),
+             "--outdir", str(tmp_path / "b")]  # fmt: skip
+    assert main(again) == 0
+    (png2,) = (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(png2)))
+    assert main([*args[:-1], str(tmp_path / "c"), "--sampler", "ddim"]) == 2
+    assert "does not run on flow models" in capsys.readouterr().err
