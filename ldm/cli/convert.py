@@ -50,10 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from ldm.formats.diffusers_folder import save_folder
     from ldm.formats.single_file import save_single_file
     from ldm.loading import load_model
+    from ldm.models.bundled import resolve_model
 
-    src, dst = Path(args.src), Path(args.dst)
-    if not src.exists():
-        raise LdmError(f"{src}: no such file or folder")
+    src, dst = resolve_model(args.src, "SRC"), Path(args.dst)  # a path, or a bundled name
     if dst.exists() and not args.overwrite:
         raise LdmError(f"{dst}: already exists (pass --overwrite to replace it)")
     if args.to != "diffusers" and dst.suffix != ".safetensors":

@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         action="append",
         default=[],
-        help="diffusers folder or "
-        ".safetensors/.ckpt; repeat to offer several (default: the demo model)",
+        help="diffusers folder, .safetensors/.ckpt or bundled name (ldm models); repeat to "
+        "offer several (default: the demo model)",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 cuda, fp32 cpu")
