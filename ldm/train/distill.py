@@ -121,10 +121,9 @@ class Distiller:
             w += (cf.guidance_scale_max - w) * float(torch.rand((), generator=g))
         s = cf.timestep_scaling
 
-        # 2. the student's consistency function at (x, t_{n+k}) (the only forward with grads)
-        pred = consistency_denoised(x, sigma, t_start, self.student(x, sigma, cond), s)
-
-        # 3. teacher: guided DDIM step to t_n; target: the EMA student's f at (x_prev, t_n)
+        # 2. teacher: guided DDIM step to t_n; target: the EMA student's f at (x_prev, t_n).
+        # Before the student's forward: the target's weight swap is in place, and autograd
+        # must not see the student's saved weights change
         with torch.no_grad():
             with self._teacher_weights():
                 denoised = cfg(self.teacher, cond, uncond, w)(x, sigma)
@@ -133,6 +132,9 @@ class Distiller:
                 target = consistency_denoised(
                     x_prev, sigma_next, t_end, self.frozen(x_prev, sigma_next, cond), s
                 )
+
+        # 3. the student's consistency function at (x, t_{n+k}) (the only forward with grads)
+        pred = consistency_denoised(x, sigma, t_start, self.student(x, sigma, cond), s)
         return consistency_loss(pred, target, cf.loss, cf.huber_c), {"guidance": w}
 
     def after_step(self) -> None:
@@ -160,12 +162,16 @@ class Distiller:
         params = dict(self.unet.named_parameters())
         backup = {n: params[n].detach().clone() for n in self.target.shadow}
         self.target.copy_to(self.unet)
+        # autocast caches its casts of trainable weights until the region ends: drop them, so
+        # the target computes with the shadow and the student afterwards with its own weights
+        torch.clear_autocast_cache()
         try:
             yield
         finally:
             with torch.no_grad():
                 for n, v in backup.items():
                     params[n].copy_(v)
+            torch.clear_autocast_cache()
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
