@@ -223,12 +223,14 @@ class Denoiser(torch.nn.Module):
         sigma: torch.Tensor | float,  # scalar or (B,)
         cond: Cond,  # context (B, L, D) and optional mask (B, L)
         concat: torch.Tensor | None = None,  # (B, 5, H, W) inpainting mask + masked latents
+        skip_layers: list[int] | None = None,  # transformer blocks to leave out (SD3.5's SLG)
     ) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.reshape(-1).expand(x.shape[0])  # (B,)
         s = _per_sample(sigma, x)  # (B, 1, 1, 1), broadcasts over C, H, W
         c_skip, c_out, c_in = self.parametrisation.scalings(s)
-        out = self._network(x * c_in, self.sigma_to_t(sigma), cond, concat)
+        extra = {} if skip_layers is None else {"skip_layers": skip_layers}
+        out = self._network(x * c_in, self.sigma_to_t(sigma), cond, concat, **extra)
         return c_skip * x + c_out * out.to(x.dtype)
 
     def training_pair(
@@ -271,13 +273,13 @@ class Denoiser(torch.nn.Module):
         per_pixel = F.mse_loss(out.float(), target, reduction="none")
         return per_pixel.mean(dim=tuple(range(1, per_pixel.ndim)))
 
-    def _network(self, x_in, c_noise, cond: Cond, concat) -> torch.Tensor:
+    def _network(self, x_in, c_noise, cond: Cond, concat, **kwargs) -> torch.Tensor:
         """F(x_in, c_noise): in ``dtype`` when given (then back to float32), mask passed on."""
         if concat is not None:  # 9-channel inpainting U-Nets see mask and masked latents unscaled
             x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)
         if self.dtype is not None:
             x_in = x_in.to(self.dtype)
-        kwargs = {"encoder_hidden_states": cond.context}
+        kwargs["encoder_hidden_states"] = cond.context
         if cond.mask is not None:
             kwargs["encoder_attention_mask"] = cond.mask
         if cond.time_ids is not None:  # SDXL added conditioning, in diffusers' calling form

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -10,6 +11,18 @@ from ldm.denoiser import Epsilon
 from ldm.text.cond import Cond
 
 GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """SD3.5's skip-layer guidance (Stability's SD3.5 reference; diffusers'
+    ``skip_guidance_layers``): D += scale (D_cond - D_cond without ``layers``) at the steps whose
+    sigma lies in [sigma_lo, sigma_hi]. Linear in D, so equal to diffusers' velocity form."""
+
+    layers: tuple[int, ...]  # transformer blocks left out of the extra pass (SD3.5-medium: 7-9)
+    scale: float  # diffusers' skip_layer_guidance_scale (2.8)
+    sigma_hi: float  # first and last sigma it is active at (diffusers: steps i with
+    sigma_lo: float  # start * n < i < stop * n, start 0.01, stop 0.2)
 
 
 def cfg(
@@ -20,6 +33,7 @@ def cfg(
     rescale: float = 0.0,  # guidance rescale phi (Lin et al. 2023, eq. 15-16)
     batched: bool = True,  # cond and uncond in one network call; False saves memory
     concat: torch.Tensor | None = None,  # (B, 5, H, W) inpainting channels, shared by both passes
+    slg: SkipLayerGuidance | None = None,  # SD3.5: a third pass without some blocks
 ) -> GuidedDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): D = D_u + w (D_c - D_u), as a closure.
 
@@ -52,6 +66,9 @@ def cfg(
         denoised = d_uncond + scale * (d_cond - d_uncond)
         if rescale > 0:
             denoised = _rescale(space, x, sigma, denoised, d_cond, rescale)
+        if slg is not None and slg.sigma_lo <= float(sigma.reshape(-1)[0]) <= slg.sigma_hi:
+            d_skip = denoiser(x, sigma, cond, skip_layers=list(slg.layers), **kwargs)
+            denoised = denoised + slg.scale * (d_cond - d_skip)
         return denoised
 
     return guided

@@ -39,8 +39,9 @@ from ldm.request import (
     check_fraction,
     check_modes,
     check_numbers,
-    check_sampler,
+    check_skip_layers,
     prompt_lists,
+    resolve_sampling,
 )
 from ldm.sampling.noise import make_noise
 from ldm.sampling.plan import (
@@ -49,6 +50,7 @@ from ldm.sampling.plan import (
     noise_schedule,
     request_sigmas,
     sampler_options,
+    skip_layer_guidance,
 )
 from ldm.sampling.watch import PreviewCallback, Progress, StepCallback, nan_guard
 from ldm.text.encoders import TextEncoder, text_encoder_for
@@ -160,21 +162,6 @@ class Pipeline:
         """Classifier-free guidance runs an unconditioned pass: scale > 1, not embedded."""
         return r.guidance_scale > 1.0 and not self.guidance_embedded
 
-    def resolve_sampling(self, sampler, schedule, steps, guidance_scale):
-        """(spec, schedule, steps, guidance scale): what is given, else the model's defaults; a
-        sampler other than the model's first brings its own (a few-step sampler's steps,
-        guidance off, its schedule) from the sampler table."""
-        model = self.sampling_defaults
-        if sampler is None:  # the model's sampler comes with its schedule
-            sampler, schedule = model["sampler"], schedule or model["schedule"]
-        spec, _ = check_sampler(sampler, "default")
-        own = dict(spec.defaults) if spec.name != model["sampler"] else {}
-        fill = {**model, **own}
-        spec, schedule = check_sampler(sampler, schedule or own.get("schedule", "default"))
-        steps = fill["steps"] if steps is None else steps
-        guidance_scale = fill["guidance_scale"] if guidance_scale is None else guidance_scale
-        return spec, schedule, steps, guidance_scale
-
     def text_encoder(self, clip_skip: int = 1) -> TextEncoder:
         """The family's text encoder(s) behind one interface (ldm.text.encoders), per clip skip."""
         key = (clip_skip, self.max_sequence_length)
@@ -263,10 +250,14 @@ class Pipeline:
         micro: MicroConditioning | None = None,  # SDXL size/crop/aesthetic conditioning
         denoising_start: float | None = None,  # start part-way (a refiner after its base)
         denoising_end: float | None = None,  # stop part-way (a base before its refiner)
+        skip_layers: list[int] | tuple[int, ...] = (),  # SD3.5 skip-layer guidance blocks
+        skip_layer_scale: float = 2.8,
+        skip_layer_start: float = 0.01,
+        skip_layer_stop: float = 0.2,
     ) -> Request:
         """Step 1: check the whole request before any work (one LdmError per bad value)."""
-        spec, schedule, steps, guidance_scale = self.resolve_sampling(
-            sampler, schedule, steps, guidance_scale
+        spec, schedule, steps, guidance_scale = resolve_sampling(
+            self.sampling_defaults, sampler, schedule, steps, guidance_scale
         )
         prompts, negatives = prompt_lists(prompts, seeds, negative_prompt)
         if isinstance(init_image, (str, Path)):
@@ -287,10 +278,12 @@ class Pipeline:
         if spec.eta is not None and eta is None:
             eta = spec.eta  # the sampler's own default (ancestral and SDE 1, DDIM 0)
         mode = "txt2img" if init_image is None else ("inpaint" if mask is not None else "img2img")
+        check_skip_layers(skip_layers, skip_layer_start, skip_layer_stop, self.unet)
         return Request(
             prompts, negatives, [int(s) for s in seeds], spec, schedule, steps, guidance_scale,
             guidance_rescale, eta, height, width, clip_skip, mode, init_image, mask, strength,
             batched_guidance, micro or MicroConditioning(), denoising_start, denoising_end,
+            tuple(skip_layers), skip_layer_scale, skip_layer_start, skip_layer_stop,
         )  # fmt: skip
 
     def encode_text(self, prompts, negatives, clip_skip, guided):
@@ -364,7 +357,7 @@ class Pipeline:
         scale = r.guidance_scale if uncond is not None else 1.0  # 1: the conditioned pass only
         denoise = cfg(
             denoiser, cond, uncond, scale, rescale=r.guidance_rescale,
-            batched=r.batched_guidance, concat=extra,
+            batched=r.batched_guidance, concat=extra, slg=skip_layer_guidance(r, sigmas),
         )  # fmt: skip
         if keep is not None:
             denoise = blend_known(denoise, init_latents, keep)

@@ -44,6 +44,12 @@ class Request:
     # the training timesteps, 0.8 = stop (end) or start where 80 % of the noise is removed
     denoising_start: float | None = None
     denoising_end: float | None = None
+    # SD3.5's skip-layer guidance: blocks left out of a third pass, its scale, and the share of
+    # the steps it runs in (diffusers' skip_guidance_layers / _scale / _start / _stop)
+    skip_layers: tuple[int, ...] = ()
+    skip_layer_scale: float = 2.8
+    skip_layer_start: float = 0.01
+    skip_layer_stop: float = 0.2
 
     @property
     def start_from_image(self) -> bool:
@@ -59,6 +65,10 @@ class Request:
         )  # fmt: skip
         if self.init_image is not None:
             out["strength"] = self.strength
+        if self.skip_layers:
+            out.update(skip_layers=list(self.skip_layers), skip_layer_scale=self.skip_layer_scale,
+                       skip_layer_start=self.skip_layer_start,
+                       skip_layer_stop=self.skip_layer_stop)  # fmt: skip
         if micro:  # SDXL families: the size/crop/aesthetic conditioning
             out["micro_conditioning"] = dataclasses.asdict(self.micro)
         return out
@@ -128,3 +138,34 @@ def check_modes(strength, clip_skip, init_image, mask, inpainting_model) -> None
         raise LdmError("--mask needs --init-image (the image to inpaint)")
     if inpainting_model and mask is None:
         raise LdmError("this is a 9-channel inpainting model: it needs --init-image and --mask")
+
+
+def check_skip_layers(layers, start: float, stop: float, network) -> None:
+    """Skip-layer guidance needs a transformer whose blocks can be left out, and valid blocks."""
+    if not layers:
+        return
+    blocks = getattr(network.config, "num_layers", None)
+    if blocks is None or not hasattr(network, "transformer_blocks"):
+        raise LdmError("--skip-layers needs a transformer model (SD3.5)")
+    bad = [i for i in layers if not 0 <= int(i) < blocks]
+    if bad:
+        raise LdmError(f"--skip-layers {bad}: the model's blocks are 0..{blocks - 1}")
+    if not 0 <= start < stop <= 1:
+        raise LdmError(
+            f"--skip-layer-start/--skip-layer-stop must satisfy 0 <= {start} < {stop} <= 1"
+        )
+
+
+def resolve_sampling(model: dict, sampler, schedule, steps, guidance_scale):
+    """(spec, schedule, steps, guidance scale): what is given, else the model's defaults
+    (``Family.sampling_defaults``); a sampler other than the model's first brings its own (a
+    few-step sampler's steps, guidance off, its schedule) from the sampler table."""
+    if sampler is None:  # the model's sampler comes with its schedule
+        sampler, schedule = model["sampler"], schedule or model["schedule"]
+    spec, _ = check_sampler(sampler, "default")
+    own = dict(spec.defaults) if spec.name != model["sampler"] else {}
+    fill = {**model, **own}
+    spec, schedule = check_sampler(sampler, schedule or own.get("schedule", "default"))
+    steps = fill["steps"] if steps is None else steps
+    guidance_scale = fill["guidance_scale"] if guidance_scale is None else guidance_scale
+    return spec, schedule, steps, guidance_scale

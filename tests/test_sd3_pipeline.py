@@ -13,6 +13,7 @@ from tiny_sd3 import make_tiny_sd3, tiny_sd3, tiny_sd3_no_t5  # noqa: F401 (fixt
 from ldm.cli import main
 from ldm.errors import LdmError
 from ldm.formats.diffusers_folder import load_folder, save_folder
+from ldm.infotext import read_png_metadata
 from ldm.pipeline import load_pipeline
 
 SETTINGS = dict(steps=4, guidance_scale=5.0, height=64, width=48)
@@ -105,3 +106,34 @@ def test_cli_txt2img_and_from_png(tiny_sd3, tmp_path, capsys):  # noqa: F811
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(png2)))
     assert main([*args[:-1], str(tmp_path / "c"), "--sampler", "ddim"]) == 2
     assert "does not run on flow models" in capsys.readouterr().err
+
+
+def test_skip_layer_guidance_equals_diffusers(tmp_path):
+    shape = dict(dual_attention_layers=(0,), qk_norm="rms_norm", num_layers=3)
+    folder = make_tiny_sd3(tmp_path / "sd35", transformer=shape, seed=5)
+    kw = dict(prompt="a blue circle", negative_prompt="", steps=10)
+    slg = dict(skip_layer_scale=2.8, skip_layer_start=0.01, skip_layer_stop=0.5)
+    ours, record = ldm_image(folder, skip_layers=[1], **slg, **kw)
+    theirs = diffusers_image(folder, skip_guidance_layers=[1], skip_layer_guidance_scale=2.8,
+                             skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.5, **kw)  # fmt: skip
+    assert_close(ours, theirs)
+    assert record["skip_layers"] == [1]
+    assert np.abs(ours - ldm_image(folder, **kw)[0]).max() > 2  # it changed the image
+    with pytest.raises(LdmError, match="blocks are 0..2"):
+        ldm_image(folder, skip_layers=[3], **kw)
+
+
+def test_cli_sd3_flags(tiny_sd3, tmp_path, capsys):  # noqa: F811
+    base = ["txt2img", "--model", str(tiny_sd3), "--prompt", "a red circle", "--steps", "10",
+            "--H", "32", "--W", "32", "--seed", "4"]  # fmt: skip
+    slg = ["--skip-layers", "1", "--skip-layer-stop", "0.5"]
+    assert main([*base, "--no-t5", *slg, "--outdir", str(tmp_path / "a")]) == 0
+    (png,) = (tmp_path / "a").glob("*.png")
+    record = read_png_metadata(png)[1]
+    assert record["skip_layers"] == [1] and record["skip_layer_stop"] == 0.5
+    ours = np.asarray(Image.open(png), dtype=np.int16)
+    again = ldm_image(tiny_sd3, t5=False, seed=4, prompt="a red circle", steps=10, height=32,
+                      width=32, skip_layers=[1], skip_layer_stop=0.5, guidance_scale=7.0)[0]  # fmt: skip
+    assert_close(ours, again, tol=0)
+    assert main([*base, "--max-sequence-length", "513", "--outdir", str(tmp_path / "b")]) == 2
+    assert "--max-sequence-length 513" in capsys.readouterr().err

@@ -40,6 +40,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse type: "7,8,9" -> [7, 8, 9]."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 7,8,9, got {text!r}") from None
+
+
 def sampler_help() -> str:
     """--sampler help, from the sampler table."""
     from ldm.sampling.samplers import SPECS

@@ -19,7 +19,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
+from ldm.cli import add_speed_arguments, apply_accel, int_list, sampler_help, schedule_help
 from ldm.errors import LdmError
 
 MODEL_HELP = (
@@ -45,7 +45,12 @@ DEFAULTS = dict(
     refiner=None,  # SDXL: a refiner model that takes over at refiner_switch_at
     refiner_switch_at=0.8,
     micro=None,  # SDXL size/crop/aesthetic conditioning (ldm.text.micro), None: defaults
+    skip_layers=None,  # SD3.5 skip-layer guidance blocks, e.g. [7, 8, 9]
+    skip_layer_scale=2.8,
+    skip_layer_start=0.01,
+    skip_layer_stop=0.2,
 )
+SKIP_LAYER_KEYS = ("skip_layers", "skip_layer_scale", "skip_layer_start", "skip_layer_stop")
 # record key -> flag dest, for --from-png
 FROM_RECORD = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps",
@@ -53,7 +58,7 @@ FROM_RECORD = {
     "sampler": "sampler", "schedule": "schedule", "eta": "eta", "height": "height",
     "width": "width", "clip_skip": "clip_skip", "seed": "seed", "strength": "strength",
     "denoising_strength": "strength",  # the infotext's name
-    "refiner_switch_at": "refiner_switch_at",
+    "refiner_switch_at": "refiner_switch_at", **{k: k for k in SKIP_LAYER_KEYS},
 }  # fmt: skip
 
 
@@ -106,6 +111,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", metavar="TOP,LEFT", help="crop conditioning (default: 0,0)")
     g.add_argument("--aesthetic-score", type=float, help="refiner conditioning (6.0)")
     g.add_argument("--negative-aesthetic-score", type=float, help="refiner conditioning (2.5)")
+    g = p.add_argument_group("SD3")
+    g.add_argument("--no-t5", action="store_true", help="leave T5-XXL unread (zeros, as diffusers)")
+    g.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (256; <= 512)")
+    g.add_argument("--skip-layers", type=int_list, metavar="7,8,9",
+                   help="SD3.5 skip-layer guidance: blocks left out of a 3rd pass")  # fmt: skip
+    g.add_argument("--skip-layer-scale", type=float, help="its scale (2.8)")
+    g.add_argument("--skip-layer-start", type=float, help="share of the steps it starts at (0.01)")
+    g.add_argument("--skip-layer-stop", type=float, help="share of the steps it stops at (0.2)")
     g = p.add_argument_group("output, memory and speed")
     g.add_argument("--outdir", default="outputs/txt2img", help="(default: outputs/txt2img)")
     g.add_argument("--grid", action="store_true", help="also write a grid of all images")
@@ -128,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     if seed_is_random:
         settings["seed"] = secrets.randbelow(2**32)  # printed once generation starts
 
-    pipe = load_model_flag(settings["model"], args.device, args.dtype, args.config)
+    pipe = load_model_flag(settings["model"], args.device, args.dtype, args.config, args.no_t5)
+    pipe.max_sequence_length = _checked_length(args.max_sequence_length)
     refiner = None
     if settings["refiner"]:
         refiner = load_model_flag(settings["refiner"], args.device, args.dtype, None)
@@ -168,13 +182,19 @@ def add_config_argument(g) -> None:
     )
 
 
-def load_model_flag(model, device, dtype, config):
+def _checked_length(n: int) -> int:
+    from ldm.text.sd3 import check_max_sequence_length
+
+    return check_max_sequence_length(n)
+
+
+def load_model_flag(model, device, dtype, config, no_t5: bool = False):
     """``load_pipeline``, with ``--config`` for a single file (ldm.loading.load_model)."""
     from ldm.loading import load_model, resolve_device, resolve_dtype
     from ldm.pipeline import load_pipeline
 
     if config is None:
-        return load_pipeline(model, device=device, dtype=dtype)
+        return load_pipeline(model, device=device, dtype=dtype, t5=not no_t5)
     from ldm.pipeline import Pipeline
 
     if model is None:
@@ -183,7 +203,8 @@ def load_model_flag(model, device, dtype, config):
         raise LdmError(f"--config {config}: no such file or folder")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    return Pipeline(load_model(model, device, torch_dtype, config=config), device, torch_dtype)
+    parts = load_model(model, device, torch_dtype, config=config, t5=not no_t5)
+    return Pipeline(parts, device, torch_dtype)
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -325,6 +346,8 @@ def _generate(pipe, args, s: dict, init_image, mask, seed_is_random: bool, refin
                 height=s["height"], width=s["width"], clip_skip=s["clip_skip"],
                 micro=MicroConditioning(**s["micro"]) if s["micro"] else None, callback=on_step,
             )  # fmt: skip
+            if s["skip_layers"]:  # SD3.5 (a U-Net model refuses them)
+                kwargs.update({k: s[k] for k in SKIP_LAYER_KEYS})
             if refiner is not None:
                 from ldm.refiner import generate_with_refiner
 

@@ -13,6 +13,7 @@ import torch
 
 from ldm.denoiser import Denoiser
 from ldm.errors import LdmError
+from ldm.guidance import SkipLayerGuidance
 from ldm.sampling.flow import flow_sigmas
 from ldm.sampling.schedules import (
     NoiseSchedule,
@@ -99,3 +100,14 @@ def sampler_options(r, denoiser: Denoiser, schedule: NoiseSchedule | None) -> di
     if r.spec.timestep_maps:  # LCM, TCD: defined on the training timesteps
         options.update(sigma_to_t=denoiser.sigma_to_t, t_to_sigma=denoiser.t_to_sigma)
     return options
+
+
+def skip_layer_guidance(r, sigmas: torch.Tensor) -> SkipLayerGuidance | None:
+    """The request's skip-layer guidance on its sigmas: active at steps i with start * n < i <
+    stop * n (diffusers' SD3 pipeline), as the sigma range those steps cover."""
+    n = len(sigmas) - 1
+    active = [i for i in range(n) if r.skip_layer_start * n < i < r.skip_layer_stop * n]
+    if not r.skip_layers or not active:
+        return None
+    hi, lo = float(sigmas[active[0]]), float(sigmas[active[-1]])
+    return SkipLayerGuidance(tuple(r.skip_layers), r.skip_layer_scale, hi, lo)
