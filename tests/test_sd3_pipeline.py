@@ -114,8 +114,10 @@ def test_skip_layer_guidance_equals_diffusers(tmp_path):
     kw = dict(prompt="a blue circle", negative_prompt="", steps=10)
     slg = dict(skip_layer_scale=2.8, skip_layer_start=0.01, skip_layer_stop=0.5)
     ours, record = ldm_image(folder, skip_layers=[1], **slg, **kw)
-    theirs = diffusers_image(folder, skip_guidance_layers=[1], skip_layer_guidance_scale=2.8,
-                             skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.5, **kw)  # fmt: skip
+    theirs = diffusers_image(
+        folder, skip_guidance_layers=[1], skip_layer_guidance_scale=2.8,
+        skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.5, **kw,
+    )  # fmt: skip
     assert_close(ours, theirs)
     assert record["skip_layers"] == [1]
     assert np.abs(ours - ldm_image(folder, **kw)[0]).max() > 2  # it changed the image
@@ -132,8 +134,10 @@ def test_cli_sd3_flags(tiny_sd3, tmp_path, capsys):  # noqa: F811
     record = read_png_metadata(png)[1]
     assert record["skip_layers"] == [1] and record["skip_layer_stop"] == 0.5
     ours = np.asarray(Image.open(png), dtype=np.int16)
-    again = ldm_image(tiny_sd3, t5=False, seed=4, prompt="a red circle", steps=10, height=32,
-                      width=32, skip_layers=[1], skip_layer_stop=0.5, guidance_scale=7.0)[0]  # fmt: skip
+    again = ldm_image(
+        tiny_sd3, t5=False, seed=4, prompt="a red circle", steps=10, height=32, width=32,
+        skip_layers=[1], skip_layer_stop=0.5, guidance_scale=7.0,
+    )[0]  # fmt: skip
     assert_close(ours, again, tol=0)
     assert main([*base, "--max-sequence-length", "513", "--outdir", str(tmp_path / "b")]) == 2
     assert "--max-sequence-length 513" in capsys.readouterr().err
