@@ -225,13 +225,15 @@ def _on_main(state, main: bool, fn, public=lambda result: result):
     return result if main else shared
 
 
-def _model_defaults(defaults: dict, family: dict) -> None:
-    """The model's sampler, schedule, steps and guidance where no flag set them (its stored
-    defaults, else its family's: ``Pipeline.sampling_defaults``)."""
-    if defaults["sampler"] is None:  # the family's sampler comes with its schedule
-        defaults["schedule"] = defaults["schedule"] or family["schedule"]
-    for key in ("sampler", "steps", "guidance_scale"):
-        defaults[key] = family[key] if defaults[key] is None else defaults[key]
+def _model_defaults(defaults: dict, model: dict) -> None:
+    """The sampler, schedule, steps and guidance where no flag set them, by the pipeline's rule
+    (``ldm.request.resolve_sampling``): the model's (stored, else its family's), or a few-step
+    sampler's own when one is asked for."""
+    from ldm.request import resolve_sampling
+
+    keys = ("sampler", "schedule", "steps", "guidance_scale")
+    spec, *rest = resolve_sampling(model, *(defaults[k] for k in keys))
+    defaults.update(zip(keys, (spec.name, *rest), strict=True))
 
 
 def _validate(args, spec, main: bool) -> int:
