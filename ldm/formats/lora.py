@@ -6,8 +6,10 @@ Layouts read: diffusers/PEFT (``unet.<path>.lora_A.weight`` / ``.lora_B.weight``
 ``lora_adapter_metadata`` JSON of the header, diffusers >= 0.34), kohya / A1111
 (``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
 ``lora_te1_`` / ``lora_te2_`` for SDXL's two text encoders, sgm block names for SDXL's U-Net) and
-ComfyUI's (``diffusion_model.<sgm path>``); lora_names.py says which module a key names. Keys
-that match nothing are reported, never dropped silently.
+ComfyUI's (``diffusion_model.<sgm path>``); SD3's transformer under diffusers' names
+(``transformer.``) and the original MMDiT's (kohya, ComfyUI), whose fused qkv pair is split by
+rows onto to_q / to_k / to_v; lora_names.py says which module a key names. Keys that match nothing
+are reported, never dropped silently.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,11 +29,15 @@ from ldm.formats.lora_names import (
     TEXT_MODEL,
     diffusers_name,
     flat,
+    is_sd3,
     is_sdxl,
     kohya_name,
     module_index,
+    original_index,
+    sd3_original_modules,
     sgm_names,
     split_key,
+    unet_config_dict,
 )
 from ldm.formats.safe_load import load_state_dict, read_safetensors_header, save_state_dict
 
@@ -43,7 +49,7 @@ DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
 class LoraModule:
     """One low-rank pair: ΔW = (alpha / rank) · up @ down for the module ``name`` of ``part``."""
 
-    part: str  # "unet", "text_encoder" or "text_encoder_2"
+    part: str  # "unet" (the latent network), "text_encoder", "text_encoder_2", "text_encoder_3"
     name: str  # module path ("down_blocks.0....to_q") or as the file spells it (kohya stem)
     down: torch.Tensor  # lora_A / lora_down: [rank, in] or [rank, in, kh, kw]
     up: torch.Tensor  # lora_B / lora_up: [out, rank] or [out, rank, 1, 1]
@@ -138,8 +144,9 @@ def load_lora(path: str | os.PathLike) -> LoraWeights:
                 raise CheckpointError(f"{path}: {alpha_key} is not a scalar")
             keys.append(alpha_key)
             alpha = float(alpha.reshape(()))
-        elif layout == "diffusers":
-            alpha = _metadata_alpha(metadata, part, name, state_dict[key].shape[0])
+        elif layout == "diffusers":  # metadata keys start with the file's prefix ("transformer")
+            prefix = stem[: len(stem) - len(name)].rstrip(".")
+            alpha = _metadata_alpha(metadata, prefix, name, state_dict[key].shape[0])
         used.update(keys)
         layouts.append(layout)
         modules.append(_pair(part, name, state_dict[key], state_dict[up_key], alpha, keys, path))
@@ -173,9 +180,9 @@ def _pair(part, name, down, up, alpha, keys, path) -> LoraModule:
     return LoraModule(part, name, down, up, alpha, keys)
 
 
-def _metadata_alpha(metadata: dict, part: str, name: str, rank: int) -> float | None:
+def _metadata_alpha(metadata: dict, prefix: str, name: str, rank: int) -> float | None:
     """PEFT LoraConfig fields (lora_alpha, alpha_pattern, use_rslora) -> this module's alpha."""
-    config = {k[len(part) + 1 :]: v for k, v in metadata.items() if k.startswith(part + ".")}
+    config = {k[len(prefix) + 1 :]: v for k, v in metadata.items() if k.startswith(prefix + ".")}
     if "lora_alpha" not in config:
         return None
     alpha = float(config["lora_alpha"])
@@ -190,22 +197,29 @@ def _metadata_alpha(metadata: dict, part: str, name: str, rank: int) -> float | 
 # --- applying ---------------------------------------------------------------------------------
 
 
-def _indexes(parts) -> dict[str, dict]:
-    """Per part, its modules by underscore name (the U-Net also under its sgm names)."""
+def _indexes(parts) -> dict[str, dict[str, list]]:
+    """Per part, underscore name -> [(module path, module, rows)]: ``rows`` () for a whole
+    weight, else the slices of the file's ΔW rows that module takes (SD3's original names)."""
     out = {}
-    if (unet := getattr(parts, "unet", None)) is not None:
-        out["unet"] = module_index(unet, getattr(unet, "config", None))
-    for part in PARTS[1:]:
-        if (module := getattr(parts, part, None)) is not None:
-            out[part] = module_index(module)
+    for part in PARTS:
+        if (module := getattr(parts, part, None)) is None:
+            continue
+        config = getattr(module, "config", None) if part == "unet" else None
+        sd3 = is_sd3(config)
+        index = module_index(module, None if sd3 else config)  # U-Nets: sgm names too
+        out[part] = {name: [(path, m, ())] for name, (path, m) in index.items()}
+        if sd3:
+            out[part] |= original_index(module, config)
     return out
 
 
 def resolve_lora(parts, lora: LoraWeights | str | os.PathLike):
-    """Match every pair to a module of ``parts``: ([(pair named by module path, module)], report).
+    """Match every pair to modules of ``parts``: ([(pair named by module path, module)], report).
 
     The returned pairs carry the module's dotted path as their name (ready for the writers);
-    pairs naming no module, or whose ΔW does not fit the weight's shape, go to the report.
+    a pair on a fused original module (SD3's qkv) becomes one pair per module, its up weight
+    split by rows and its down weight shared. Pairs naming no module, or whose ΔW does not fit
+    the weights' shapes, go to the report.
     """
     if not isinstance(lora, LoraWeights):
         lora = load_lora(lora)
@@ -216,22 +230,40 @@ def resolve_lora(parts, lora: LoraWeights | str | os.PathLike):
         part = pair.part
         if part == "text_encoder" and part not in indexes:
             part = "text_encoder_2"  # SDXL refiner: bigG alone; ComfyUI gives it lora_te_ keys
-        found = indexes.get(part, {}).get(flat(pair.name))
-        if found is None:
+        targets = indexes.get(part, {}).get(flat(pair.name))
+        if targets is None:
             report.unmatched.extend(pair.keys)
             continue
-        path, module = found
-        weight = module.weight
+        weight = targets[0][1].weight
         out_in = (pair.up.shape[0], pair.down[0].numel())  # ΔW is [out, in · kh · kw]
-        if out_in != (weight.shape[0], weight[0].numel()):
+        fits = (sum(m.weight.shape[0] for _, m, _ in targets), weight[0].numel())
+        if out_in != fits:
             report.mismatched.append(
-                f"{pair.keys[0]} (LoRA {list(out_in)} vs weight {list(weight.shape)})"
+                f"{pair.keys[0]} (LoRA {list(out_in)} vs weight {list(weight.shape)}"
+                + (f" x {len(targets)})" if len(targets) > 1 else ")")
             )
             continue
-        named = LoraModule(part, path, pair.down, pair.up, pair.alpha, pair.keys)
-        resolved.append((named, module))
-        report.matched.append(f"{part}.{path}")
+        for path, module, rows in targets:
+            resolved.append((_rows_of(pair, part, path, rows, len(targets) > 1), module))
+            report.matched.append(f"{part}.{path}")
     return resolved, report
+
+
+def _rows_of(pair: LoraModule, part: str, path: str, rows: tuple, split: bool) -> LoraModule:
+    """The pair for module ``path``: rows ``rows`` of ΔW (all for ()), i.e. of the up weight.
+
+    A split's rank columns that are zero in its rows are dropped (exact: they add nothing), so a
+    fused pair that stacks three pairs (kohya's split_qkv files, ldm's) gives them back; alpha
+    is rescaled to keep alpha / rank.
+    """
+    down, up, alpha = pair.down, pair.up, pair.alpha
+    if rows:
+        up = torch.cat([up[s] for s in rows])
+    if split:
+        used = up.flatten(1).ne(0).any(0)  # [rank]
+        if 0 < int(used.sum()) < pair.rank:
+            down, up, alpha = down[used], up[:, used], pair.scale * int(used.sum())
+    return LoraModule(part, path, down, up, alpha, pair.keys)
 
 
 @torch.no_grad()
@@ -275,6 +307,7 @@ def save_diffusers_lora(
 ) -> Path:
     """Write ``unet.<path>.lora_A/B.weight`` keys (what ``load_lora_weights`` reads), atomically.
 
+    SD3's transformer pairs as ``transformer.<path>`` (StableDiffusion3Pipeline's names);
     ``text_encoder.`` / ``text_encoder_2.`` pairs keep transformers' ``text_model.`` level.
     alpha / rank is folded into lora_B, so the file means the same to every reader: diffusers with
     or without adapter metadata and ``apply_lora`` use alpha = rank. ComfyUI skips this layout's
@@ -306,17 +339,22 @@ def save_kohya_lora(
 
     Stems as kohya's networks/lora.py writes them: SD 1.x/2.x ``lora_unet_<diffusers path>`` and
     ``lora_te_``; SDXL (``unet_config`` with text_time, or a text_encoder_2 pair)
-    ``lora_unet_<sgm path>`` (``input_blocks_4_1_...``), ``lora_te1_`` and ``lora_te2_``.
+    ``lora_unet_<sgm path>`` (``input_blocks_4_1_...``), ``lora_te1_`` and ``lora_te2_``; SD3
+    (an SD3 transformer config) as networks/lora_sd3.py: ``lora_unet_<original path>`` with q, k,
+    v fused (``joint_blocks_0_x_block_attn_qkv``), ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_``.
     """
-    sdxl = (unet_config is not None and is_sdxl(unet_config)) or any(
-        m.part == "text_encoder_2" for m in modules
-    )
-    sgm = None
-    if sdxl and unet_config is not None:
-        sgm = sgm_names(unet_config, [m.name for m in modules if m.part == "unet"])
+    sd3 = is_sd3(unet_config)
+    sdxl = sd3 or (unet_config is not None and is_sdxl(unet_config))
+    sdxl = sdxl or any(m.part in ("text_encoder_2", "text_encoder_3") for m in modules)
+    renames = None
+    if sd3:
+        modules = fuse_original(modules, unet_config)
+        renames = {m.name: m.name for m in modules if m.part == "unet"}
+    elif sdxl and unet_config is not None:
+        renames = sgm_names(unet_config, [m.name for m in modules if m.part == "unet"])
     state_dict, ranks, alphas = {}, set(), set()
     for m in modules:
-        stem = kohya_name(m.part, m.name, sdxl, sgm)
+        stem = kohya_name(m.part, m.name, sdxl, renames)
         if f"{stem}.alpha" in state_dict:
             raise LdmError(f"LoRA: two pairs for the module {stem!r}")
         alpha = float(m.rank if m.alpha is None else m.alpha)
@@ -325,10 +363,16 @@ def save_kohya_lora(
         state_dict[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype or torch.float32)
         ranks.add(m.rank)
         alphas.add(alpha)
-    metadata = {"ss_network_module": "networks.lora"}  # what kohya's tools look for
+    metadata = {"ss_network_module": "networks.lora_sd3" if sd3 else "networks.lora"}
     if len(ranks) == 1 and len(alphas) == 1:
         metadata |= {"ss_network_dim": str(ranks.pop()), "ss_network_alpha": str(alphas.pop())}
-    if sdxl:  # A1111 and kohya read the base model from these (sd-scripts library/sai_model_spec)
+    if sd3:  # sd-scripts: sd3_utils.analyze_state_dict_state's model_type, sai_model_spec
+        version = _sd3_model_type(unet_config)
+        metadata |= {
+            "ss_base_model_version": version,
+            "modelspec.architecture": f"stable-diffusion-3-{version}/lora",
+        }
+    elif sdxl:  # A1111 and kohya read the base model from these (sd-scripts library/sai_model_spec)
         metadata |= {
             "ss_base_model_version": "sdxl_base_v1-0",
             "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
@@ -336,3 +380,63 @@ def save_kohya_lora(
     path = Path(path)
     save_state_dict(state_dict, path, metadata=metadata)
     return path
+
+
+def _sd3_model_type(config) -> str:
+    """kohya's name for an SD3 transformer: "medium", "5-medium" (dual attention) or "5-large"."""
+    c = unet_config_dict(config)
+    if not c.get("qk_norm"):
+        return "medium"
+    return "5-medium" if c.get("dual_attention_layers") else "5-large"
+
+
+def fuse_original(modules: list[LoraModule], config) -> list[LoraModule]:
+    """SD3: the network's pairs renamed to the original MMDiT modules (kohya's, ComfyUI's).
+
+    to_q / to_k / to_v pairs become one pair on the fused qkv weight: the downs stacked, the ups
+    placed block-diagonally (what sd-scripts writes with split_qkv), each up times its scale over
+    the first's, and alpha = that scale x the summed rank, so ΔW stays exact; an absent one
+    leaves zero rows. Swapped adaLN halves are swapped back.
+    """
+    table = sd3_original_modules(config)
+    where = {}  # diffusers path -> (original path, how, position in the fused weight)
+    for original, (how, paths) in table.items():
+        where |= {p: (original, how, k) for k, p in enumerate(paths)}
+    groups: dict[str, tuple[str, dict[int, LoraModule]]] = {}
+    out = [m for m in modules if m.part != "unet"]
+    for m in modules:
+        if m.part != "unet":
+            continue
+        if m.name not in where:
+            raise LdmError(f"LoRA: transformer module {m.name!r} has no original name")
+        original, how, k = where[m.name]
+        groups.setdefault(original, (how, {}))[1][k] = m
+    for original, (how, members) in groups.items():
+        first = next(iter(members.values()))
+        if how == "same":
+            out.append(replace(first, name=original))
+        elif how == "swap":
+            half = first.up.shape[0] // 2
+            out.append(replace(first, name=original, up=first.up.roll(half, 0)))
+        else:
+            out.append(_fuse_qkv(original, members, len(table[original][1])))
+    return out
+
+
+def _fuse_qkv(name: str, members: dict[int, LoraModule], count: int) -> LoraModule:
+    """Pairs at positions ``members`` of a fused weight of ``count`` equal row blocks -> one."""
+    order = sorted(members)
+    first = members[order[0]]
+    rows, scale = first.up.shape[0], first.scale
+    rank = sum(members[k].rank for k in order)
+    up = torch.zeros(count * rows, rank, dtype=torch.float32)  # [count · out, Σ rank]
+    col = 0
+    for k in order:
+        m = members[k]
+        up[k * rows : (k + 1) * rows, col : col + m.rank] = m.up.flatten(1).float() * (
+            m.scale / scale
+        )
+        col += m.rank
+    down = torch.cat([members[k].down for k in order])  # [Σ rank, in]
+    keys = [key for k in order for key in members[k].keys]
+    return LoraModule("unet", name, down, up.to(first.up.dtype), scale * rank, keys)

@@ -10,6 +10,13 @@ comfy/lora.py ``model_lora_keys_unet`` / ``model_lora_keys_clip``). Every name i
 underscore space, and the U-Net index holds each module under both its diffusers and its sgm
 name, so one lookup serves every layout. The sgm names come from ``original_keys.unet_pairs``,
 the table the single-file loader uses, so LoRA and checkpoint names cannot drift apart.
+
+SD3's transformer is also named two ways: diffusers' (``transformer.transformer_blocks.0.attn.
+to_q``) and Stability's original MMDiT (``joint_blocks.0.x_block.attn.qkv``), which kohya
+(``lora_unet_``, sd-scripts networks/lora_sd3.py) and ComfyUI (``diffusion_model.``) use. An
+original module can be several of ours: the fused qkv is to_q/to_k/to_v stacked by rows, and two
+adaLN projections hold (shift, scale) where diffusers has (scale, shift); ``sd3_original_modules``
+says which, as diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` reads a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ import torch
 from ldm.errors import CheckpointError, LdmError
 from ldm.formats.original_keys import remap, unet_pairs
 
-TEXT_PARTS = ("text_encoder", "text_encoder_2")
-PARTS = ("unet", *TEXT_PARTS)
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # CLIPs (transformers' text_model level)
+PARTS = ("unet", *TEXT_PARTS, "text_encoder_3")  # SD3's T5: kohya lora_te3_, ComfyUI t5xxl
 TEXT_MODEL = "text_model."  # transformers nests CLIP under it; files keep it, matching ignores it
 TEXT_TOP_LEVEL = ("text_projection",)  # CLIPTextModelWithProjection's modules outside text_model
 
@@ -33,14 +40,19 @@ PREFIXES = (
     ("lora_te1_", "text_encoder", "kohya"),  # SDXL: CLIP ViT-L
     ("lora_te2_", "text_encoder_2", "kohya"),  # SDXL: OpenCLIP bigG
     ("lora_te_", "text_encoder", "kohya"),  # SD 1.x/2.x
+    ("lora_te3_", "text_encoder_3", "kohya"),  # SD3: T5-XXL
     ("lycoris_", "unet", "kohya"),  # SimpleTuner's LyCORIS: diffusers paths, underscored
+    ("lora_transformer_", "unet", "kohya"),  # OneTrainer SD3: diffusers paths, underscored
     ("unet.", "unet", "diffusers"),
+    ("transformer.", "unet", "diffusers"),  # SD3 (diffusers' SD3LoraLoaderMixin)
     ("text_encoder.", "text_encoder", "diffusers"),
     ("text_encoder_2.", "text_encoder_2", "diffusers"),
+    ("text_encoder_3.", "text_encoder_3", "diffusers"),  # ldm's own; diffusers reads none
     ("diffusion_model.", "unet", "comfyui"),
     ("text_encoders.clip_l.transformer.", "text_encoder", "comfyui"),
     ("text_encoders.clip_h.transformer.", "text_encoder", "comfyui"),  # SD 2.x's OpenCLIP-H
     ("text_encoders.clip_g.transformer.", "text_encoder_2", "comfyui"),
+    ("text_encoders.t5xxl.transformer.", "text_encoder_3", "comfyui"),
 )
 # (down suffix, up suffix): kohya/ComfyUI, PEFT, older diffusers spellings, diffusers' attention
 # processors (``attn1.processor.to_q_lora.down.weight``)
@@ -51,10 +63,14 @@ SUFFIXES = (
     (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
     ("_lora.down.weight", "_lora.up.weight"),
 )
-KOHYA_TEXT_PREFIX = {  # what kohya writes: (SD 1.x/2.x, SDXL)
+KOHYA_TEXT_PREFIX = {  # what kohya writes: (SD 1.x/2.x, SDXL and SD3)
     "text_encoder": ("lora_te_", "lora_te1_"),
     "text_encoder_2": ("lora_te2_", "lora_te2_"),
+    "text_encoder_3": ("lora_te3_", "lora_te3_"),
 }
+# the top-level modules of diffusers' SD3Transformer2DModel: its pairs are "transformer." pairs
+SD3_TOP_LEVEL = ("pos_embed", "time_text_embed", "context_embedder", "transformer_blocks",
+                 "norm_out", "proj_out")  # fmt: skip
 
 
 def split_key(key: str) -> tuple[str, str, str, str, str] | None:
@@ -87,6 +103,16 @@ def unet_config_dict(config) -> dict:
     if dataclasses.is_dataclass(config):
         return config.to_diffusers()
     return dict(config)
+
+
+def is_sd3(config) -> bool:
+    """SD3's MMDiT (ldm's SD3Config or its config.json) rather than a U-Net."""
+    return config is not None and "joint_attention_dim" in unet_config_dict(config)
+
+
+def network_prefix(paths: list[str]) -> str:
+    """diffusers' file prefix for the latent network's pairs: "transformer" (SD3) or "unet"."""
+    return "transformer" if any(p.split(".")[0] in SD3_TOP_LEVEL for p in paths) else "unet"
 
 
 def is_sdxl(config) -> bool:
@@ -124,27 +150,106 @@ def module_index(model: torch.nn.Module, config=None) -> dict[str, tuple[str, to
     return index
 
 
-def kohya_name(part: str, path: str, sdxl: bool, sgm: dict[str, str] | None = None) -> str:
-    """The kohya stem of module ``path`` of ``part``; ``sgm``: the U-Net's sgm names (SDXL)."""
+def sd3_original_modules(config) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Original MMDiT module path -> (how, diffusers paths) for an SD3 transformer config.
+
+    how: "same" (one module, same weight), "qkv" (to_q, to_k, to_v: the rows of the fused weight,
+    in thirds) or "swap" (one module whose two row halves are swapped: the last block's context
+    adaLN and the final adaLN). Read from diffusers' convert_sd3_transformer_checkpoint_to_diffusers
+    (single_file_utils.py) and sd-scripts library/sd3_models.py.
+    """
+    c = unet_config_dict(config)
+    n, dual = c["num_layers"], set(c.get("dual_attention_layers") or ())
+    emb = "time_text_embed"
+    table = {
+        "x_embedder.proj": ("same", ("pos_embed.proj",)),
+        "t_embedder.mlp.0": ("same", (f"{emb}.timestep_embedder.linear_1",)),
+        "t_embedder.mlp.2": ("same", (f"{emb}.timestep_embedder.linear_2",)),
+        "y_embedder.mlp.0": ("same", (f"{emb}.text_embedder.linear_1",)),
+        "y_embedder.mlp.2": ("same", (f"{emb}.text_embedder.linear_2",)),
+        "context_embedder": ("same", ("context_embedder",)),
+        "final_layer.linear": ("same", ("proj_out",)),
+        "final_layer.adaLN_modulation.1": ("swap", ("norm_out.linear",)),
+    }
+    for i in range(n):
+        x, ctx, ours = (
+            f"joint_blocks.{i}.x_block",
+            f"joint_blocks.{i}.context_block",
+            f"transformer_blocks.{i}",
+        )
+        table |= {
+            f"{x}.attn.qkv": ("qkv", tuple(f"{ours}.attn.to_{p}" for p in "qkv")),
+            f"{x}.attn.proj": ("same", (f"{ours}.attn.to_out.0",)),
+            f"{x}.mlp.fc1": ("same", (f"{ours}.ff.net.0.proj",)),
+            f"{x}.mlp.fc2": ("same", (f"{ours}.ff.net.2",)),
+            f"{x}.adaLN_modulation.1": ("same", (f"{ours}.norm1.linear",)),
+            f"{ctx}.attn.qkv": ("qkv", tuple(f"{ours}.attn.add_{p}_proj" for p in "qkv")),
+            # the last block's context stream only feeds attention (context_pre_only)
+            f"{ctx}.adaLN_modulation.1": ("swap" if i == n - 1 else "same",
+                                          (f"{ours}.norm1_context.linear",)),
+        }  # fmt: skip
+        if i < n - 1:
+            table |= {
+                f"{ctx}.attn.proj": ("same", (f"{ours}.attn.to_add_out",)),
+                f"{ctx}.mlp.fc1": ("same", (f"{ours}.ff_context.net.0.proj",)),
+                f"{ctx}.mlp.fc2": ("same", (f"{ours}.ff_context.net.2",)),
+            }
+        if i in dual:  # SD3.5-medium's second image attention
+            table |= {
+                f"{x}.attn2.qkv": ("qkv", tuple(f"{ours}.attn2.to_{p}" for p in "qkv")),
+                f"{x}.attn2.proj": ("same", (f"{ours}.attn2.to_out.0",)),
+            }
+    return table
+
+
+def original_index(
+    model: torch.nn.Module, config
+) -> dict[str, list[tuple[str, torch.nn.Module, tuple]]]:
+    """SD3: original module names (underscore space) -> [(diffusers path, module, rows)], where
+    ``rows`` are the slices of the original weight's rows that make the module's weight (in
+    order), or () when it is the whole weight."""
+    index = {}
+    for original, (how, paths) in sd3_original_modules(config).items():
+        modules = [model.get_submodule(p) for p in paths]
+        out = modules[0].weight.shape[0]
+        if how == "qkv":
+            rows = [(slice(k * out, (k + 1) * out),) for k in range(len(paths))]
+        elif how == "swap":  # original (shift, scale) -> diffusers (scale, shift)
+            rows = [(slice(out // 2, out), slice(0, out // 2))]
+        else:
+            rows = [()]
+        index[flat(original)] = list(zip(paths, modules, rows, strict=True))
+    return index
+
+
+def kohya_name(part: str, path: str, sdxl: bool, renames: dict[str, str] | None = None) -> str:
+    """The kohya stem of module ``path`` of ``part``; ``renames``: the network's module names in
+    kohya's files (SDXL: sgm paths; SD3: original paths); ``sdxl``: SDXL / SD3 text prefixes."""
     if part == "unet":
-        if sdxl:
-            if sgm is None:
+        if sdxl or renames is not None:
+            if renames is None:
                 raise LdmError("LoRA: an SDXL kohya file needs the U-Net config for its names")
-            if path not in sgm:
-                raise LdmError(f"LoRA: U-Net module {path!r} has no sgm name (cannot write kohya)")
-            path = sgm[path]
+            if path not in renames:
+                raise LdmError(
+                    f"LoRA: network module {path!r} has no original name (cannot write kohya)"
+                )
+            path = renames[path]
         return "lora_unet_" + path.replace(".", "_")
     if part not in KOHYA_TEXT_PREFIX:
         raise LdmError(f"LoRA: kohya files have no place for a '{part}' module")
-    return KOHYA_TEXT_PREFIX[part][sdxl] + _text_path(path).replace(".", "_")
+    return KOHYA_TEXT_PREFIX[part][sdxl] + _text_path(part, path).replace(".", "_")
 
 
 def diffusers_name(part: str, path: str) -> str:
     """The diffusers/PEFT stem of module ``path`` of ``part`` (CLIP under ``text_model.``)."""
-    return f"{part}.{_text_path(path) if part in TEXT_PARTS else path}"
+    if part == "unet":
+        return f"{network_prefix([path])}.{path}"
+    return f"{part}.{_text_path(part, path)}"
 
 
-def _text_path(path: str) -> str:
+def _text_path(part: str, path: str) -> str:
     """A CLIP module path as transformers names it: all but the projection under text_model."""
+    if part not in TEXT_PARTS:
+        return path  # T5: no text_model level
     path = path.removeprefix(TEXT_MODEL)
     return path if path.split(".")[0] in TEXT_TOP_LEVEL else TEXT_MODEL + path
