@@ -71,6 +71,7 @@ _FIELDS = [
     ("rng", "RNG", str),
     ("refiner", "Refiner", str),  # SDXL: A1111 writes "name [hash]"
     ("refiner_switch_at", "Refiner switch at", float),
+    ("shift", "Shift", float),  # flow models' time shift (Forge, ComfyUI's ModelSamplingSD3)
 ]
 _LABEL_TO_FIELD = {label: (key, parse) for key, label, parse in _FIELDS if key != "eta"}
 # A1111 has two etas: "Eta DDIM" (DDIM, PLMS, UniPC) and "Eta" (k-diffusion samplers with an eta

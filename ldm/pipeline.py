@@ -39,6 +39,7 @@ from ldm.request import (
     check_fraction,
     check_modes,
     check_numbers,
+    check_shift,
     check_skip_layers,
     prompt_lists,
     resolve_sampling,
@@ -254,6 +255,7 @@ class Pipeline:
         skip_layer_scale: float = 2.8,
         skip_layer_start: float = 0.01,
         skip_layer_stop: float = 0.2,
+        shift: float | None = None,  # flow models: the static shift (None: the checkpoint's)
     ) -> Request:
         """Step 1: check the whole request before any work (one LdmError per bad value)."""
         spec, schedule, steps, guidance_scale = resolve_sampling(
@@ -279,11 +281,12 @@ class Pipeline:
             eta = spec.eta  # the sampler's own default (ancestral and SDE 1, DDIM 0)
         mode = "txt2img" if init_image is None else ("inpaint" if mask is not None else "img2img")
         check_skip_layers(skip_layers, skip_layer_start, skip_layer_stop, self.unet)
+        shift = check_shift(shift, self.parts.scheduler_config, flow=self.schedule is None)
         return Request(
             prompts, negatives, [int(s) for s in seeds], spec, schedule, steps, guidance_scale,
             guidance_rescale, eta, height, width, clip_skip, mode, init_image, mask, strength,
             batched_guidance, micro or MicroConditioning(), denoising_start, denoising_end,
-            tuple(skip_layers), skip_layer_scale, skip_layer_start, skip_layer_stop,
+            tuple(skip_layers), skip_layer_scale, skip_layer_start, skip_layer_stop, shift,
         )  # fmt: skip
 
     def encode_text(self, prompts, negatives, clip_skip, guided):

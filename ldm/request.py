@@ -50,6 +50,7 @@ class Request:
     skip_layer_scale: float = 2.8
     skip_layer_start: float = 0.01
     skip_layer_stop: float = 0.2
+    shift: float | None = None  # flow models: the static time shift (None: not a flow model)
 
     @property
     def start_from_image(self) -> bool:
@@ -65,6 +66,8 @@ class Request:
         )  # fmt: skip
         if self.init_image is not None:
             out["strength"] = self.strength
+        if self.shift is not None:
+            out["shift"] = self.shift
         if self.skip_layers:
             out.update(skip_layers=list(self.skip_layers), skip_layer_scale=self.skip_layer_scale,
                        skip_layer_start=self.skip_layer_start,
@@ -169,3 +172,15 @@ def resolve_sampling(model: dict, sampler, schedule, steps, guidance_scale):
     steps = fill["steps"] if steps is None else steps
     guidance_scale = fill["guidance_scale"] if guidance_scale is None else guidance_scale
     return spec, schedule, steps, guidance_scale
+
+
+def check_shift(shift: float | None, scheduler_config: dict, flow: bool) -> float | None:
+    """A flow model's static shift (the checkpoint's when not given); others take none."""
+    if not flow:
+        if shift is not None:
+            raise LdmError("--shift applies to flow models (SD3, FLUX)")
+        return None
+    shift = float(scheduler_config.get("shift", 1.0)) if shift is None else float(shift)
+    if not (math.isfinite(shift) and shift > 0):
+        raise LdmError(f"--shift must be a positive number, got {shift}")
+    return shift

@@ -98,7 +98,8 @@ def test_cli_txt2img_and_from_png(tiny_sd3, tmp_path, capsys):  # noqa: F811
             "--H", "32", "--W", "32", "--seed", "4", "--outdir", str(tmp_path / "a")]  # fmt: skip
     assert main(args) == 0
     (png,) = (tmp_path / "a").glob("*.png")
-    assert "Sampler: Euler" in Image.open(png).info["parameters"]
+    text = Image.open(png).info["parameters"]
+    assert "Sampler: Euler" in text and "Shift: 3" in text  # the checkpoint's shift
     again = ["txt2img", "--from-png", str(png), "--model", str(tiny_sd3),
              "--outdir", str(tmp_path / "b")]  # fmt: skip
     assert main(again) == 0
@@ -141,3 +142,28 @@ def test_cli_sd3_flags(tiny_sd3, tmp_path, capsys):  # noqa: F811
     assert_close(ours, again, tol=0)
     assert main([*base, "--max-sequence-length", "513", "--outdir", str(tmp_path / "b")]) == 2
     assert "--max-sequence-length 513" in capsys.readouterr().err
+
+
+def test_shift_overrides_the_checkpoint_and_reads_back(tiny_sd3, tiny_sd1, tmp_path, capsys):  # noqa: F811
+    kw = dict(prompt="a red circle", negative_prompt="")
+    ours = ldm_image(tiny_sd3, shift=1.0, **kw)
+    theirs = diffusers_image_with_shift(tiny_sd3, 1.0, **kw)
+    assert_close(ours[0], theirs)
+    assert ours[1]["shift"] == 1.0
+    from ldm.infotext import format_infotext, parse_infotext
+
+    assert parse_infotext(format_infotext(ours[1]))["shift"] == 1.0
+    args = ["txt2img", "--model", str(tiny_sd1), "--prompt", "x", "--shift", "2",
+            "--outdir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 2 and "--shift applies to flow models" in capsys.readouterr().err
+
+
+def diffusers_image_with_shift(folder, shift, **kwargs):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
+    pipe.set_progress_bar_config(disable=True)
+    s = dict(SETTINGS, **kwargs)
+    out = pipe(num_inference_steps=s.pop("steps"), generator=torch.Generator().manual_seed(1), **s)
+    return np.asarray(out.images[0], dtype=np.int16)

@@ -49,6 +49,7 @@ DEFAULTS = dict(
     skip_layer_scale=2.8,
     skip_layer_start=0.01,
     skip_layer_stop=0.2,
+    shift=None,  # flow models: the checkpoint's static shift
 )
 SKIP_LAYER_KEYS = ("skip_layers", "skip_layer_scale", "skip_layer_start", "skip_layer_stop")
 # record key -> flag dest, for --from-png
@@ -58,7 +59,8 @@ FROM_RECORD = {
     "sampler": "sampler", "schedule": "schedule", "eta": "eta", "height": "height",
     "width": "width", "clip_skip": "clip_skip", "seed": "seed", "strength": "strength",
     "denoising_strength": "strength",  # the infotext's name
-    "refiner_switch_at": "refiner_switch_at", **{k: k for k in SKIP_LAYER_KEYS},
+    "refiner_switch_at": "refiner_switch_at", "shift": "shift",
+    **{k: k for k in SKIP_LAYER_KEYS},
 }  # fmt: skip
 
 
@@ -112,6 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aesthetic-score", type=float, help="refiner conditioning (6.0)")
     g.add_argument("--negative-aesthetic-score", type=float, help="refiner conditioning (2.5)")
     g = p.add_argument_group("SD3")
+    g.add_argument("--shift", type=float, help="flow models' time shift (the checkpoint's: 3)")
     g.add_argument("--no-t5", action="store_true", help="leave T5-XXL unread (zeros, as diffusers)")
     g.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (256; <= 512)")
     g.add_argument("--skip-layers", type=int_list, metavar="7,8,9",
@@ -346,6 +349,8 @@ def _generate(pipe, args, s: dict, init_image, mask, seed_is_random: bool, refin
                 height=s["height"], width=s["width"], clip_skip=s["clip_skip"],
                 micro=MicroConditioning(**s["micro"]) if s["micro"] else None, callback=on_step,
             )  # fmt: skip
+            if s["shift"] is not None:
+                kwargs["shift"] = s["shift"]
             if s["skip_layers"]:  # SD3.5 (a U-Net model refuses them)
                 kwargs.update({k: s[k] for k in SKIP_LAYER_KEYS})
             if refiner is not None:

@@ -55,7 +55,8 @@ def request_sigmas(
     if schedule is None:
         if not r.spec.flow:
             raise LdmError(f"sampler {r.spec.name!r} does not run on flow models")
-        sigmas = flow_sigmas(r.schedule, r.steps, scheduler_config, image_seq_len=image_seq_len)
+        config = scheduler_config if r.shift is None else {**scheduler_config, "shift": r.shift}
+        sigmas = flow_sigmas(r.schedule, r.steps, config, image_seq_len=image_seq_len)
     else:
         sigmas = get_sigmas(r.schedule, r.steps, schedule, sampler=r.spec.name)
     sigmas = sigmas.to(denoiser.sigma_max.device)
