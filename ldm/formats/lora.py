@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,12 +33,10 @@ from ldm.formats.lora_names import (
     is_sdxl,
     kohya_name,
     module_index,
-    original_index,
-    sd3_original_modules,
     sgm_names,
     split_key,
-    unet_config_dict,
 )
+from ldm.formats.lora_sd3 import fuse_original, original_index, sd3_model_type
 from ldm.formats.safe_load import load_state_dict, read_safetensors_header, save_state_dict
 
 __all__ = ["TEXT_MODEL", "module_index"]  # re-exported for ldm.train.lora and older callers
@@ -367,7 +365,7 @@ def save_kohya_lora(
     if len(ranks) == 1 and len(alphas) == 1:
         metadata |= {"ss_network_dim": str(ranks.pop()), "ss_network_alpha": str(alphas.pop())}
     if sd3:  # sd-scripts: sd3_utils.analyze_state_dict_state's model_type, sai_model_spec
-        version = _sd3_model_type(unet_config)
+        version = sd3_model_type(unet_config)
         metadata |= {
             "ss_base_model_version": version,
             "modelspec.architecture": f"stable-diffusion-3-{version}/lora",
@@ -380,63 +378,3 @@ def save_kohya_lora(
     path = Path(path)
     save_state_dict(state_dict, path, metadata=metadata)
     return path
-
-
-def _sd3_model_type(config) -> str:
-    """kohya's name for an SD3 transformer: "medium", "5-medium" (dual attention) or "5-large"."""
-    c = unet_config_dict(config)
-    if not c.get("qk_norm"):
-        return "medium"
-    return "5-medium" if c.get("dual_attention_layers") else "5-large"
-
-
-def fuse_original(modules: list[LoraModule], config) -> list[LoraModule]:
-    """SD3: the network's pairs renamed to the original MMDiT modules (kohya's, ComfyUI's).
-
-    to_q / to_k / to_v pairs become one pair on the fused qkv weight: the downs stacked, the ups
-    placed block-diagonally (what sd-scripts writes with split_qkv), each up times its scale over
-    the first's, and alpha = that scale x the summed rank, so ΔW stays exact; an absent one
-    leaves zero rows. Swapped adaLN halves are swapped back.
-    """
-    table = sd3_original_modules(config)
-    where = {}  # diffusers path -> (original path, how, position in the fused weight)
-    for original, (how, paths) in table.items():
-        where |= {p: (original, how, k) for k, p in enumerate(paths)}
-    groups: dict[str, tuple[str, dict[int, LoraModule]]] = {}
-    out = [m for m in modules if m.part != "unet"]
-    for m in modules:
-        if m.part != "unet":
-            continue
-        if m.name not in where:
-            raise LdmError(f"LoRA: transformer module {m.name!r} has no original name")
-        original, how, k = where[m.name]
-        groups.setdefault(original, (how, {}))[1][k] = m
-    for original, (how, members) in groups.items():
-        first = next(iter(members.values()))
-        if how == "same":
-            out.append(replace(first, name=original))
-        elif how == "swap":
-            half = first.up.shape[0] // 2
-            out.append(replace(first, name=original, up=first.up.roll(half, 0)))
-        else:
-            out.append(_fuse_qkv(original, members, len(table[original][1])))
-    return out
-
-
-def _fuse_qkv(name: str, members: dict[int, LoraModule], count: int) -> LoraModule:
-    """Pairs at positions ``members`` of a fused weight of ``count`` equal row blocks -> one."""
-    order = sorted(members)
-    first = members[order[0]]
-    rows, scale = first.up.shape[0], first.scale
-    rank = sum(members[k].rank for k in order)
-    up = torch.zeros(count * rows, rank, dtype=torch.float32)  # [count · out, Σ rank]
-    col = 0
-    for k in order:
-        m = members[k]
-        up[k * rows : (k + 1) * rows, col : col + m.rank] = m.up.flatten(1).float() * (
-            m.scale / scale
-        )
-        col += m.rank
-    down = torch.cat([members[k].down for k in order])  # [Σ rank, in]
-    keys = [key for k in order for key in members[k].keys]
-    return LoraModule("unet", name, down, up.to(first.up.dtype), scale * rank, keys)

@@ -11,12 +11,8 @@ underscore space, and the U-Net index holds each module under both its diffusers
 name, so one lookup serves every layout. The sgm names come from ``original_keys.unet_pairs``,
 the table the single-file loader uses, so LoRA and checkpoint names cannot drift apart.
 
-SD3's transformer is also named two ways: diffusers' (``transformer.transformer_blocks.0.attn.
-to_q``) and Stability's original MMDiT (``joint_blocks.0.x_block.attn.qkv``), which kohya
-(``lora_unet_``, sd-scripts networks/lora_sd3.py) and ComfyUI (``diffusion_model.``) use. An
-original module can be several of ours: the fused qkv is to_q/to_k/to_v stacked by rows, and two
-adaLN projections hold (shift, scale) where diffusers has (scale, shift); ``sd3_original_modules``
-says which, as diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` reads a checkpoint.
+SD3's transformer goes by diffusers' names (``transformer.transformer_blocks.0.attn.to_q``) and
+by the original MMDiT's (``joint_blocks.0.x_block.attn.qkv``, kohya and ComfyUI): lora_sd3.py.
 """
 
 from __future__ import annotations
@@ -147,78 +143,6 @@ def module_index(model: torch.nn.Module, config=None) -> dict[str, tuple[str, to
         paths = [path for path, _ in index.values()]
         for path, sgm in sgm_names(config, paths).items():
             index.setdefault(flat(sgm), index[flat(path)])
-    return index
-
-
-def sd3_original_modules(config) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Original MMDiT module path -> (how, diffusers paths) for an SD3 transformer config.
-
-    how: "same" (one module, same weight), "qkv" (to_q, to_k, to_v: the rows of the fused weight,
-    in thirds) or "swap" (one module whose two row halves are swapped: the last block's context
-    adaLN and the final adaLN). Read from diffusers' convert_sd3_transformer_checkpoint_to_diffusers
-    (single_file_utils.py) and sd-scripts library/sd3_models.py.
-    """
-    c = unet_config_dict(config)
-    n, dual = c["num_layers"], set(c.get("dual_attention_layers") or ())
-    emb = "time_text_embed"
-    table = {
-        "x_embedder.proj": ("same", ("pos_embed.proj",)),
-        "t_embedder.mlp.0": ("same", (f"{emb}.timestep_embedder.linear_1",)),
-        "t_embedder.mlp.2": ("same", (f"{emb}.timestep_embedder.linear_2",)),
-        "y_embedder.mlp.0": ("same", (f"{emb}.text_embedder.linear_1",)),
-        "y_embedder.mlp.2": ("same", (f"{emb}.text_embedder.linear_2",)),
-        "context_embedder": ("same", ("context_embedder",)),
-        "final_layer.linear": ("same", ("proj_out",)),
-        "final_layer.adaLN_modulation.1": ("swap", ("norm_out.linear",)),
-    }
-    for i in range(n):
-        x, ctx, ours = (
-            f"joint_blocks.{i}.x_block",
-            f"joint_blocks.{i}.context_block",
-            f"transformer_blocks.{i}",
-        )
-        table |= {
-            f"{x}.attn.qkv": ("qkv", tuple(f"{ours}.attn.to_{p}" for p in "qkv")),
-            f"{x}.attn.proj": ("same", (f"{ours}.attn.to_out.0",)),
-            f"{x}.mlp.fc1": ("same", (f"{ours}.ff.net.0.proj",)),
-            f"{x}.mlp.fc2": ("same", (f"{ours}.ff.net.2",)),
-            f"{x}.adaLN_modulation.1": ("same", (f"{ours}.norm1.linear",)),
-            f"{ctx}.attn.qkv": ("qkv", tuple(f"{ours}.attn.add_{p}_proj" for p in "qkv")),
-            # the last block's context stream only feeds attention (context_pre_only)
-            f"{ctx}.adaLN_modulation.1": ("swap" if i == n - 1 else "same",
-                                          (f"{ours}.norm1_context.linear",)),
-        }  # fmt: skip
-        if i < n - 1:
-            table |= {
-                f"{ctx}.attn.proj": ("same", (f"{ours}.attn.to_add_out",)),
-                f"{ctx}.mlp.fc1": ("same", (f"{ours}.ff_context.net.0.proj",)),
-                f"{ctx}.mlp.fc2": ("same", (f"{ours}.ff_context.net.2",)),
-            }
-        if i in dual:  # SD3.5-medium's second image attention
-            table |= {
-                f"{x}.attn2.qkv": ("qkv", tuple(f"{ours}.attn2.to_{p}" for p in "qkv")),
-                f"{x}.attn2.proj": ("same", (f"{ours}.attn2.to_out.0",)),
-            }
-    return table
-
-
-def original_index(
-    model: torch.nn.Module, config
-) -> dict[str, list[tuple[str, torch.nn.Module, tuple]]]:
-    """SD3: original module names (underscore space) -> [(diffusers path, module, rows)], where
-    ``rows`` are the slices of the original weight's rows that make the module's weight (in
-    order), or () when it is the whole weight."""
-    index = {}
-    for original, (how, paths) in sd3_original_modules(config).items():
-        modules = [model.get_submodule(p) for p in paths]
-        out = modules[0].weight.shape[0]
-        if how == "qkv":
-            rows = [(slice(k * out, (k + 1) * out),) for k in range(len(paths))]
-        elif how == "swap":  # original (shift, scale) -> diffusers (scale, shift)
-            rows = [(slice(out // 2, out), slice(0, out // 2))]
-        else:
-            rows = [()]
-        index[flat(original)] = list(zip(paths, modules, rows, strict=True))
     return index
 
 
