@@ -117,9 +117,9 @@ def test_family_detection():
     assert families.from_keys({**unet, **clip_l, **big_g}, "f").name == "sdxl"
     assert families.from_keys({**unet, **refiner}, "f").name == "sdxl-refiner"
     sd3 = {"model.diffusion_model.joint_blocks.0.x.attn.qkv.weight": torch.zeros(1)}
+    assert families.from_keys(sd3, "f").name == "sd3"  # tests/test_sd3_single_file.py
     flux = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}
     for bad, words in (
-        (sd3, "Stable Diffusion 3 models are not supported"),
         (flux, "FLUX.1 models are not supported"),
         (clip, "no U-Net"),
         (unet, "no text encoder"),

@@ -18,9 +18,12 @@ from ldm.errors import CheckpointError, ConfigError
 from ldm.formats.diffusers_folder import read_json
 from ldm.models import families
 
-PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
-FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json",
-         "text_encoder_2/config.json", "scheduler/scheduler_config.json")  # fmt: skip
+# a model's parts by their diffusers folder names (SD3: transformer/, and T5 as text_encoder_3/)
+PARTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+         "scheduler")  # fmt: skip
+FILES = ("unet/config.json", "transformer/config.json", "vae/config.json",
+         "text_encoder/config.json", "text_encoder_2/config.json", "text_encoder_3/config.json",
+         "scheduler/scheduler_config.json")  # fmt: skip
 METADATA_KEY = "ldm.config"  # safetensors metadata: JSON {part: config} (+ "model_index")
 TIME_IDS = {"size": 6, "aesthetic": 5}  # SDXL micro-conditioning ids per kind (Podell et al. 2.2)
 
@@ -150,14 +153,18 @@ def infer_text_config(
     return config
 
 
-def check_guesses(unet: dict, vae: dict, texts: list[dict], source: str) -> None:
-    """Heads and norm groups are not in the weights: a guess that does not fit needs a config."""
-    heads, channels = unet["attention_head_dim"], unet["block_out_channels"]
-    heads = heads if isinstance(heads, (list, tuple)) else [heads] * len(channels)
-    checks = [("attention heads", h, ch) for ch, h in zip(channels, heads)]
-    checks += [("norm groups", unet.get("norm_num_groups", 32), ch) for ch in channels]
-    vae_groups = vae.get("norm_num_groups", 32)
-    checks += [("norm groups", vae_groups, ch) for ch in vae["block_out_channels"]]
+def check_guesses(unet: dict | None, vae: dict | None, texts: list[dict], source: str) -> None:
+    """Heads and norm groups are not in the weights: a guess that does not fit needs a config
+    (``None``: a part not checked, as SD3's transformer, whose heads are 64 wide)."""
+    checks = []
+    if unet is not None:
+        heads, channels = unet["attention_head_dim"], unet["block_out_channels"]
+        heads = heads if isinstance(heads, (list, tuple)) else [heads] * len(channels)
+        checks += [("attention heads", h, ch) for ch, h in zip(channels, heads)]
+        checks += [("norm groups", unet.get("norm_num_groups", 32), ch) for ch in channels]
+    if vae is not None:
+        vae_groups = vae.get("norm_num_groups", 32)
+        checks += [("norm groups", vae_groups, ch) for ch in vae["block_out_channels"]]
     checks += [("text encoder heads", t["num_attention_heads"], t["hidden_size"]) for t in texts]
     for what, n, width in checks:
         if n < 1 or width % n:

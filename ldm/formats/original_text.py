@@ -8,16 +8,22 @@ OpenCLIP is open_clip's ``TextTransformer`` (SD 2.x ``cond_stage_model.model.``,
 ``mlp.c_fc``/``c_proj``, ``positional_embedding``, ``ln_final``, and ``text_projection`` as a
 (width, proj) matrix applied as ``x @ P`` -- the transpose of a Linear's weight (open_clip
 ``TextTransformer.forward``; diffusers' ``convert_open_clip_checkpoint`` transposes it too).
+SD3 files keep CLIP-L, CLIP-G and T5-XXL in transformers' own names under
+``text_encoders.{clip_l,clip_g,t5xxl}.transformer.`` (diffusers' ``CHECKPOINT_KEY_NAMES``
+``clip_sd3`` / ``open_clip_sd3``, ComfyUI's SD3 ``text_encoder_key_prefix``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import tempfile
+from pathlib import Path
 
 import torch
 
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, ConfigError
 from ldm.models import families
 from ldm.models.families import TextEncoderSpec
 
@@ -28,6 +34,12 @@ PREFIXES = {
     "sdxl": (families.SDXL_CLIP_PREFIX, families.SDXL_OPENCLIP_PREFIX),
     "sdxl-refiner": (families.REFINER_OPENCLIP_PREFIX,),
 }
+SD3_PREFIXES = {  # ldm part -> where an SD3 file keeps it (transformers' names below it)
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.clip_g.transformer.",
+    "text_encoder_3": "text_encoders.t5xxl.transformer.",
+}
+SD3_LABELS = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"}
 CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
               ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
               ("mlp.fc2", "mlp.c_proj")]  # fmt: skip
@@ -55,7 +67,9 @@ def clip_to_original(text_state: dict, prefix: str, position_ids: int = 0) -> di
     """CLIPTextModel -> ``{prefix}text_model.*``; ``position_ids``: also write that buffer
     (``arange`` of that many positions), which the public SDXL files hold (older transformers
     saved it; nothing reads it)."""
-    out = {f"{prefix}text_model.{k}": v for k, v in _bare(text_state).items()}
+    # CLIPTextModelWithProjection (SD3) keeps its projection beside text_model, not in it
+    out = {f"{prefix}{'' if k.startswith('text_projection.') else 'text_model.'}{k}": v
+           for k, v in _bare(text_state).items()}  # fmt: skip
     if position_ids:
         out[f"{prefix}text_model.embeddings.position_ids"] = torch.arange(position_ids)[None]
     return out
@@ -131,3 +145,88 @@ def openclip_from_original(
             rest = rest.replace(old + ".", new + ".") if rest.startswith(old + ".") else rest
         out[dst + rest] = t
     return out
+
+
+# ---------------------------------------------------------------- SD3: CLIP-L, CLIP-G, T5-XXL
+
+
+def infer_t5_config(t5: dict) -> dict:
+    """A T5EncoderModel config from the weights (T5 v1.1: gated GELU when ``wi_0`` exists)."""
+    vocab, d_model = t5["shared.weight"].shape
+    attn = "encoder.block.0.layer.0.SelfAttention."
+    buckets, heads = t5[attn + "relative_attention_bias.weight"].shape
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in t5
+    wi = "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"
+    config = dict(families.get("sd3").single_file["text_encoder_3"])
+    config.update(
+        vocab_size=vocab, d_model=d_model, num_heads=heads, relative_attention_num_buckets=buckets,
+        d_kv=t5[attn + "q.weight"].shape[0] // heads, d_ff=t5[wi].shape[0],
+        num_layers=len({k.split(".")[2] for k in t5 if k.startswith("encoder.block.")}),
+        feed_forward_proj="gated-gelu" if gated else "relu", is_gated_act=gated,
+        dense_act_fn="gelu_new" if gated else "relu",
+    )  # fmt: skip
+    return config
+
+
+def t5_state(t5: dict, to_original: bool) -> dict:
+    """T5 ties ``encoder.embed_tokens`` to ``shared``. The public SD3 files hold both (A1111
+    tells a file with T5 by ``encoder.embed_tokens``, diffusers by ``shared``; stable-diffusion.cpp
+    lists the copy as unused), so both are written -- a copy, as safetensors stores no aliases --
+    and ``shared`` is the one read."""
+    t5 = dict(t5)
+    shared = t5.get("shared.weight", t5.get("encoder.embed_tokens.weight"))
+    if shared is not None:
+        t5["shared.weight"] = shared
+        t5["encoder.embed_tokens.weight"] = shared.clone() if to_original else shared
+    return t5
+
+
+def clip_projection(
+    text: dict, part: str, config: dict, given: bool = False, source: str = "CLIP-L"
+) -> tuple[dict, str]:
+    """SD3's CLIP-L pooled output is used unprojected (Stability's reference, ComfyUI
+    ``return_projected_pooled=False``, diffusers' single-file loader: an identity
+    ``text_projection``); the public diffusers folders hold that identity. A file that keeps a
+    projection is read as it is; one without gets the identity (a note says so) unless the
+    user's config (``given``) wants another width."""
+    if part != "text_encoder" or "text_projection.weight" in text:
+        return text, ""
+    hidden = text["embeddings.token_embedding.weight"].shape[1]
+    if given and config.get("projection_dim", hidden) != hidden:
+        raise ConfigError(f"{source}: CLIP-L has no text_projection and the config's "
+                          f"projection_dim {config['projection_dim']} is not {hidden}")  # fmt: skip
+    config["projection_dim"] = hidden
+    eye = torch.eye(hidden, dtype=text["embeddings.token_embedding.weight"].dtype)
+    return {**text, "text_projection.weight": eye}, "identity (pooled output unprojected, as SD3)"
+
+
+TOKENIZER_KEY = "ldm.tokenizer_3"  # safetensors metadata: the T5 tokenizer's files as JSON
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_metadata(tokenizer) -> str:
+    """A T5 tokenizer as one metadata string ({file name: text}): ldm reloads its own export
+    offline, where the tokenizer cannot be rebuilt (other tools ignore it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {f.name: f.read_text(encoding="utf-8") for f in Path(tmp).iterdir()
+                 if f.name in TOKENIZER_FILES}  # fmt: skip
+    return json.dumps(files, separators=(",", ":"))
+
+
+def tokenizer_from_metadata(text: str):
+    """The tokenizer ``tokenizer_metadata`` stored (None when unreadable)."""
+    from transformers import AutoTokenizer
+
+    try:
+        files = json.loads(text)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                if name not in TOKENIZER_FILES:
+                    return None  # not ours: only the tokenizer's own JSON files
+                (Path(tmp) / name).write_text(content, encoding="utf-8")
+            return AutoTokenizer.from_pretrained(
+                tmp, local_files_only=True, trust_remote_code=False
+            )
+    except (ValueError, TypeError, AttributeError, OSError):
+        return None

@@ -4,6 +4,7 @@ One file holds every part under a prefix: ``model.diffusion_model.`` (U-Net, the
 ``openaimodel.UNetModel`` names; SDXL's added conditioning is ``label_emb``),
 ``first_stage_model.`` (KL autoencoder), and the text encoders (ldm.formats.original_text:
 ``cond_stage_model.*`` in SD 1.x/2.x, ``conditioner.embedders.N.*`` in SDXL and its refiner).
+SD3 / SD3.5 files (MMDiT ``joint_blocks``, ``text_encoders.*``) are ldm.formats.original_sd3's.
 Both directions use one table of (diffusers prefix, original prefix) pairs built from the
 architecture (ldm.formats.original_keys), so load and export cannot drift apart; tests check the
 tables against diffusers' own converters. Configs come from the file's ``ldm.config`` metadata
@@ -39,13 +40,16 @@ from ldm.formats.original_config import (
     read_config_override,
 )
 from ldm.formats.original_keys import UNET, VAE, remap, unet_pairs, vae_attn_shapes, vae_pairs
+from ldm.formats.original_sd3 import load_sd3, sd3_to_original, split_weights
 from ldm.formats.original_text import (
+    TOKENIZER_KEY,
     clip_from_original,
     clip_to_original,
     openclip_blocks,
     openclip_from_original,
     openclip_to_original,
     text_towers,
+    tokenizer_metadata,
 )
 from ldm.formats.safe_load import load_state_dict, read_safetensors_header, save_state_dict
 from ldm.models import families
@@ -144,19 +148,35 @@ def _configs(family: str, weights: dict, stored: dict, given: dict, hints: dict,
     return configs, inferred
 
 
+def _metadata(path: Path) -> dict:
+    return (
+        read_safetensors_header(path).get("__metadata__", {})
+        if path.suffix == ".safetensors"
+        else {}
+    )
+
+
 def load_single_file(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     config: str | os.PathLike | dict | None = None,
     prediction_type: str | None = None,
+    t5: bool = True,  # False: an SD3 file's T5-XXL stays unread (zeros in its place)
 ) -> ModelParts:
-    """Load an original SD 1.x / 2.x / SDXL (base or refiner) single file into ldm's modules."""
+    """Load an original SD 1.x / 2.x / SDXL (base or refiner) / SD3 single file into ldm's
+    modules."""
     path, dtype = Path(path), to_dtype(dtype, "dtype")
     source = str(path)
     # cast as read (never a second copy in the file's dtype); load_weights checks each part
     state_dict = load_state_dict(path, check_finite=False, dtype=dtype)
-    family = families.from_keys(state_dict, source).name  # refuses EDM SDXL, SD3, FLUX by name
+    family = families.from_keys(state_dict, source).name  # refuses EDM SDXL and FLUX by name
+    if family == "sd3":
+        if prediction_type is not None:
+            raise ConfigError(f"{source}: SD3 is a flow model; --prediction-type does not apply")
+        weights = split_weights(state_dict)
+        del state_dict
+        return load_sd3(weights, path, _metadata(path), config, device, dtype, t5)
     unet_sd = _sub(state_dict, UNET)
     vae_sd = {k: v for k, v in _sub(state_dict, VAE).items() if not k.startswith("loss.")}
     texts = {}
@@ -167,8 +187,7 @@ def load_single_file(
         raise CheckpointError(f"{source}: incomplete {family} checkpoint (no {e})") from None
     markers = {k for k in (V_PRED, ZTSNR) if k in state_dict}
     del state_dict  # the parts' dicts hold what is used; each tensor goes once its module has it
-    is_safetensors = path.suffix == ".safetensors"
-    meta = read_safetensors_header(path).get("__metadata__", {}) if is_safetensors else {}
+    meta = _metadata(path)
     # ldm's own record, trusted only for the family the keys show (a tool that rewrote the
     # weights and kept the metadata would otherwise describe another model)
     stored = read_config_metadata(meta) if meta.get("ldm.family") == family else {}
@@ -220,6 +239,8 @@ def load_single_file(
 
 def to_original_state_dict(parts: ModelParts, family: str | None = None) -> dict:
     """ldm's parts -> one original-keyed state dict (U-Net, VAE, every text encoder)."""
+    if (family or parts.family.name) == "sd3":
+        return sd3_to_original(parts)
     unet = remap(
         parts.unet.state_dict(), unet_pairs(parts.unet.config.to_diffusers()), True, "unet"
     )
@@ -243,15 +264,18 @@ def to_original_state_dict(parts: ModelParts, family: str | None = None) -> dict
 
 def part_configs(parts: ModelParts, family: str | None = None) -> dict:
     """Every part's diffusers / transformers config, as ``ldm.config`` metadata stores them."""
+    fam = families.get(family or parts.family.name)
     flags = {k: parts.model_index[k] for k in MODEL_INDEX_FLAGS if k in parts.model_index}
     configs = {
-        "unet": parts.unet.config.to_diffusers(),
+        fam.network_folder: parts.unet.config.to_diffusers(),  # unet, or transformer (SD3)
         "vae": parts.vae.config.to_diffusers(),
         "scheduler": dict(parts.scheduler_config),
         "model_index": flags,
     }
-    for spec, _, _ in text_towers(family or parts.family.name):
+    for spec in fam.text_encoders:
         model = getattr(parts, spec.subfolder)
+        if model is None:  # the SDXL refiner's first, SD3's T5 when left out
+            continue
         text = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_CONFIG}
         configs[spec.subfolder] = {**text, "architectures": [type(model).__name__]}
     return configs
@@ -276,7 +300,11 @@ def save_single_file(
         raise CheckpointError(f"{path}: already exists (choose a new destination)")
     family = family or parts.family.name
     state_dict = cast(to_original_state_dict(parts, family), to_dtype(dtype, "dtype"))
-    meta = {"format": "pt", "ldm.family": family, "ldm.prediction_type": parts.prediction_type,
+    flow = families.get(family).prediction_type == "flow"  # SD3: no scheduler field says it
+    meta = {"format": "pt", "ldm.family": family,
+            "ldm.prediction_type": "flow" if flow else parts.prediction_type,
             METADATA_KEY: config_metadata(part_configs(parts, family))}  # fmt: skip
+    if getattr(parts, "tokenizer_3", None) is not None:  # no offline T5 tokenizer: ldm keeps it
+        meta[TOKENIZER_KEY] = tokenizer_metadata(parts.tokenizer_3)
     save_state_dict(state_dict, path, meta)
     return path
