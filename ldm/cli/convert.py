@@ -6,8 +6,9 @@ file (.safetensors, or a .ckpt that loads with ``torch.load(weights_only=True)``
 (A1111/ComfyUI layout) whose metadata records its configs for ldm. What could not be read from a
 single file (head counts, v-prediction) is printed, and ``--config`` / ``--prediction-type``
 override it. LoRA: ``--to lora-kohya`` / ``lora-diffusers`` rewrites LoRA file SRC in kohya/A1111
-names (``lora_unet_``, ``lora_te1_``/``lora_te2_``) or diffusers/PEFT names (``unet.``,
-``text_encoder.``, ``text_encoder_2.``) for the base model ``--model``; every key must apply.
+names (``lora_unet_``, ``lora_te1_``/``lora_te2_``; SD3: original MMDiT names with q/k/v fused,
+``lora_te3_``) or diffusers/PEFT names (``unet.`` or SD3's ``transformer.``, ``text_encoder.``,
+``text_encoder_2.``) for the base model ``--model``; every key must apply (docs/lora.md).
 """
 
 from __future__ import annotations
