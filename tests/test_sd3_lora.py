@@ -285,6 +285,29 @@ def test_round_trip_keeps_the_weights(folder, peft_file, tmp_path):
         torch.testing.assert_close(a.delta(), b.delta(), rtol=1e-5, atol=1e-7)
 
 
+def test_partial_qkv_pairs_fuse_and_split_back(folder, tmp_path):
+    """to_q and to_v with different ranks and alphas, no to_k: one fused kohya pair, whose
+    split gives back exactly the two pairs (ranks, ΔW) and nothing for to_k."""
+    parts = load_folder(folder)
+    d = parts.unet.config.width
+    gen = torch.Generator().manual_seed(2)
+    attn = "transformer_blocks.1.attn"
+    pairs = [
+        LoraModule("unet", f"{attn}.to_q", torch.randn(2, d, generator=gen),
+                   torch.randn(d, 2, generator=gen), alpha=1.0),
+        LoraModule("unet", f"{attn}.to_v", torch.randn(3, d, generator=gen),
+                   torch.randn(d, 3, generator=gen), alpha=6.0),
+    ]  # fmt: skip
+    path = save_kohya_lora(pairs, tmp_path / "qv.safetensors", unet_config=parts.unet.config)
+    state = load_state_dict(path)
+    assert {k.split(".")[0] for k in state} == {"lora_unet_joint_blocks_1_x_block_attn_qkv"}
+    resolved, report = resolve_lora(parts, path)
+    assert report.warning() is None and report.matched == [f"unet.{attn}.to_q", f"unet.{attn}.to_v"]
+    for (got, _), want in zip(resolved, pairs):
+        assert got.rank == want.rank
+        torch.testing.assert_close(got.delta(), want.delta())
+
+
 def test_unmatched_and_misfit_keys_are_reported(folder, peft_file, tmp_path):
     state = load_state_dict(peft_file)
     d = load_folder(folder).unet.config.width

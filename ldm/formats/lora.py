@@ -242,23 +242,28 @@ def resolve_lora(parts, lora: LoraWeights | str | os.PathLike):
             )
             continue
         for path, module, rows in targets:
-            resolved.append((_rows_of(pair, part, path, rows, len(targets) > 1), module))
-            report.matched.append(f"{part}.{path}")
+            named = _rows_of(pair, part, path, rows, len(targets) > 1)
+            if named is not None:
+                resolved.append((named, module))
+                report.matched.append(f"{part}.{path}")
     return resolved, report
 
 
-def _rows_of(pair: LoraModule, part: str, path: str, rows: tuple, split: bool) -> LoraModule:
+def _rows_of(pair: LoraModule, part: str, path: str, rows: tuple, split: bool):
     """The pair for module ``path``: rows ``rows`` of ΔW (all for ()), i.e. of the up weight.
 
     A split's rank columns that are zero in its rows are dropped (exact: they add nothing), so a
-    fused pair that stacks three pairs (kohya's split_qkv files, ldm's) gives them back; alpha
-    is rescaled to keep alpha / rank.
+    fused pair that stacks three pairs (kohya's split_qkv files, ldm's) gives them back, alpha
+    rescaled to keep alpha / rank; None for a module whose rows are all zero when others' are
+    not (a fused pair written without it: to_q and to_v trained, to_k not).
     """
     down, up, alpha = pair.down, pair.up, pair.alpha
     if rows:
         up = torch.cat([up[s] for s in rows])
     if split:
         used = up.flatten(1).ne(0).any(0)  # [rank]
+        if not used.any() and pair.up.ne(0).any():
+            return None
         if 0 < int(used.sum()) < pair.rank:
             down, up, alpha = down[used], up[:, used], pair.scale * int(used.sum())
     return LoraModule(part, path, down, up, alpha, pair.keys)
