@@ -203,6 +203,26 @@ def test_plain_file_takes_configs_and_missing_parts_from_a_folder(tiny_sd3, tmp_
     for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         assert parts.inferred[part] == f"from {tiny_sd3}"
     assert np.array_equal(_image_parts(parts), _image(tiny_sd3))  # load_pipeline has no config
+    with pytest.raises(ConfigError, match="has no unet"):
+        load_single_file(bare, config={"unet": {}})
+
+
+def test_cli_convert_of_an_incomplete_file_says_what_to_pass(tiny_sd3, tmp_path, capsys):  # noqa: F811
+    """`ldm convert` of a transformer-only file: one line naming --config, a non-zero exit;
+    with --config FOLDER, a complete diffusers folder with the file's transformer."""
+    from ldm.cli import main
+
+    original = to_original_state_dict(load_folder(tiny_sd3))
+    bare = tmp_path / "transformer_only.safetensors"
+    save_state_dict({k: v for k, v in original.items() if k.startswith(NET)}, bare)
+    out = tmp_path / "out"
+    assert main(["convert", str(bare), str(out), "--to", "diffusers"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--config" in err[0] and not out.exists()
+    assert (
+        main(["convert", str(bare), str(out), "--to", "diffusers", "--config", str(tiny_sd3)]) == 0
+    )
+    _same_parts(load_folder(out), load_folder(tiny_sd3))
 
 
 def _image_parts(parts) -> np.ndarray:

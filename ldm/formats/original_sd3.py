@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, ConfigError
 from ldm.formats.diffusers_folder import (
     fit_clip_keys,
     fix_vae_keys,
@@ -246,6 +246,8 @@ def load_sd3(
     source, family = str(path), families.get("sd3")
     stored = read_config_metadata(meta) if meta.get("ldm.family") == "sd3" else {}
     given = read_config_override(config)
+    for part in set(given) - {"transformer", "vae", "scheduler", *SD3_PREFIXES}:
+        raise ConfigError(f"config: an SD3 file has no {part} (it has a transformer)")
     folder = Path(config) if isinstance(config, (str, Path)) and Path(config).is_dir() else None
     net = weights.pop("transformer", None)
     if not net:
