@@ -182,6 +182,14 @@ def test_diffusers_from_single_file_draws_the_same_image(tmp_path, t5):
     ours = _image(path)
     assert np.abs(ours - expected).max() <= 2
     assert np.array_equal(ours, _image(folder))
+    # a file without CLIP-L's projection (Stability's own): ldm puts the identity there too
+    plain = {
+        k: v for k, v in load_state_dict(path).items() if k != f"{CLIP_L}text_projection.weight"
+    }
+    save_state_dict(plain, tmp_path / "no_proj.safetensors")
+    parts = load_single_file(tmp_path / "no_proj.safetensors", config=folder)
+    assert torch.equal(parts.text_encoder.text_projection.weight, torch.eye(32))
+    assert "identity" in parts.inferred["text_encoder.text_projection"]
 
 
 def test_plain_file_takes_configs_and_missing_parts_from_a_folder(tiny_sd3, tmp_path):  # noqa: F811
