@@ -37,10 +37,12 @@ def run_worker(impl: str, dtype: str, args, out: Path) -> dict:
         raise SystemExit(f"{mem_available_gb():.1f} GB available, {NEED_GB[dtype]} needed")
     argv = [sys.executable, str(WORKER), "--impl", impl, "--dtype", dtype, "--out", str(out),
             "--batch", str(args.batch), "--repeats", str(args.repeats), "--tokens",
-            str(args.tokens), "--latents", *map(str, args.latents)]  # fmt: skip
+            str(args.tokens), "--threads", str(args.threads),
+            "--latents", *map(str, args.latents)]  # fmt: skip
     subprocess.run(argv, check=True)
     res = json.loads(Path(f"{out}.json").read_text())
-    res["times"] = {int(k): v for k, v in res["times"].items()}
+    for key in ("times", "cpu_times"):
+        res[key] = {int(k): v for k, v in res[key].items()}
     return res
 
 
@@ -54,12 +56,29 @@ def alternate(dtype: str, args, tmp: Path) -> dict[str, list[dict]]:
             res["out"] = str(out)
             results[impl].append(res)
             times = "; ".join(
-                f"latent {k}: " + " ".join(f"{t:.2f}" for t in v) for k, v in res["times"].items()
+                f"latent {k}: "
+                + " ".join(f"{t:.2f}" for t in v)
+                + " (CPU "
+                + " ".join(f"{t:.2f}" for t in res["cpu_times"][k])
+                + ")"
+                for k, v in res["times"].items()
             )
             print(f"  {dtype} {impl:9} round {r}: {times} s; peak RSS {res['peak_rss_gb']:.2f} "
                   f"GB; build {res['build_s']:.0f} s; load {res['load'][0]:.1f}->"
                   f"{res['load'][1]:.1f}", flush=True)  # fmt: skip
     return results
+
+
+def cpu_summary(results: dict, dtype: str, latent: int) -> str:
+    """Medians of process CPU seconds per call and their ratio (meaningful with --threads 1)."""
+    med = {
+        k: statistics.median(t for r in v for t in r["cpu_times"][latent])
+        for k, v in results.items()
+    }
+    return (
+        f"{dtype} latent {latent} CPU time: ldm {med['ldm']:.2f} s, diffusers "
+        f"{med['diffusers']:.2f} s, ratio {med['ldm'] / med['diffusers']:.3f}"
+    )
 
 
 def summarise(results: dict, dtype: str, latent: int) -> str:
@@ -71,12 +90,15 @@ def summarise(results: dict, dtype: str, latent: int) -> str:
         statistics.median(a["times"][latent]) / statistics.median(b["times"][latent])
         for a, b in zip(results["ldm"], results["diffusers"])
     ]
+    low = {k: min(t for r in v for t in r["times"][latent]) for k, v in results.items()}
     rss = {k: max(r["peak_rss_gb"] for r in v) for k, v in results.items()}
     sums = {r["checksum"] for v in results.values() for r in v}
     return (
         f"{dtype} latent {latent}: ldm ({results['ldm'][0]['accel']}) {med['ldm']:.2f} s, "
         f"diffusers {med['diffusers']:.2f} s, ratio {med['ldm'] / med['diffusers']:.3f} "
-        f"(goal <= 0.8; per-round ratios {', '.join(f'{p:.3f}' for p in paired)}); "
+        f"(goal <= 0.8; per-round ratios {', '.join(f'{p:.3f}' for p in paired)}; fastest "
+        f"calls {low['ldm']:.2f} / {low['diffusers']:.2f} s = "
+        f"{low['ldm'] / low['diffusers']:.3f}); "
         f"peak RSS ldm {rss['ldm']:.2f} GB, diffusers {rss['diffusers']:.2f} GB "
         f"(ratio {rss['ldm'] / rss['diffusers']:.3f}, goal <= 1); "
         f"weights {'identical' if len(sums) == 1 else 'DIFFER: ' + str(sums)}"
@@ -91,6 +113,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per latent size")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=333)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: default); "
+        "with 1, process CPU time measures the work on a shared machine",
+    )
     args = parser.parse_args()
     print(f"SD3.5-medium transformer (real config, random weights), batch {args.batch}, "
           f"{args.tokens} context tokens, latents {args.latents}, CPU, "
@@ -102,6 +131,7 @@ def main() -> None:
             results = alternate(dtype, args, Path(tmp))
             for latent in args.latents:
                 print("forward " + summarise(results, dtype, latent), flush=True)
+                print("forward " + cpu_summary(results, dtype, latent), flush=True)
             for impl, res in results.items():
                 outs[dtype, impl] = torch.load(f"{res[0]['out']}.pt")
     for dtype in args.dtypes:

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from bench_sdxl_worker import DTYPES, assign_, checksum, peak_rss_gb, timed, trim
+from bench_sdxl_worker import DTYPES, assign_, checksum, peak_rss_gb, trim
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (2.5 B parameters)
 SD35_MEDIUM = dict(
@@ -61,18 +61,34 @@ def inputs(latent: int, batch: int, tokens: int, dtype: torch.dtype) -> tuple:
     return x, t, context, pooled
 
 
+def timed(fn, warmup: int, repeats: int) -> tuple[list[float], list[float], torch.Tensor]:
+    """Wall and process CPU seconds per call. With one thread the CPU time is the work itself,
+    whatever else the machine runs (wall time then includes waiting for a core)."""
+    for _ in range(warmup):
+        out = fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return walls, cpus, out
+
+
 def worker(args) -> None:
     """Build one model, time its forward per latent size, write {times, peak RSS, checksum,
     load} and the outputs. One warm-up call before the first size only (a process's one-time
     costs); later sizes are timed from their first call, the same for both implementations."""
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     load = [os.getloadavg()[0]]
     start = time.perf_counter()
     model, total, mode = build(args.impl, dtype)
     trim()
     build_s = time.perf_counter() - start
-    times, outs = {}, {}
+    times, cpu_times, outs = {}, {}, {}
     for i, latent in enumerate(args.latents):
         x, t, context, pooled = inputs(latent, args.batch, args.tokens, dtype)
         if args.impl == "ldm":
@@ -80,12 +96,13 @@ def worker(args) -> None:
         else:
             call = partial(lambda *a: model(*a, return_dict=False)[0], x, context, pooled, t)
         with torch.inference_mode():
-            times[latent], out = timed(call, 1 if i == 0 else 0, args.repeats)
+            times[latent], cpu_times[latent], out = timed(call, 1 if i == 0 else 0, args.repeats)
         outs[latent] = out.float()
     torch.save(outs, f"{args.out}.pt")
     load.append(os.getloadavg()[0])
-    result = dict(times=times, peak_rss_gb=peak_rss_gb(), checksum=total, load=load,
-                  build_s=build_s, accel=mode, threads=torch.get_num_threads())  # fmt: skip
+    result = dict(times=times, cpu_times=cpu_times, peak_rss_gb=peak_rss_gb(), checksum=total,
+                  load=load, build_s=build_s, accel=mode,
+                  threads=torch.get_num_threads())  # fmt: skip
     tmp = Path(f"{args.out}.json.tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(f"{args.out}.json")
@@ -99,6 +116,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=333, help="context: 77 CLIP + 256 T5")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", required=True, help="path stem of the result files")
     worker(parser.parse_args())
 
