@@ -123,8 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"SD3.5-medium transformer (real config, random weights), batch {args.batch}, "
           f"{args.tokens} context tokens, latents {args.latents}, CPU, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; {args.rounds} "
-          f"processes x {args.repeats} calls per size", flush=True)  # fmt: skip
+          f"{args.threads or torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"{args.rounds} processes x {args.repeats} calls per size", flush=True)  # fmt: skip
     outs = {}
     with tempfile.TemporaryDirectory(prefix="ldm-bench-sd3-") as tmp:
         for dtype in args.dtypes:
