@@ -5,8 +5,8 @@ kohya (``lora_unet_joint_blocks_0_x_block_attn_qkv``, sd-scripts networks/lora_s
 ldm's transformer has diffusers' names. An original module can be several of ours: the fused qkv
 is to_q / to_k / to_v (add_q/k/v_proj in the context stream) stacked by rows, so its LoRA pair is
 split by rows of the up weight with the down weight shared; and two adaLN projections hold
-(shift, scale) where diffusers has (scale, shift). The table is read from diffusers'
-``convert_sd3_transformer_checkpoint_to_diffusers`` and sd-scripts library/sd3_models.py.
+(shift, scale) where diffusers has (scale, shift). The names come from the single-file table
+(original_sd3.py); kohya's are checked against sd-scripts' own network in the tests.
 Pairs are ``ldm.formats.lora.LoraModule``s, handled through ``dataclasses.replace``.
 """
 
@@ -19,58 +19,20 @@ import torch
 
 from ldm.errors import LdmError
 from ldm.formats.lora_names import flat, unet_config_dict
+from ldm.formats.original_sd3 import transformer_pairs
 
 
 def sd3_original_modules(config) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Original MMDiT module path -> (how, diffusers paths) for an SD3 transformer config.
+    """Original MMDiT module path -> (op, diffusers paths) for an SD3 transformer config.
 
-    how: "same" (one module, same weight), "qkv" (to_q, to_k, to_v: the rows of the fused weight,
-    in thirds) or "swap" (one module whose two row halves are swapped: the last block's context
-    adaLN and the final adaLN). Read from diffusers' convert_sd3_transformer_checkpoint_to_diffusers
-    (single_file_utils.py) and sd-scripts library/sd3_models.py.
+    The single-file table (``original_sd3.transformer_pairs``), so LoRA and checkpoint names
+    cannot drift apart. op "" (one module, same weight), "qkv" (to_q, to_k, to_v: the rows of
+    the fused weight, in thirds) or "swap" (the two row halves swapped: the last block's context
+    adaLN and the final adaLN).
     """
     c = unet_config_dict(config)
-    n, dual = c["num_layers"], set(c.get("dual_attention_layers") or ())
-    emb = "time_text_embed"
-    table = {
-        "x_embedder.proj": ("same", ("pos_embed.proj",)),
-        "t_embedder.mlp.0": ("same", (f"{emb}.timestep_embedder.linear_1",)),
-        "t_embedder.mlp.2": ("same", (f"{emb}.timestep_embedder.linear_2",)),
-        "y_embedder.mlp.0": ("same", (f"{emb}.text_embedder.linear_1",)),
-        "y_embedder.mlp.2": ("same", (f"{emb}.text_embedder.linear_2",)),
-        "context_embedder": ("same", ("context_embedder",)),
-        "final_layer.linear": ("same", ("proj_out",)),
-        "final_layer.adaLN_modulation.1": ("swap", ("norm_out.linear",)),
-    }
-    for i in range(n):
-        x, ctx, ours = (
-            f"joint_blocks.{i}.x_block",
-            f"joint_blocks.{i}.context_block",
-            f"transformer_blocks.{i}",
-        )
-        table |= {
-            f"{x}.attn.qkv": ("qkv", tuple(f"{ours}.attn.to_{p}" for p in "qkv")),
-            f"{x}.attn.proj": ("same", (f"{ours}.attn.to_out.0",)),
-            f"{x}.mlp.fc1": ("same", (f"{ours}.ff.net.0.proj",)),
-            f"{x}.mlp.fc2": ("same", (f"{ours}.ff.net.2",)),
-            f"{x}.adaLN_modulation.1": ("same", (f"{ours}.norm1.linear",)),
-            f"{ctx}.attn.qkv": ("qkv", tuple(f"{ours}.attn.add_{p}_proj" for p in "qkv")),
-            # the last block's context stream only feeds attention (context_pre_only)
-            f"{ctx}.adaLN_modulation.1": ("swap" if i == n - 1 else "same",
-                                          (f"{ours}.norm1_context.linear",)),
-        }  # fmt: skip
-        if i < n - 1:
-            table |= {
-                f"{ctx}.attn.proj": ("same", (f"{ours}.attn.to_add_out",)),
-                f"{ctx}.mlp.fc1": ("same", (f"{ours}.ff_context.net.0.proj",)),
-                f"{ctx}.mlp.fc2": ("same", (f"{ours}.ff_context.net.2",)),
-            }
-        if i in dual:  # SD3.5-medium's second image attention
-            table |= {
-                f"{x}.attn2.qkv": ("qkv", tuple(f"{ours}.attn2.to_{p}" for p in "qkv")),
-                f"{x}.attn2.proj": ("same", (f"{ours}.attn2.to_out.0",)),
-            }
-    return table
+    pairs = transformer_pairs(c["num_layers"], tuple(c.get("dual_attention_layers") or ()))
+    return {original: (op, names) for names, original, op in pairs if original != "pos_embed"}
 
 
 def original_index(
@@ -124,13 +86,13 @@ def fuse_original(modules: list, config) -> list:
         groups.setdefault(original, (how, {}))[1][k] = m
     for original, (how, members) in groups.items():
         first = next(iter(members.values()))
-        if how == "same":
-            out.append(replace(first, name=original))
+        if how == "qkv":
+            out.append(_fuse_qkv(original, members, len(table[original][1])))
         elif how == "swap":
             half = first.up.shape[0] // 2
             out.append(replace(first, name=original, up=first.up.roll(half, 0)))
         else:
-            out.append(_fuse_qkv(original, members, len(table[original][1])))
+            out.append(replace(first, name=original))
     return out
 
 
