@@ -73,7 +73,9 @@ def load_model(
         return parts
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise CheckpointError(f"--model {model}: expected a diffusers folder or .safetensors/.ckpt")
-    return load_single_file(path, device, dtype, config=config, prediction_type=prediction_type)
+    return load_single_file(
+        path, device, dtype, config=config, prediction_type=prediction_type, t5=t5
+    )
 
 
 def _load_lora_model(manifest: Manifest, device, dtype, prediction_type) -> ModelParts:

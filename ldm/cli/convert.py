@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         save_single_file(parts, dst, dtype=dtype, overwrite=args.overwrite)
     label = f"{args.to}, {parts.family.label}, {dtype or 'fp32'}"
-    print(f"wrote {dst} ({label}, prediction type {parts.prediction_type})")
+    prediction = "flow" if parts.family.prediction_type == "flow" else parts.prediction_type
+    print(f"wrote {dst} ({label}, prediction type {prediction})")
     return 0
 
 
