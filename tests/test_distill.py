@@ -313,6 +313,30 @@ def test_distilled_lora_in_diffusers_with_lcm_scheduler_gives_ldms_image(tiny_sd
     assert np.abs(np.asarray(without.image, dtype=np.int16) - expected).max() > 10
 
 
+def test_distillation_on_the_teachers_own_samples(tiny_sd1, tmp_path):
+    """data.source teacher: a prompt file sampled once by the teacher, cached, read on resume."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na red circle\n\ntwo squares\n")
+    data = ["data.source=teacher", f"data.prompts={prompts}", "data.cache_size=6",
+            "data.teacher_steps=2"]  # fmt: skip
+    proc = _distill(tmp_path / "run", tiny_sd1, *data, "stages.0.steps=2")
+    assert proc.wait(timeout=900) == 0, proc.stderr.read().decode()[-2000:]
+    (cache,) = (tmp_path / "run" / "cache").glob("teacher-*.safetensors")
+    from ldm.formats.safe_load import load_state_dict
+
+    latents = load_state_dict(cache)["latents"]
+    assert latents.shape == (6, 4, 16, 16) and latents.float().std() > 0.1
+    assert not torch.equal(latents[0], latents[2])  # same prompt, another seed
+    # a run with that cache (as a resumed run finds it) reads the samples back, not redrawn
+    import shutil
+
+    shutil.copytree(tmp_path / "run" / "cache", tmp_path / "again" / "cache")
+    proc = _distill(tmp_path / "again", tiny_sd1, *data, "stages.0.steps=1")
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "teacher samples: 6 read from" in err.decode()
+
+
 def test_distill_refuses_a_config_without_a_distill_stage(tmp_path, capsys):
     from ldm.cli import main
 

@@ -16,6 +16,7 @@ from ldm.train.batches import ShapesBatches, TrainBatch
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.folder_batches import FolderBatches
 from ldm.train.lora import add_lora
+from ldm.train.teacher_data import TeacherSamples
 
 TRAINABLE = ("vae", "unet", "text_encoder", "text_encoder_2")
 
@@ -87,6 +88,10 @@ class StageData:
         self.latents = None
         if self.config.source == "shapes":
             self.source = ShapesBatches(self.config, stage.batch_size, rank, world)
+        elif self.config.source == "teacher":  # a distill stage's own teacher samples
+            if stage.distill is None:
+                raise ConfigError(f"stages.{stage.name}: data.source teacher needs a distill stage")
+            self.source = TeacherSamples(self.config, stage.batch_size, rank, world)
         else:
             self.source = FolderBatches(
                 self.config, stage.batch_size, cfg.seed, rank, world, Path(cfg.output_dir)
@@ -108,7 +113,11 @@ class StageData:
 def stage_batches(cfg: TrainConfig, stage: StageConfig, parts, rank: int, world: int, log):
     """The stage's data; with data.cache_latents (and a frozen VAE) its latents encoded once."""
     data = StageData(cfg, stage, rank, world)
-    if data.config.cache_latents and "vae" not in stage.train:
+    if isinstance(data.source, TeacherSamples):  # sampled by the stage's starting weights
+        device = next(parts.unet.parameters()).device
+        data.source.generate(parts, device, stage.distill.guidance_scale, cfg.seed,
+                             Path(cfg.output_dir) / "cache", log)  # fmt: skip
+    elif data.config.cache_latents and "vae" not in stage.train:
         if isinstance(data.source, ShapesBatches):
             log.info(f"caching VAE latents of {data.config.cache_size} images")
             data.source.cache_latents(parts.vae)
