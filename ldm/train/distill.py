@@ -125,7 +125,7 @@ class Distiller:
         # Before the student's forward: the target's weight swap is in place, and autograd
         # must not see the student's saved weights change
         with torch.no_grad():
-            with self._teacher_weights():
+            with self.teacher_weights():
                 denoised = cfg(self.teacher, cond, uncond, w)(x, sigma)
             x_prev = ddim_step(x, sigma, sigma_next, denoised)
             with self._target_weights():
@@ -142,13 +142,14 @@ class Distiller:
             self.target.update(self.unet)
 
     @contextlib.contextmanager
-    def _teacher_weights(self):
-        """LoRA student: its adapters off (peft), so the U-Net is the teacher; full: a copy."""
+    def teacher_weights(self):
+        """The teacher U-Net, in this block: a LoRA student's own U-Net with its adapters off
+        (peft), a full student's frozen copy."""
         layers = list(lora_layers(self.unet).values()) if self.teacher_unet is None else []
         for layer in layers:
             layer.enable_adapters(False)
         try:
-            yield
+            yield self.teacher_unet or self.unet
         finally:
             for layer in layers:
                 layer.enable_adapters(True)  # peft: also requires_grad on the adapter again

@@ -204,9 +204,6 @@ def prepare_stage(
     if stage.distill is not None:  # before set_trainable: a full student copies its teacher
         check_stage(stage)
         distiller = Distiller(stage.distill, parts, stage.method)
-    # the data first: teacher samples come from the weights the stage starts from
-    data = stage_batches(run.cfg, stage, parts, accelerator.process_index,
-                         accelerator.num_processes, run.log)  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # LoRA's random lora_A: from the run's seed only
         torch.manual_seed(step_generator(run.cfg.seed, index, -1, 0).initial_seed())
         trained = set_trainable(parts, stage, run.cfg.gradient_checkpointing)
@@ -225,6 +222,9 @@ def prepare_stage(
     wrapped = {n: accelerator.prepare(AutoencoderRoundTrip(m) if n == "vae" else m)
                for n, m in trained.items()}  # fmt: skip
     optimizer = accelerator.prepare(optimizer)
+    # after a resume's weights (latent caches use the trained VAE); teacher samples: the teacher
+    data = stage_batches(run.cfg, stage, parts, accelerator.process_index,
+                         accelerator.num_processes, run.log, distiller)  # fmt: skip
     text = TrainingText(parts, trained, wrapped, run.cfg.clip_skip, data.config.aesthetic_score)
     if data.config.cache_text and "vae" not in trained:
         written = text.precompute(data.all_captions(), run.run_dir / "cache" / "text")

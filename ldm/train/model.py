@@ -110,13 +110,16 @@ class StageData:
         return self.source.all_captions()
 
 
-def stage_batches(cfg: TrainConfig, stage: StageConfig, parts, rank: int, world: int, log):
-    """The stage's data; with data.cache_latents (and a frozen VAE) its latents encoded once."""
+def stage_batches(
+    cfg: TrainConfig, stage: StageConfig, parts, rank: int, world: int, log, distiller=None
+):
+    """The stage's data; with data.cache_latents (and a frozen VAE) its latents encoded once;
+    for a distill stage on ``source: teacher``, the samples of its distiller's teacher."""
     data = StageData(cfg, stage, rank, world)
-    if isinstance(data.source, TeacherSamples):  # sampled by the stage's starting weights
+    if isinstance(data.source, TeacherSamples):
         device = next(parts.unet.parameters()).device
-        data.source.generate(parts, device, stage.distill.guidance_scale, cfg.seed,
-                             Path(cfg.output_dir) / "cache", log)  # fmt: skip
+        data.source.generate(parts, distiller, device, cfg.seed, Path(cfg.output_dir) / "cache",
+                             log)  # fmt: skip
     elif data.config.cache_latents and "vae" not in stage.train:
         if isinstance(data.source, ShapesBatches):
             log.info(f"caching VAE latents of {data.config.cache_size} images")

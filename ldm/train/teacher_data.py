@@ -22,6 +22,7 @@ from ldm.train.batches import TrainBatch, uncropped
 from ldm.train.config import DataConfig
 
 CHUNK = 16  # prompts per teacher call
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -67,23 +68,41 @@ class TeacherSamples:
         return list(self.captions)
 
     @torch.no_grad()
-    def generate(self, parts, device, guidance: float, seed: int, cache_dir: Path, log) -> None:
-        """Sample the pool with the teacher (``parts`` as the stage starts), or read it back."""
-        from ldm.pipeline import Pipeline
-
+    def generate(self, parts, distiller, device, seed: int, cache_dir: Path, log) -> None:
+        """Sample the pool with the distiller's teacher, or read it back from the cache."""
         res, steps = self.config.resolution, self.config.teacher_steps
+        guidance = distiller.config.guidance_scale
         settings = {"prompts": self.captions, "guidance": guidance, "steps": steps,
                     "seed": seed, "resolution": res}  # fmt: skip
         # the key covers the teacher's weights and the settings: another teacher or prompt misses
         key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
-        key = f"{weights_hash(parts.unet)}-{key}"
+        with distiller.teacher_weights() as unet:
+            key = f"{weights_hash(unet)}-{key}"
         path = Path(cache_dir) / f"teacher-{key}.safetensors"
         if path.exists():
             self.latents = load_state_dict(path)["latents"]
             log.info(f"teacher samples: {len(self.latents)} read from {path}")
             return
         log.info(f"teacher samples: sampling {self.pool} (guidance {guidance}) into {path}")
-        pipe = Pipeline(parts, device, torch.float32)  # freezes the parts: set_trainable follows
+        modules = [m for n in PARTS if (m := getattr(parts, n, None)) is not None]
+        grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+        modes = [(m, m.training) for top in modules for m in top.modules()]
+        try:
+            with distiller.teacher_weights() as unet:
+                self.latents = self._sample(parts, unet, device, guidance, steps, seed, res)
+        finally:  # the pipeline froze the parts: the stage's trainable state comes back
+            for p, flag in grads:
+                p.requires_grad_(flag)
+            for m, training in modes:
+                m.train(training)
+        save_state_dict({"latents": self.latents}, path)
+
+    def _sample(self, parts, unet, device, guidance, steps, seed, res) -> torch.Tensor:
+        """(pool, C, h, w) float16 latents: prompt i with seed + i, the teacher's sampler."""
+        from ldm.pipeline import Pipeline
+
+        pipe = Pipeline(parts, device, torch.float32)
+        pipe.unet = unet
         chunks = []
         for lo in range(0, self.pool, CHUNK):
             prompts = self.captions[lo : lo + CHUNK]
@@ -93,14 +112,15 @@ class TeacherSamples:
             cond, uncond = pipe.encode_text(r.prompts, r.negatives, r.clip_skip, guidance > 1)
             cond, uncond = pipe.condition(r, cond, uncond)
             chunks.append(pipe.denoise(r, cond, uncond).to("cpu", torch.float16))
-        self.latents = torch.cat(chunks)  # (pool, C, h, w)
-        save_state_dict({"latents": self.latents}, path)
+        return torch.cat(chunks)
 
 
 def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 of a module's tensors (any memory layout), first 12 hex digits."""
+    """sha256 of a module's tensors but LoRA's (any memory layout), first 12 hex digits."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if ".lora_" in name:  # a LoRA student's adapters, off while it is the teacher
+            continue
         h.update(name.encode())
         h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:12]
