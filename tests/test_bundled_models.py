@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,9 +249,10 @@ def test_eval_and_serve_take_names(names, tmp_path, capsys):
 
 
 def test_the_shipped_models_are_listed(capsys):
-    from ldm.loading import DEFAULT_MODEL
+    import ldm
 
-    assert bundled.resolve_model(None) == DEFAULT_MODEL == bundled.resolve_model("shapes-demo")
+    shipped = Path(ldm.__file__).parent / "assets" / "shapes-demo"  # not a patched BUNDLED_DIR
+    assert bundled.resolve_model(None) == shipped == bundled.resolve_model("shapes-demo")
     assert main(["models", "--json"]) == 0
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert listed["shapes-demo"]["kind"] == "model"
