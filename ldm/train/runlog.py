@@ -27,28 +27,6 @@ class _Bar:
         self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.1f}", refresh=False)
         self.bar.update(n)
 
-    def _sample_grid(self, parts, cfg, stage, data, device) -> tuple[list, int]:
-        """The validation prompts at the run's sampler settings; a distill stage's student with
-        the ``lcm`` sampler at guidance 1, one row per step count (distill.student_steps)."""
-        res = data.config.resolution
-        pipe = Pipeline(parts, device, torch.float32)
-        prompts = cfg.validation_prompts
-        seeds = [cfg.validation_seed] * len(prompts)
-        runs = [dict(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance)]
-        if stage.distill is not None:
-            from ldm.sampling.samplers import SPECS
-
-            if "lcm" not in {spec.name for spec in SPECS}:  # the sampler table lacks it
-                self.info("validation: no 'lcm' sampler in this ldm; the student's grid skipped")
-                return [], 0
-            runs = [dict(sampler="lcm", steps=n, guidance_scale=1.0)
-                    for n in stage.distill.student_steps]  # fmt: skip
-        images = []
-        for settings in runs:
-            outs = pipe(prompts, seeds, height=res, width=res, **settings)
-            images += [o.image for o in outs]
-        return images, len(prompts) if stage.distill is not None else min(8, len(prompts))
-
     def close(self) -> None:
         self.bar.close()
 
@@ -152,11 +130,6 @@ class RunLog:
         seeds = [cfg.validation_seed] * len(prompts)
         runs = [dict(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance)]
         if stage.distill is not None:
-            from ldm.sampling.samplers import SPECS
-
-            if "lcm" not in {spec.name for spec in SPECS}:  # the sampler table lacks it
-                self.info("validation: no 'lcm' sampler in this ldm; the student's grid skipped")
-                return [], 0
             runs = [dict(sampler="lcm", steps=n, guidance_scale=1.0)
                     for n in stage.distill.student_steps]  # fmt: skip
         images = []
