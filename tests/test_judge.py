@@ -193,7 +193,7 @@ def test_cli_eval_model_generates_then_scores(tmp_path, monkeypatch):
             self.record = dict(prompt=prompt, seed=seed, steps=3, sampler="euler",
                                guidance_scale=7.5, width=64, height=64)  # fmt: skip
 
-    def fake_load(model, device="cpu", dtype=None):
+    def fake_load(model, device="cpu", dtype=None, t5=True):
         def pipe(prompts, seeds, **kw):
             calls.append((list(seeds), kw))
             return [Out(p, s) for p, s in zip(prompts, seeds)]
