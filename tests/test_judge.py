@@ -193,12 +193,15 @@ def test_cli_eval_model_generates_then_scores(tmp_path, monkeypatch):
             self.record = dict(prompt=prompt, seed=seed, steps=3, sampler="euler",
                                guidance_scale=7.5, width=64, height=64)  # fmt: skip
 
-    def fake_load(model, device="cpu", dtype=None, t5=True):
-        def pipe(prompts, seeds, **kw):
+    class FakePipe:
+        sampling_defaults = dict(sampler="euler", schedule="default", steps=3, guidance_scale=7.5)
+
+        def __call__(self, prompts, seeds, **kw):
             calls.append((list(seeds), kw))
             return [Out(p, s) for p, s in zip(prompts, seeds)]
 
-        return pipe
+    def fake_load(model, device="cpu", dtype=None, t5=True):
+        return FakePipe()
 
     monkeypatch.setattr(ldm.pipeline, "load_pipeline", fake_load)
     prompts = tmp_path / "p.txt"
