@@ -199,13 +199,22 @@ FAMILIES: dict[str, Family] = {
             steps=4,
             guidance_scale=8.5,
             single_file=dict(  # LCM Dreamshaper v7's configs (SD 1.5 + the w-embedding)
-                unet=dict(attention_head_dim=8, upcast_attention=False, sample_size=96,
-                          time_cond_proj_dim=256),
+                unet=dict(
+                    attention_head_dim=8,
+                    upcast_attention=False,
+                    sample_size=96,
+                    time_cond_proj_dim=256,
+                ),
                 vae=dict(sample_size=768),
                 text_encoder=dict(hidden_act="quick_gelu", projection_dim=768),
-                scheduler=dict(_SD_SCHEDULER, _class_name="LCMScheduler",
-                               prediction_type="epsilon", original_inference_steps=50,
-                               timestep_scaling=10.0, set_alpha_to_one=True),
+                scheduler=dict(
+                    _SD_SCHEDULER,
+                    _class_name="LCMScheduler",
+                    prediction_type="epsilon",
+                    original_inference_steps=50,
+                    timestep_scaling=10.0,
+                    set_alpha_to_one=True,
+                ),
             ),  # fmt: skip
         ),
         Family(

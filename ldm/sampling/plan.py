@@ -31,8 +31,8 @@ def is_flow(scheduler_config: dict) -> bool:
 
 def noise_schedule(scheduler_config: dict) -> NoiseSchedule | None:
     """The discrete-time table of a scheduler config, None for a flow model."""
-    return None if is_flow(scheduler_config) else NoiseSchedule.from_scheduler_config(
-        scheduler_config
+    return (
+        None if is_flow(scheduler_config) else NoiseSchedule.from_scheduler_config(scheduler_config)
     )
 
 
