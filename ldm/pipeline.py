@@ -9,13 +9,11 @@ wrap the denoiser (see :mod:`ldm.modes`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -34,6 +32,7 @@ from ldm.loading import (
     resolve_dtype,
 )
 from ldm.modes import blend_known, encode_each, image_to_tensor, inpaint_inputs, load_image
+from ldm.pixels import PixelSide
 from ldm.request import (
     Request,
     check_fraction,
@@ -94,8 +93,9 @@ def load_pipeline(
     return Pipeline(parts, device, torch_dtype, accel)
 
 
-class Pipeline:
-    """A loaded model and the call that turns prompts + seeds into images with records."""
+class Pipeline(PixelSide):
+    """A loaded model and the call that turns prompts + seeds into images with records
+    (decoding and the VAE's dtype: :class:`ldm.pixels.PixelSide`)."""
 
     def __init__(self, parts, device: torch.device, dtype: torch.dtype, accel: str | None = None):
         self.parts = parts
@@ -170,14 +170,7 @@ class Pipeline:
             self._text_encoders[key] = text_encoder_for(self.parts, *key)
         return self._text_encoders[key]
 
-    # ---- memory and speed switches -------------------------------------------------------------
-    # (no attention slicing: on the CPU torch's SDPA already runs attention in blocks)
-    def enable_vae_slicing(self) -> None:
-        self.vae.enable_slicing()
-
-    def enable_vae_tiling(self) -> None:
-        self.vae.enable_tiling()
-
+    # ---- LoRAs and speed ------------------------------------------------------------------
     def apply_lora(self, path: str | Path, scale: float = 1.0):
         """Merge a LoRA file (diffusers/PEFT or kohya keys) into the weights; returns the report."""
         if self.accel is not None:
@@ -376,38 +369,6 @@ class Pipeline:
         if not torch.isfinite(x).all():
             raise LdmError(f"the U-Net produced NaN/Inf in {DTYPE_NAMES[self.dtype]}; try fp32")
         return x
-
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> tuple[list[Image.Image], list[bool]]:
-        """Step 4: latents -> images, each again in fp32 if it came out NaN/Inf (and which did)."""
-        vae, where = self._vae_for_pixels()
-        pixels = vae.decode(latents.to(where["dtype"])).float()
-        retried = [False] * len(pixels)
-        for i in range(len(pixels)):
-            if not torch.isfinite(pixels[i]).all():
-                pixels[i] = self._fp32_vae().decode(latents[i : i + 1].float())[0]
-                retried[i] = True
-                if not torch.isfinite(pixels[i]).all():
-                    raise LdmError(f"image {i} decodes to NaN/Inf even in fp32")
-        # as diffusers' postprocess: [-1, 1] -> [0, 1] -> round(x * 255)
-        arrays = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        arrays = arrays.permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays], retried
-
-    def _vae_for_pixels(self) -> tuple[torch.nn.Module, dict]:
-        """The VAE and dtype to encode/decode with: fp32 under fp16 where the family honours
-        the VAE config's ``force_upcast`` (diffusers' SDXL pipelines: its VAE overflows)."""
-        family = self.parts.family
-        if self.dtype == torch.float16 and family.vae_upcast and self.vae.config.force_upcast:
-            return self._fp32_vae(), dict(device=self.device, dtype=torch.float32)
-        return self.vae, dict(device=self.device, dtype=self.dtype)
-
-    def _fp32_vae(self):
-        if self.dtype == torch.float32:
-            return self.vae
-        if self._vae_fp32 is None:
-            self._vae_fp32 = copy.deepcopy(self.vae).float()
-        return self._vae_fp32
 
     def record(self, r: Request, i: int, retried: bool) -> dict:
         """Step 5: everything needed to make image i again (the JSON record beside the PNG)."""

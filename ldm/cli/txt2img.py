@@ -19,7 +19,14 @@ import secrets
 import sys
 from pathlib import Path
 
-from ldm.cli import add_speed_arguments, apply_accel, int_list, sampler_help, schedule_help
+from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
+from ldm.cli.flow_args import (
+    FLOW_DEFAULTS,
+    add_flow_arguments,
+    checked_length,
+    flow_kwargs,
+)
+from ldm.cli.from_png import settings_from_png
 from ldm.errors import LdmError
 
 MODEL_HELP = (
@@ -45,23 +52,8 @@ DEFAULTS = dict(
     refiner=None,  # SDXL: a refiner model that takes over at refiner_switch_at
     refiner_switch_at=0.8,
     micro=None,  # SDXL size/crop/aesthetic conditioning (ldm.text.micro), None: defaults
-    skip_layers=None,  # SD3.5 skip-layer guidance blocks, e.g. [7, 8, 9]
-    skip_layer_scale=2.8,
-    skip_layer_start=0.01,
-    skip_layer_stop=0.2,
-    shift=None,  # flow models: the checkpoint's static shift
+    **FLOW_DEFAULTS,  # shift, skip-layer guidance
 )
-SKIP_LAYER_KEYS = ("skip_layers", "skip_layer_scale", "skip_layer_start", "skip_layer_stop")
-# record key -> flag dest, for --from-png
-FROM_RECORD = {
-    "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps",
-    "guidance_scale": "guidance_scale", "guidance_rescale": "guidance_rescale",
-    "sampler": "sampler", "schedule": "schedule", "eta": "eta", "height": "height",
-    "width": "width", "clip_skip": "clip_skip", "seed": "seed", "strength": "strength",
-    "denoising_strength": "strength",  # the infotext's name
-    "refiner_switch_at": "refiner_switch_at", "shift": "shift",
-    **{k: k for k in SKIP_LAYER_KEYS},
-}  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,15 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", metavar="TOP,LEFT", help="crop conditioning (default: 0,0)")
     g.add_argument("--aesthetic-score", type=float, help="refiner conditioning (6.0)")
     g.add_argument("--negative-aesthetic-score", type=float, help="refiner conditioning (2.5)")
-    g = p.add_argument_group("SD3")
-    g.add_argument("--shift", type=float, help="flow models' time shift (the checkpoint's: 3)")
-    g.add_argument("--no-t5", action="store_true", help="leave T5-XXL unread (zeros, as diffusers)")
-    g.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (256; <= 512)")
-    g.add_argument("--skip-layers", type=int_list, metavar="7,8,9",
-                   help="SD3.5 skip-layer guidance: blocks left out of a 3rd pass")  # fmt: skip
-    g.add_argument("--skip-layer-scale", type=float, help="its scale (2.8)")
-    g.add_argument("--skip-layer-start", type=float, help="share of the steps it starts at (0.01)")
-    g.add_argument("--skip-layer-stop", type=float, help="share of the steps it stops at (0.2)")
+    add_flow_arguments(p)
     g = p.add_argument_group("output, memory and speed")
     g.add_argument("--outdir", default="outputs/txt2img", help="(default: outputs/txt2img)")
     g.add_argument("--grid", action="store_true", help="also write a grid of all images")
@@ -145,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         settings["seed"] = secrets.randbelow(2**32)  # printed once generation starts
 
     pipe = load_model_flag(settings["model"], args.device, args.dtype, args.config, args.no_t5)
-    pipe.max_sequence_length = _checked_length(args.max_sequence_length)
+    pipe.max_sequence_length = checked_length(args.max_sequence_length)
     refiner = None
     if settings["refiner"]:
         refiner = load_model_flag(settings["refiner"], args.device, args.dtype, None)
@@ -185,12 +169,6 @@ def add_config_argument(g) -> None:
     )
 
 
-def _checked_length(n: int) -> int:
-    from ldm.text.sd3 import check_max_sequence_length
-
-    return check_max_sequence_length(n)
-
-
 def load_model_flag(model, device, dtype, config, no_t5: bool = False):
     """``load_pipeline``, with ``--config`` for a single file (ldm.loading.load_model)."""
     from ldm.loading import load_model, resolve_device, resolve_dtype
@@ -214,7 +192,7 @@ def _settings(args: argparse.Namespace) -> dict:
     """Defaults, then the record of --from-png, then the flags given explicitly."""
     settings = dict(DEFAULTS, lora=[])  # lora: FILE[:SCALE] specs
     if args.from_png:
-        settings.update(_from_png(args.from_png, args.init_image))
+        settings.update(settings_from_png(args.from_png, args.init_image))
     for key in DEFAULTS:
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
@@ -243,38 +221,6 @@ def _micro_flags(args: argparse.Namespace) -> dict:
     for key in ("aesthetic_score", "negative_aesthetic_score"):
         if getattr(args, key, None) is not None:
             out[key] = getattr(args, key)
-    return out
-
-
-def _from_png(path: str, init_image: str | None) -> dict:
-    from ldm.infotext import parse_infotext, read_png_metadata
-
-    if not Path(path).is_file():
-        raise LdmError(f"--from-png {path}: no such file")
-    infotext, record = read_png_metadata(path)
-    if not record and infotext:
-        record = parse_infotext(infotext)
-    if not record:
-        raise LdmError(f"--from-png {path}: the PNG has no ldm record or A1111 parameters")
-    if record.get("mode", "txt2img") != "txt2img" and not init_image:
-        raise LdmError(f"--from-png {path}: made by {record['mode']}; give its --init-image too")
-    out = {flag: record[key] for key, flag in FROM_RECORD.items() if record.get(key) is not None}
-    for key in ("model", "refiner"):
-        path = record.get(f"{key}_path")
-        if path and Path(path).exists():
-            out[key] = path
-    out["lora"], missing = [], []
-    for lora in record.get("loras") or []:  # a LoRA model's own, and --lora files
-        path = lora.get("path") if isinstance(lora, dict) else None
-        if path and Path(path).is_file():
-            out["lora"].append(f"{path}:{lora.get('scale', 1.0)}")
-        else:
-            missing.append(str(lora.get("name") if isinstance(lora, dict) else lora))
-    if missing:
-        print(f"ldm: warning: --from-png: LoRA {', '.join(missing)} not found; pass it with "
-              "--lora to re-render the same image", file=sys.stderr)  # fmt: skip
-    if record.get("micro_conditioning"):
-        out["micro"] = {k: v for k, v in record["micro_conditioning"].items() if v is not None}
     return out
 
 
@@ -349,10 +295,7 @@ def _generate(pipe, args, s: dict, init_image, mask, seed_is_random: bool, refin
                 height=s["height"], width=s["width"], clip_skip=s["clip_skip"],
                 micro=MicroConditioning(**s["micro"]) if s["micro"] else None, callback=on_step,
             )  # fmt: skip
-            if s["shift"] is not None:
-                kwargs["shift"] = s["shift"]
-            if s["skip_layers"]:  # SD3.5 (a U-Net model refuses them)
-                kwargs.update({k: s[k] for k in SKIP_LAYER_KEYS})
+            kwargs.update(flow_kwargs(s))  # shift, SD3.5 skip layers
             if refiner is not None:
                 from ldm.refiner import generate_with_refiner
 
