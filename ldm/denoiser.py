@@ -163,6 +163,8 @@ class Denoiser(torch.nn.Module):
         self.network = network
         # transformers (SD3, FLUX) take the pooled text embedding as their own input
         self.takes_pooled = "pooled_projections" in _parameters(network)
+        # FLUX.1-dev embeds its distilled guidance scale itself (LCM's U-Net: timestep_cond)
+        self.takes_guidance = "guidance" in _parameters(network)
         self.parametrisation = parametrisation(prediction or schedule.prediction_type)
         self.prediction_type = self.parametrisation.name
         self.interpolation = interpolation
@@ -286,7 +288,9 @@ class Denoiser(torch.nn.Module):
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
         elif self.takes_pooled:
             kwargs["pooled_projections"] = cond.pooled
-        if cond.guidance is not None:  # the network embeds the guidance scale itself
+        if cond.guidance is not None and self.takes_guidance:  # FLUX.1-dev: the raw scale
+            kwargs["guidance"] = cond.guidance.to(x_in.device)
+        elif cond.guidance is not None:  # LCM: the U-Net embeds w's sinusoidal features
             w = _guidance_embedding(self.network, cond.guidance.to(x_in.device))
             kwargs["timestep_cond"] = w.to(x_in.dtype)
         out = self.network(x_in, c_noise, **kwargs)

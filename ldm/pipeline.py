@@ -40,6 +40,8 @@ from ldm.request import (
     check_numbers,
     check_shift,
     check_skip_layers,
+    check_true_cfg,
+    packed_size,
     prompt_lists,
     resolve_sampling,
 )
@@ -104,7 +106,8 @@ class Pipeline(PixelSide):
         for _, model, _ in parts.text_modules():
             model.eval().requires_grad_(False)
         self._text_encoders: dict[tuple, TextEncoder] = {}  # per clip skip and T5 length
-        self.max_sequence_length = 256  # SD3: T5 tokens of the context (1..512)
+        # T5 tokens of the context (1..512): the family's (SD3 256, FLUX.1-dev 512, schnell 256)
+        self.max_sequence_length = parts.family.max_sequence_length
         self.schedule = noise_schedule(parts.scheduler_config)  # None: a flow model
         self.device, self.dtype = device, dtype
         self.model_path = Path(parts.path) if parts.path is not None else None
@@ -130,13 +133,14 @@ class Pipeline(PixelSide):
     @property
     def default_size(self) -> tuple[int, int]:
         """(height, width) the model was trained at: U-Net sample size x VAE factor."""
-        size = self.unet.config.sample_size or 64
+        size = getattr(self.unet.config, "sample_size", None) or self.parts.family.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return h * self.factor, w * self.factor
 
     def image_seq_len(self, r: Request) -> int:
         """Image tokens of a transformer at the request's size (flow models' dynamic shift)."""
         patch = getattr(self.unet.config, "patch_size", None) or 1
+        patch *= self.parts.family.latent_patch  # FLUX: a token is a 2x2 patch of latents
         return (r.height // self.factor // patch) * (r.width // self.factor // patch)
 
     @property
@@ -156,12 +160,18 @@ class Pipeline(PixelSide):
 
     @property
     def guidance_embedded(self) -> bool:
-        """The network takes the guidance scale as an input (a full LCM U-Net's w-embedding)."""
-        return getattr(self.unet.config, "time_cond_proj_dim", None) is not None
+        """The network takes the guidance scale as an input (a full LCM U-Net's w-embedding,
+        FLUX.1-dev's distilled guidance)."""
+        c = self.unet.config
+        embeds = bool(getattr(c, "guidance_embeds", False))  # FLUX.1-dev
+        return embeds or getattr(c, "time_cond_proj_dim", None) is not None  # LCM
 
     def two_pass(self, r: Request) -> bool:
-        """Classifier-free guidance runs an unconditioned pass: scale > 1, not embedded."""
-        return r.guidance_scale > 1.0 and not self.guidance_embedded
+        """Classifier-free guidance runs an unconditioned pass: scale > 1, not embedded; with an
+        embedded scale, "true CFG" (``true_cfg_scale`` > 1, diffusers' FluxPipeline) does."""
+        if self.guidance_embedded:
+            return r.true_cfg_scale > 1.0
+        return r.guidance_scale > 1.0
 
     def text_encoder(self, clip_skip: int = 1) -> TextEncoder:
         """The family's text encoder(s) behind one interface (ldm.text.encoders), per clip skip."""
@@ -249,6 +259,7 @@ class Pipeline(PixelSide):
         skip_layer_start: float = 0.01,
         skip_layer_stop: float = 0.2,
         shift: float | None = None,  # flow models: the static shift (None: the checkpoint's)
+        true_cfg_scale: float = 1.0,  # FLUX.1-dev: CFG over the embedded guidance (2 passes)
     ) -> Request:
         """Step 1: check the whole request before any work (one LdmError per bad value)."""
         spec, schedule, steps, guidance_scale = resolve_sampling(
@@ -266,6 +277,8 @@ class Pipeline(PixelSide):
             width = init_image.width // f * f if width is None else width
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
+        if self.parts.family.latent_patch > 1:  # FLUX: down to 16 px multiples, as diffusers
+            height, width = packed_size(height, width, self.factor * self.parts.family.latent_patch)
         check_numbers(steps, guidance_scale, guidance_rescale, eta, height, width, self.factor)
         check_modes(strength, clip_skip, init_image, mask, self.is_inpainting_model)
         check_fraction("--denoising-start", denoising_start)
@@ -280,6 +293,7 @@ class Pipeline(PixelSide):
             guidance_rescale, eta, height, width, clip_skip, mode, init_image, mask, strength,
             batched_guidance, micro or MicroConditioning(), denoising_start, denoising_end,
             tuple(skip_layers), skip_layer_scale, skip_layer_start, skip_layer_stop, shift,
+            check_true_cfg(true_cfg_scale, self.guidance_embedded),
         )  # fmt: skip
 
     def encode_text(self, prompts, negatives, clip_skip, guided):
@@ -297,8 +311,10 @@ class Pipeline(PixelSide):
     def condition(self, r: Request, cond, uncond):
         """Step 2b: an embedded guidance scale; SDXL: empty negatives as zeros, and the
         size/crop/aesthetic ids."""
-        if self.guidance_embedded:  # diffusers' LatentConsistencyModelPipeline: w, one pass
-            cond = dataclasses.replace(cond, guidance=torch.full((len(cond),), r.guidance_scale))
+        if self.guidance_embedded:  # LCM's w, FLUX.1-dev's guidance (uncond too: true CFG)
+            w = torch.full((len(cond),), r.guidance_scale)
+            cond = dataclasses.replace(cond, guidance=w)
+            uncond = None if uncond is None else dataclasses.replace(uncond, guidance=w)
         if uncond is not None and self.force_zeros_for_empty_prompt:
             uncond = zero_rows(uncond, [n == "" for n in r.negatives])  # diffusers' None
         kind = self.parts.family.micro_conditioning
@@ -323,9 +339,10 @@ class Pipeline(PixelSide):
         """Step 3: seeded noise -> sigmas -> guided sampler -> (B, C, h, w) float32 latents."""
         # 3a. the denoiser and the sigmas: the full schedule, cut at `strength` when starting
         # from an image (or at the base / refiner hand-off)
-        denoiser = make_denoiser(self.unet, self.schedule, r, self.dtype)
+        family = self.parts.family  # FLUX: packed tokens, t in [0, 1], FluxPipeline's sigmas
+        denoiser = make_denoiser(self.unet, self.schedule, r, self.dtype, family)
         sigmas = request_sigmas(r, denoiser, self.schedule, self.parts.scheduler_config,
-                                self.image_seq_len(r))  # fmt: skip
+                                self.image_seq_len(r), family)  # fmt: skip
 
         # 3b. per-image generators and starting latents (encode first, then noise: as diffusers)
         if generators is None:
@@ -350,7 +367,8 @@ class Pipeline(PixelSide):
             )
 
         # 3c. network -> denoiser -> guided denoiser (-> inpaint blending), NaN-checked
-        scale = r.guidance_scale if uncond is not None else 1.0  # 1: the conditioned pass only
+        scale = r.true_cfg_scale if self.guidance_embedded else r.guidance_scale
+        scale = scale if uncond is not None else 1.0  # 1: the conditioned pass only
         denoise = cfg(
             denoiser, cond, uncond, scale, rescale=r.guidance_rescale,
             batched=r.batched_guidance, concat=extra, slg=skip_layer_guidance(r, sigmas),

@@ -51,6 +51,9 @@ class Request:
     skip_layer_start: float = 0.01
     skip_layer_stop: float = 0.2
     shift: float | None = None  # flow models: the static time shift (None: not a flow model)
+    # FLUX.1-dev's "true CFG" (diffusers' true_cfg_scale): classifier-free guidance with the
+    # negative prompt on top of the embedded guidance scale; 1: off (one pass per step)
+    true_cfg_scale: float = 1.0
 
     @property
     def start_from_image(self) -> bool:
@@ -68,6 +71,8 @@ class Request:
             out["strength"] = self.strength
         if self.shift is not None:
             out["shift"] = self.shift
+        if self.true_cfg_scale != 1.0:
+            out["true_cfg_scale"] = self.true_cfg_scale
         if self.skip_layers:
             out.update(skip_layers=list(self.skip_layers), skip_layer_scale=self.skip_layer_scale,
                        skip_layer_start=self.skip_layer_start,
@@ -172,6 +177,25 @@ def resolve_sampling(model: dict, sampler, schedule, steps, guidance_scale):
     steps = fill["steps"] if steps is None else steps
     guidance_scale = fill["guidance_scale"] if guidance_scale is None else guidance_scale
     return spec, schedule, steps, guidance_scale
+
+
+def packed_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """A FLUX image size: each side down to a multiple of 2x2 latent patches (16 px), as
+    diffusers' FluxPipeline rounds it."""
+    for flag, size in (("--height", height), ("--width", width)):
+        if not isinstance(size, int) or size < multiple:
+            raise LdmError(f"{flag} must be an integer >= {multiple} for this model, got {size}")
+    return height // multiple * multiple, width // multiple * multiple
+
+
+def check_true_cfg(scale: float, guidance_embedded: bool) -> float:
+    """True CFG's scale: a finite number, for a model that embeds its guidance scale."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise LdmError(f"--true-cfg-scale must be a finite number, got {scale}")
+    if scale != 1.0 and not guidance_embedded:
+        raise LdmError("--true-cfg-scale applies to guidance-distilled models (FLUX.1-dev); "
+                       "use --guidance-scale")  # fmt: skip
+    return float(scale)
 
 
 def check_shift(shift: float | None, scheduler_config: dict, flow: bool) -> float | None:

@@ -79,7 +79,7 @@ def test_loaded_weights_are_the_files_own(tiny_sd1):
 @pytest.mark.parametrize(
     "pipeline_class, words",
     [
-        ("FluxPipeline", "FLUX.1 models are not supported"),
+        ("FluxFillPipeline", "FLUX.1 Fill models are not supported"),
         ("KandinskyPipeline", "pipeline class 'KandinskyPipeline' is not one ldm loads"),
     ],
 )

@@ -82,8 +82,9 @@ def load_folder(
     text_config_path = path / "text_encoder" / "config.json"
     text_config = read_json(text_config_path) if text_config_path.exists() else None
     family = families.from_folder(model_index, text_config, str(path))
-    where = path / family.network_folder  # unet/, or transformer/ (SD3)
+    where = path / family.network_folder  # unet/, or transformer/ (SD3, FLUX)
     unet_config, vae_config = read_json(where / "config.json"), read_json(path / "vae/config.json")
+    family = family.for_network(unet_config)  # FLUX.1-schnell: no guidance_embeds
     unet = build_network(unet_config, where, family=family.name, empty=True)
     load_weights(unet, load_part(where, "diffusers", dtype), str(where), device, dtype)
     vae = build_vae(vae_config, path / "vae", empty=True)

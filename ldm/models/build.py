@@ -28,6 +28,7 @@ from ldm.config import load_config
 from ldm.errors import ConfigError
 from ldm.models import families
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.flux import FluxConfig, FluxTransformer2DModel
 from ldm.models.mmdit import SD3Config, SD3Transformer2DModel
 from ldm.models.parts import ModelParts
 from ldm.models.unet import UNet2DConditionModel, UNetConfig
@@ -42,6 +43,7 @@ except ImportError:  # transformers 4.x
 NETWORKS = {
     "UNet2DConditionModel": (UNetConfig, UNet2DConditionModel),
     "SD3Transformer2DModel": (SD3Config, SD3Transformer2DModel),
+    "FluxTransformer2DModel": (FluxConfig, FluxTransformer2DModel),
 }
 # a text encoder's transformers architecture -> (config class, model class)
 TEXT_MODELS = {

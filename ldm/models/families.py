@@ -10,82 +10,18 @@ Families other code knows of but ldm cannot load yet are recognised by name, so 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ldm.errors import CheckpointError
 from ldm.models.autoencoder import AutoencoderConfig
-
-# scheduler of the original CompVis / Stability releases (what a single file cannot say)
-_SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                     num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True,
-                     set_alpha_to_one=False, clip_sample=False, trained_betas=None)  # fmt: skip
-
-
-def _sdxl_single_file(refiner: bool) -> dict:
-    """The public SDXL 1.0 base / refiner diffusers configs (what a single file cannot say)."""
-    unet = dict(
-        sample_size=128, use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=256, upcast_attention=False,
-    )  # fmt: skip
-    if refiner:
-        unet.update(attention_head_dim=[6, 12, 24, 24], block_out_channels=[384, 768, 1536, 1536],
-                    cross_attention_dim=1280, transformer_layers_per_block=4,
-                    projection_class_embeddings_input_dim=2560,  # 1280 pooled + 5 ids x 256
-                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
-                                      "CrossAttnDownBlock2D", "DownBlock2D"],
-                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                                    "UpBlock2D"])  # fmt: skip
-    else:
-        unet.update(attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280],
-                    cross_attention_dim=2048, transformer_layers_per_block=[1, 2, 10],
-                    projection_class_embeddings_input_dim=2816,  # 1280 pooled + 6 ids x 256
-                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
-                                      "CrossAttnDownBlock2D"],
-                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                                    "UpBlock2D"])  # fmt: skip
-    bigg = dict(architectures=["CLIPTextModelWithProjection"], hidden_act="gelu",
-                hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
-                num_hidden_layers=32, projection_dim=1280, max_position_embeddings=77,
-                vocab_size=49408, layer_norm_eps=1e-5)  # fmt: skip
-    clip_l = dict(architectures=["CLIPTextModel"], hidden_act="quick_gelu", hidden_size=768,
-                  intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                  projection_dim=768, max_position_embeddings=77, vocab_size=49408,
-                  layer_norm_eps=1e-5)  # fmt: skip
-    scheduler = dict(_SD_SCHEDULER, _class_name="EulerDiscreteScheduler", prediction_type="epsilon",
-                     timestep_spacing="leading", interpolation_type="linear",
-                     use_karras_sigmas=False, sample_max_value=1.0)  # fmt: skip
-    out = dict(unet=unet, vae=dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-               text_encoder_2=bigg, scheduler=scheduler)  # fmt: skip
-    if not refiner:
-        out["text_encoder"] = clip_l
-    return out
-
-
-def _sd3_single_file() -> dict:
-    """The public SD3.5-medium diffusers configs (what a single file cannot say)."""
-    transformer = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
-                       num_layers=24, attention_head_dim=64, num_attention_heads=24,
-                       joint_attention_dim=4096, caption_projection_dim=1536,
-                       pooled_projection_dim=2048, pos_embed_max_size=384,
-                       dual_attention_layers=list(range(13)), qk_norm="rms_norm")  # fmt: skip
-    vae = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
-               scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024,
-               block_out_channels=[128, 256, 512, 512], force_upcast=True)  # fmt: skip
-    clip = dict(architectures=["CLIPTextModelWithProjection"], max_position_embeddings=77,
-                vocab_size=49408, layer_norm_eps=1e-5)  # fmt: skip
-    clip_l = dict(clip, hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072,
-                  num_attention_heads=12, num_hidden_layers=12, projection_dim=768)  # fmt: skip
-    clip_g = dict(clip, hidden_act="gelu", hidden_size=1280, intermediate_size=5120,
-                  num_attention_heads=20, num_hidden_layers=32, projection_dim=1280)  # fmt: skip
-    t5 = dict(architectures=["T5EncoderModel"], d_model=4096, d_ff=10240, d_kv=64, num_heads=64,
-              num_layers=24, feed_forward_proj="gated-gelu", vocab_size=32128,
-              relative_attention_num_buckets=32, relative_attention_max_distance=128,
-              layer_norm_epsilon=1e-6, dense_act_fn="gelu_new", is_gated_act=True)  # fmt: skip
-    scheduler = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000,
-                     shift=3.0)  # fmt: skip
-    return dict(transformer=transformer, vae=vae, text_encoder=clip_l, text_encoder_2=clip_g,
-                text_encoder_3=t5, scheduler=scheduler)  # fmt: skip
+from ldm.models.family_configs import (
+    SD_SCHEDULER,
+    flux_single_file,
+    sd3_single_file,
+    sdxl_single_file,
+)
 
 
 @dataclass(frozen=True)
@@ -130,6 +66,23 @@ class Family:
     # what an original single file's keys cannot say: diffusers config fields per component
     network_folder: str = "unet"  # its folder in a diffusers model ("transformer": SD3, FLUX)
     single_file: dict = field(default_factory=dict, compare=False, hash=False)
+    max_sequence_length: int = 256  # T5 tokens of the context (SD3: 256; FLUX.1-dev: 512)
+    sample_size: int = 64  # latent size when the network config names none (FLUX: 128, 1024 px)
+    # flow models: the network's timestep is t * timestep_scale (SD3: 1000; FLUX takes t in
+    # [0, 1]); "default" sigmas as the family's diffusers pipeline passes them (FluxPipeline:
+    # linspace(1, 1/N, N)); latent cells per image token side (FLUX packs 2 x 2)
+    timestep_scale: float = 1000.0
+    pipeline_sigmas: bool = False
+    latent_patch: int = 1
+    # what changes for a network without guidance_embeds (FLUX.1-schnell; see for_network)
+    unguided: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def for_network(self, network_config) -> Family:
+        """The family as a model with this network config samples: a FLUX.1 transformer
+        without ``guidance_embeds`` is schnell (timestep-distilled: its own defaults)."""
+        get = network_config.get if isinstance(network_config, dict) else None
+        embeds = get("guidance_embeds") if get else getattr(network_config, "guidance_embeds", 0)
+        return dataclasses.replace(self, **self.unguided) if self.unguided and not embeds else self
 
     def sampling_defaults(self, scheduler_config: dict, stored: dict | None = None) -> dict:
         """Sampler, schedule, steps and guidance a model of this family generates with: the
@@ -162,7 +115,7 @@ FAMILIES: dict[str, Family] = {
                 vae=dict(sample_size=512),
                 text_encoder=dict(hidden_act="quick_gelu", projection_dim=768),
                 scheduler=dict(
-                    _SD_SCHEDULER, _class_name="PNDMScheduler", prediction_type="epsilon"
+                    SD_SCHEDULER, _class_name="PNDMScheduler", prediction_type="epsilon"
                 ),
             ),  # fmt: skip
         ),
@@ -180,7 +133,7 @@ FAMILIES: dict[str, Family] = {
                 vae=dict(sample_size=768),
                 text_encoder=dict(hidden_act="gelu", projection_dim=512),
                 scheduler=dict(
-                    _SD_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction"
+                    SD_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction"
                 ),
             ),  # fmt: skip
         ),
@@ -208,7 +161,7 @@ FAMILIES: dict[str, Family] = {
                 vae=dict(sample_size=768),
                 text_encoder=dict(hidden_act="quick_gelu", projection_dim=768),
                 scheduler=dict(
-                    _SD_SCHEDULER,
+                    SD_SCHEDULER,
                     _class_name="LCMScheduler",
                     prediction_type="epsilon",
                     original_inference_steps=50,
@@ -237,7 +190,7 @@ FAMILIES: dict[str, Family] = {
             micro_conditioning="size",
             force_zeros_for_empty_prompt=True,
             vae_upcast=True,
-            single_file=_sdxl_single_file(refiner=False),
+            single_file=sdxl_single_file(refiner=False),
         ),
         Family(
             name="sdxl-refiner",
@@ -256,7 +209,7 @@ FAMILIES: dict[str, Family] = {
             micro_conditioning="aesthetic",
             vae_upcast=True,
             sampler_from_checkpoint=True,
-            single_file=_sdxl_single_file(refiner=True),
+            single_file=sdxl_single_file(refiner=True),
         ),
         Family(
             name="sd3",
@@ -277,14 +230,48 @@ FAMILIES: dict[str, Family] = {
             steps=28,  # diffusers' StableDiffusion3Pipeline defaults
             guidance_scale=7.0,
             vae_upcast=True,
-            single_file=_sd3_single_file(),
+            single_file=sd3_single_file(),
+        ),
+        Family(
+            name="flux",
+            label="FLUX.1",
+            pipeline_class="FluxPipeline",
+            also_pipelines=("FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+            network="FluxTransformer2DModel",
+            network_folder="transformer",
+            text_encoders=(
+                TextEncoderSpec("clip"),  # CLIP ViT-L: only its pooled output (768, unprojected)
+                TextEncoderSpec("t5", "text_encoder_2", "tokenizer_2"),  # T5-XXL: the context
+            ),
+            text_combine="flux",
+            prediction_type="flow",
+            vae_scaling_factor=0.3611,
+            vae_shift_factor=0.1159,
+            sampler="euler",  # FlowMatchEulerDiscreteScheduler
+            steps=28,  # diffusers' FluxPipeline (dev): 28 steps, embedded guidance 3.5
+            guidance_scale=3.5,
+            max_sequence_length=512,
+            sample_size=128,  # FluxPipeline's default_sample_size
+            timestep_scale=1.0,
+            pipeline_sigmas=True,
+            latent_patch=2,
+            single_file=flux_single_file(dev=True),
+            unguided=dict(  # FLUX.1-schnell: 4 steps, no guidance, 256 T5 tokens
+                label="FLUX.1-schnell",
+                steps=4,
+                guidance_scale=1.0,
+                max_sequence_length=256,
+                single_file=flux_single_file(dev=False),
+            ),  # fmt: skip
         ),
     )
 }
 
 # families other tools load and ldm does not yet: pipeline class / single-file key -> label
 KNOWN_ELSEWHERE = {
-    "FluxPipeline": "FLUX.1",
+    "FluxFillPipeline": "FLUX.1 Fill",  # 384 input channels: image, mask and masked image
+    "FluxControlPipeline": "FLUX.1 Depth/Canny",  # 128 input channels: image and control
+    "FluxKontextPipeline": "FLUX.1 Kontext",
 }
 SINGLE_FILE_MARKERS = (  # a key fragment that identifies a family, checked in this order
     ("edm_mean", "Playground v2.5 (EDM SDXL)"),  # EDM-parametrised SDXL variants

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm.denoiser import Denoiser
+from ldm.denoiser import Denoiser, Flow
 from ldm.errors import LdmError
 from ldm.guidance import SkipLayerGuidance
 from ldm.sampling.flow import flow_sigmas
@@ -36,11 +36,17 @@ def noise_schedule(scheduler_config: dict) -> NoiseSchedule | None:
     )
 
 
-def make_denoiser(network, schedule: NoiseSchedule | None, r, dtype=None) -> Denoiser:
-    """The network as D(x, sigma): flow (t = sigma * 1000) or the discrete table, whose
-    sigma -> timestep interpolation reproduces diffusers' for the request's sampler."""
+def make_denoiser(network, schedule: NoiseSchedule | None, r, dtype=None, family=None) -> Denoiser:
+    """The network as D(x, sigma): flow (t = sigma * the family's timestep scale: SD3 1000,
+    FLUX 1) or the discrete table, whose sigma -> timestep interpolation reproduces diffusers'
+    for the request's sampler."""
+    if family is not None and family.latent_patch > 1:  # FLUX: tokens are 2x2 latent patches
+        from ldm.models.flux_packing import PackedFlux
+
+        network = PackedFlux(network)  # image-shaped for the Denoiser and samplers
     if schedule is None:
-        return Denoiser(network, None, prediction="flow", dtype=dtype)
+        scale = 1000.0 if family is None else family.timestep_scale
+        return Denoiser(network, None, prediction=Flow(scale), dtype=dtype)
     return Denoiser(network, schedule, timestep_interp(r.spec.name, r.schedule), dtype=dtype)
 
 
@@ -50,13 +56,20 @@ def request_sigmas(
     schedule: NoiseSchedule | None,
     scheduler_config: dict,
     image_seq_len: int | None = None,  # image tokens (flow models' dynamic shift)
+    family=None,  # ldm.models.families.Family: FLUX's sigmas are FluxPipeline's
 ) -> torch.Tensor:
-    """Descending sigmas ending in 0 for the request: its schedule, then the part it runs."""
+    """Descending sigmas ending in 0 for the request: its schedule, then the part it runs.
+
+    A flow model that shifts by image size (FLUX.1-dev) takes mu linear in its image tokens,
+    ((H / 8) / 2) * ((W / 8) / 2) for FLUX's 8x VAE and 2 x 2 packing (``ldm.sampling.flow``).
+    """
     if schedule is None:
         if not r.spec.flow:
             raise LdmError(f"sampler {r.spec.name!r} does not run on flow models")
         config = scheduler_config if r.shift is None else {**scheduler_config, "shift": r.shift}
-        sigmas = flow_sigmas(r.schedule, r.steps, config, image_seq_len=image_seq_len)
+        pipeline = family is not None and family.pipeline_sigmas
+        sigmas = flow_sigmas(r.schedule, r.steps, config, image_seq_len=image_seq_len,
+                             pipeline_sigmas=pipeline)  # fmt: skip
     else:
         sigmas = get_sigmas(r.schedule, r.steps, schedule, sampler=r.spec.name)
     sigmas = sigmas.to(denoiser.sigma_max.device)

@@ -8,7 +8,8 @@ Every encoder owns its tokenizer and exposes:
   ``encode_ids(input_ids) -> Cond``       one (B, max_length) window of ids, used for chunks;
   ``max_length``, ``bos_token_id`` (None for T5), ``eos_token_id``, ``pad_token_id``.
 
-SD3's CLIP-L + CLIP-G + T5 combination lives in ``ldm.text.sd3`` (built by ``text_encoder_for``).
+SD3's CLIP-L + CLIP-G + T5 combination lives in ``ldm.text.sd3``, FLUX.1's CLIP-L pooled + T5
+in ``ldm.text.flux`` (both built by ``text_encoder_for``).
 
 CLIP-family encoders return an all-True mask: Stable Diffusion's U-Net was trained attending to
 every one of the 77 positions, padding included, so masking them would change its images.
@@ -21,6 +22,7 @@ from torch import nn
 
 from ldm.errors import LdmError
 from ldm.text.cond import Cond
+from ldm.text.flux import FluxTextEncoder
 from ldm.text.sd3 import SD3TextEncoder, check_max_sequence_length
 
 
@@ -270,14 +272,16 @@ def _clip_encoder(spec, model, tokenizer, clip_skip: int) -> CLIPTextEncoder:
 
 def text_encoder_for(
     parts, clip_skip: int = 1, max_sequence_length: int = 256
-) -> TextEncoder | SD3TextEncoder:
+) -> TextEncoder | SD3TextEncoder | FluxTextEncoder:
     """The family's text encoder(s) of a ``ModelParts``, behind the one TextEncoder interface.
 
-    ``max_sequence_length``: T5 tokens of an SD3 context (ldm.text.sd3; other families ignore it).
+    ``max_sequence_length``: T5 tokens of an SD3 or FLUX context (others ignore it).
     """
     modules = parts.text_modules()
     if parts.family.text_combine == "sd3":
         return _sd3_encoder(parts, modules, clip_skip, max_sequence_length)
+    if parts.family.text_combine == "flux":
+        return _flux_encoder(modules, clip_skip, max_sequence_length)
     encoders = []
     for spec, model, tokenizer in modules:
         if spec.kind == "t5":
@@ -300,6 +304,15 @@ def _sd3_encoder(parts, modules, clip_skip: int, max_sequence_length: int) -> SD
     else:  # no T5 (--no-t5, or absent from the folder): zeros as wide as the network's text input
         t5, width = None, _joint_attention_dim(parts.unet)
     return SD3TextEncoder(ConcatTextEncoder(clips, pooled="concat"), t5, width, max_sequence_length)
+
+
+def _flux_encoder(modules, clip_skip: int, max_sequence_length: int) -> FluxTextEncoder:
+    """CLIP-L for its pooled output, T5 unmasked for the context (diffusers' FluxPipeline)."""
+    check_max_sequence_length(max_sequence_length)
+    (clip_spec, clip, clip_tokenizer), (_, t5, t5_tokenizer) = modules
+    clip = ConcatTextEncoder([_clip_encoder(clip_spec, clip, clip_tokenizer, clip_skip)])
+    t5 = T5TextEncoder(t5, t5_tokenizer, max_length=max_sequence_length, attention_mask=False)
+    return FluxTextEncoder(clip, t5, max_sequence_length)
 
 
 def _joint_attention_dim(network) -> int:
