@@ -204,6 +204,10 @@ def check_shift(shift: float | None, scheduler_config: dict, flow: bool) -> floa
         if shift is not None:
             raise LdmError("--shift applies to flow models (SD3, FLUX)")
         return None
+    if scheduler_config.get("use_dynamic_shifting"):  # FLUX.1-dev: mu from the image size
+        if shift is not None:
+            raise LdmError("--shift: this model shifts its schedule by image size (FLUX.1-dev)")
+        return None
     shift = float(scheduler_config.get("shift", 1.0)) if shift is None else float(shift)
     if not (math.isfinite(shift) and shift > 0):
         raise LdmError(f"--shift must be a positive number, got {shift}")

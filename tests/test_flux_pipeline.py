@@ -135,5 +135,8 @@ def test_sizes_round_to_16_pixel_multiples_and_refusals(tiny_flux_dev, tiny_flux
     assert (request.height, request.width) == (10 * m, 9 * m)
     with pytest.raises(LdmError, match="--height must be an integer >= "):
         pipe.prepare(["x"], [1], height=m - 1, width=32)
+    with pytest.raises(LdmError, match="--shift: this model shifts its schedule by image size"):
+        pipe.prepare(["x"], [1], shift=3.0)
+    assert "shift" not in pipe.prepare(["x"], [1]).settings()  # the config's 3.0 is unused
     with pytest.raises(LdmError, match="--true-cfg-scale applies to guidance-distilled"):
         load_pipeline(tiny_flux_schnell).prepare(["x"], [1], true_cfg_scale=3.0)
