@@ -1,4 +1,4 @@
-"""FLUX.1 end to end: ldm's pipeline against diffusers' FluxPipeline (and FluxImg2ImgPipeline) on
+"""FLUX.1 end to end: ldm's pipeline against diffusers' FluxPipeline (Img2Img, Inpaint) on
 tiny random FLUX-shaped folders (tests/tiny_flux.py), dev-style (embedded guidance, dynamic
 shift) and schnell-style (no guidance embedding); true CFG; folders ldm saves load in diffusers;
 the family's defaults; bf16 on the CPU; what is refused."""
@@ -90,6 +90,20 @@ def test_img2img_equals_diffusers(tiny_flux_dev):  # noqa: F811
     theirs = diffusers_image(tiny_flux_dev, "FluxImg2ImgPipeline", image=init, **kw)
     assert_close(ours, theirs)
     assert record["mode"] == "img2img" and record["strength"] == 0.7
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_by_latent_blending_equals_diffusers(tiny_flux_dev, strength):  # noqa: F811
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[12:44, 20:60] = 255  # white: repaint
+    mask = Image.fromarray(mask)
+    kw = dict(prompt="a red circle", strength=strength, steps=4, height=64, width=64)
+    ours, record = ldm_image(tiny_flux_dev, init_image=init, mask=mask, **kw)
+    theirs = diffusers_image(tiny_flux_dev, "FluxInpaintPipeline", image=init, mask_image=mask,
+                             guidance_scale=3.5, **kw)  # fmt: skip
+    assert_close(ours, theirs)
+    assert record["mode"] == "inpaint"
 
 
 def test_saved_folder_loads_in_diffusers_and_gives_the_same_image(tiny_flux_dev, tmp_path):  # noqa: F811
