@@ -2,7 +2,8 @@
 
 img2img (SDEdit, Meng et al. 2021) starts from the encoded image noised to the sigma at
 ``strength``. Inpainting with an ordinary model blends the known latents back into the denoised
-prediction at every step (as A1111's CFG denoiser does); a 9-channel inpainting U-Net instead gets
+prediction at every step (as A1111's CFG denoiser does; for flow models this equals diffusers'
+re-noising of the known region, see ``blend_known``); a 9-channel inpainting U-Net instead gets
 the mask and the masked image's latents as extra input channels (Rombach et al. 2022, Sec. 4.5).
 Outpainting pads the canvas and inpaints the new border.
 """
@@ -72,7 +73,15 @@ def inpaint_inputs(vae, mask: Image.Image, pixels, generators, inpainting_model,
 
 
 def blend_known(denoise, init_latents: torch.Tensor, keep: torch.Tensor):
-    """Replace the prediction by the init latents where ``keep`` is 1 (latent blending)."""
+    """Replace the prediction by the init latents where ``keep`` is 1 (latent blending).
+
+    This is also the flow form of diffusers' StableDiffusion3InpaintPipeline, which re-noises
+    the known region to each step's sigma, x = (1 - sigma) x0 + sigma eps with the first noise
+    eps: a deterministic step (Euler x' = (sigma'/sigma) x + (1 - sigma'/sigma) D, Heun, DPM++ 2M,
+    whose D's are all x0 there) maps that form at sigma to the same form at sigma' (x0 + sigma eps
+    likewise for VP models), so the known region stays exactly re-noised without drawing eps
+    again (tests/test_sd3_generation.py); ancestral/SDE samplers re-noise it with their own noise.
+    """
 
     def blended(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         denoised = denoise(x, sigma)

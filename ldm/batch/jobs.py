@@ -34,6 +34,7 @@ PARAMS: dict[str, type] = {
     "guidance_rescale": float, "sampler": str, "schedule": str, "eta": float, "height": int,
     "width": int, "clip_skip": int, "init_image": str, "mask": str, "strength": float,
     "n_iter": int, "batch_size": int,
+    "shift": float,  # flow models (SD3): the static time shift; absent = the checkpoint's
 }  # fmt: skip
 # A1111 / CompVis spellings -> ours
 ALIASES = {
@@ -76,6 +77,7 @@ class JobSpec:
     n_per_prompt: int | None = None  # --n-per-prompt: images per entry (seeds s, s+1, ...)
     sweeps: list[tuple[str, list]] = field(default_factory=list)  # --sweep key=v1,v2
     factor: int = 8  # sizes must be multiples of the VAE's latent factor
+    flow: bool = False  # a flow model (SD3): jobs may set a shift
     default_size: tuple[int, int] = (512, 512)  # (height, width) when a job sets none
     max_size: int = 4096  # pixels per side; bigger would only exhaust memory
 
@@ -348,6 +350,9 @@ def _check(p: dict, spec: JobSpec) -> dict:
         raise ValueError(f"clip_skip must be >= 1, got {p['clip_skip']}")
     if not 0.0 < p["strength"] <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {p['strength']}")
+    if p.get("shift") is not None and not (spec.flow and p["shift"] > 0):
+        what = "must be > 0" if spec.flow else "applies to flow models (SD3, FLUX) only"
+        raise ValueError(f"shift {p['shift']} {what}")
     for key in ("init_image", "mask"):
         if p[key] is not None and not Path(p[key]).is_file():
             raise ValueError(f"{key} {p[key]}: no such file")

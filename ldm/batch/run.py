@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # fcntl: POSIX only, and only runs that share a folder need i
 
 # parameters one pipeline call shares (the prompt, negative prompt and seed are per image)
 SHARED = ("steps", "guidance_scale", "guidance_rescale", "sampler", "schedule", "eta", "height",
-          "width", "clip_skip", "init_image", "mask", "strength")  # fmt: skip
+          "width", "clip_skip", "init_image", "mask", "strength", "shift")  # fmt: skip
 MAX_OPEN_GROUPS = 64  # bounds memory when a file mixes many settings
 
 

@@ -24,13 +24,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ldm.cli import add_speed_arguments, apply_accel, sampler_help, schedule_help
+from ldm.cli.flow_args import checked_length
 from ldm.cli.txt2img import MODEL_HELP, add_config_argument, load_model_flag
 from ldm.errors import LdmError
 
 # flag dest -> job parameter (the flags are defaults; a prompt file line overrides them)
 FLAG_PARAMS = ("negative_prompt", "seed", "steps", "guidance_scale", "guidance_rescale", "sampler",
                "schedule", "eta", "height", "width", "clip_skip", "init_image", "mask",
-               "strength")  # fmt: skip
+               "strength", "shift")  # fmt: skip
 SHOW_INVALID = 50
 
 
@@ -64,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init-image", help="start every job from this image (img2img)")
     g.add_argument("--strength", type=float, help="how much of the init image to redo (0.8)")
     g.add_argument("--mask", help="inpainting mask: white = repaint, black = keep")
+    g.add_argument("--shift", type=float, help="flow models' time shift (the checkpoint's: 3)")
+    g.add_argument("--no-t5", action="store_true", help="SD3: leave T5-XXL unread (zeros)")
+    g.add_argument("--max-sequence-length", type=int, help="T5 tokens (the model's; <= 512)")
     g = p.add_argument_group("output and throughput")
     g.add_argument("--outdir", default="outputs/batch", help="(default: outputs/batch)")
     g.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
@@ -108,14 +112,16 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. the model, then every job validated before the first image
     device = args.device or (state.device if state is not None else None)
-    pipe = load_model_flag(args.model, device, args.dtype, args.config)
+    pipe = load_model_flag(args.model, device, args.dtype, args.config, args.no_t5)
+    if args.max_sequence_length is not None:
+        pipe.max_sequence_length = checked_length(args.max_sequence_length)
     _model_defaults(defaults, pipe.sampling_defaults)
     apply_accel(pipe, args)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     spec = JobSpec(
         defaults, seeds, args.n_per_prompt, sweeps, factor=pipe.factor,
-        default_size=pipe.default_size, max_size=args.max_size,
+        default_size=pipe.default_size, max_size=args.max_size, flow=pipe.schedule is None,
     )  # fmt: skip
     num_jobs = _validate(args, spec, main)
 

@@ -25,7 +25,7 @@ def add_flow_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SD3")
     g.add_argument("--shift", type=float, help="flow models' time shift (the checkpoint's: 3)")
     g.add_argument("--no-t5", action="store_true", help="leave T5-XXL unread (zeros, as diffusers)")
-    g.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (256; <= 512)")
+    g.add_argument("--max-sequence-length", type=int, help="T5 tokens (the model's; <= 512)")
     g.add_argument("--skip-layers", type=int_list, metavar="7,8,9",
                    help="SD3.5 skip-layer guidance: blocks left out of a 3rd pass")  # fmt: skip
     g.add_argument("--skip-layer-scale", type=float, help="its scale (2.8)")

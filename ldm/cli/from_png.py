@@ -24,9 +24,11 @@ FROM_RECORD = {
 }  # fmt: skip
 
 
-def settings_from_png(path: str, init_image: str | None) -> dict:
+def settings_from_png(path: str, init_image: str | None, mask: str | None = None) -> dict:
     """The txt2img settings recorded in a PNG (ldm's JSON record, else A1111's parameters):
-    flag dest -> value, plus model/refiner paths that exist and the LoRAs to merge again."""
+    flag dest -> value, plus model/refiner paths that exist, the LoRAs to merge again, and an
+    outpainted image's pads. The images are not recorded: img2img and inpainting need them given
+    again (without its mask an inpainted image would silently be redone as img2img)."""
     from ldm.infotext import parse_infotext, read_png_metadata
 
     if not Path(path).is_file():
@@ -36,9 +38,14 @@ def settings_from_png(path: str, init_image: str | None) -> dict:
         record = parse_infotext(infotext)
     if not record:
         raise LdmError(f"--from-png {path}: the PNG has no ldm record or A1111 parameters")
-    if record.get("mode", "txt2img") != "txt2img" and not init_image:
-        raise LdmError(f"--from-png {path}: made by {record['mode']}; give its --init-image too")
+    mode = record.get("mode", "txt2img")
+    if mode != "txt2img" and not init_image:
+        raise LdmError(f"--from-png {path}: made by {mode}; give its --init-image too")
+    if mode == "inpaint" and not mask:
+        raise LdmError(f"--from-png {path}: made by inpaint; give its --mask too")
     out = {flag: record[key] for key, flag in FROM_RECORD.items() if record.get(key) is not None}
+    if mode == "outpaint" and record.get("outpaint"):
+        out["outpaint"] = str(record["outpaint"])  # L,R,U,D: the canvas is made again from them
     for key in ("model", "refiner"):
         path = record.get(f"{key}_path")
         if path and Path(path).exists():

@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         settings["seed"] = secrets.randbelow(2**32)  # printed once generation starts
 
     pipe = load_model_flag(settings["model"], args.device, args.dtype, args.config, args.no_t5)
-    pipe.max_sequence_length = checked_length(args.max_sequence_length)
+    if args.max_sequence_length is not None:  # else the model's (SD3 256, FLUX.1-dev 512)
+        pipe.max_sequence_length = checked_length(args.max_sequence_length)
     refiner = None
     if settings["refiner"]:
         refiner = load_model_flag(settings["refiner"], args.device, args.dtype, None)
@@ -192,7 +193,10 @@ def _settings(args: argparse.Namespace) -> dict:
     """Defaults, then the record of --from-png, then the flags given explicitly."""
     settings = dict(DEFAULTS, lora=[])  # lora: FILE[:SCALE] specs
     if args.from_png:
-        settings.update(settings_from_png(args.from_png, args.init_image))
+        settings.update(settings_from_png(args.from_png, args.init_image, args.mask))
+        outpaint = settings.pop("outpaint", None)
+        if outpaint and not args.outpaint and not args.mask:  # the recorded pads, unless overridden
+            args.outpaint = outpaint
     for key in DEFAULTS:
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
