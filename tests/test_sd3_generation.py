@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tiny_sd3 import tiny_sd3  # noqa: F401 (fixture)
 
-from ldm.batch.jobs import Invalid, Job, JobSpec, iter_jobs
+from ldm.batch.jobs import Invalid, Job, JobSpec, iter_jobs, parse_sweep
 from ldm.cli import main
 from ldm.infotext import parse_infotext, read_png_metadata
 from ldm.modes import blend_known
@@ -184,3 +184,36 @@ def test_batch_shift_is_refused_on_a_model_without_flow(tmp_path):
     flow = list(iter_jobs(prompts, JobSpec(flow=True)))
     assert isinstance(flow[1], Invalid) and "must be > 0" in flow[1].message
     assert [j.params["shift"] for j in flow if isinstance(j, Job)] == [2.0, 1.5]
+    assert parse_sweep("shift=2,3") == ("shift", [2.0, 3.0])  # --sweep shift=...
+
+
+def test_outpaint_from_png_makes_the_canvas_again(tiny_sd3, tmp_path):  # noqa: F811
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), np.uint8))
+    init.save(tmp_path / "init.png")
+    base = ["txt2img", "--model", str(tiny_sd3), "--init-image", str(tmp_path / "init.png"),
+            "--no-progress"]  # fmt: skip
+    args = ["--prompt", "a wall", "--steps", "2", "--seed", "3", "--outpaint", "8"]
+    assert main([*base, *args, "--outdir", str(tmp_path / "a")]) == 0
+    (png,) = (tmp_path / "a").glob("*.png")
+    assert Image.open(png).size == (64, 64)
+    assert read_png_metadata(png)[1]["outpaint"] == "8"
+    assert main([*base, "--from-png", str(png), "--outdir", str(tmp_path / "b")]) == 0
+    (png2,) = (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(png2)))
+
+
+def test_batch_no_t5_equals_the_pipeline_without_t5(tiny_sd3, tmp_path):  # noqa: F811
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a yellow triangle\n")
+    out = tmp_path / "out"
+    assert main(["batch", "--prompts", str(prompts), "--model", str(tiny_sd3), "--outdir",
+                 str(out), "--steps", "2", "--H", "64", "--W", "64", "--no-t5",
+                 "--max-sequence-length", "77", "--no-progress"]) == 0  # fmt: skip
+    (png,) = out.glob("*.png")
+    made = np.asarray(Image.open(png), dtype=np.int16)
+    pipe = load_pipeline(tiny_sd3, t5=False)
+    pipe.max_sequence_length = 77  # without T5 still the length of its zeros (diffusers)
+    (without,) = pipe(["a yellow triangle"], [0], steps=2, height=64, width=64)
+    (with_t5,) = load_pipeline(tiny_sd3)(["a yellow triangle"], [0], steps=2, height=64, width=64)
+    assert np.abs(made - np.asarray(without.image, dtype=np.int16)).max() <= 1
+    assert np.abs(made - np.asarray(with_t5.image, dtype=np.int16)).max() > 2  # T5 was left out
