@@ -22,7 +22,7 @@ from ldm.models.flux_packing import (
     text_ids,
     unpack_latents,
 )
-from ldm.models.rope import apply_rope, rope_tables
+from ldm.models.rope import apply_rope, rope_table
 from ldm.text.cond import Cond
 
 # FLUX.1's shape, tiny: 2 double + 2 single blocks, RoPE axes summing to the head width
@@ -33,7 +33,8 @@ SCHNELL = dict(
 )  # fmt: skip
 DEV = dict(SCHNELL, guidance_embeds=True)
 DEPTH = dict(DEV, in_channels=32, out_channels=16)  # FLUX.1-Depth/Canny: 128 -> 64, tiny
-CONFIGS = {"schnell": SCHNELL, "dev": DEV, "depth": DEPTH}
+DOUBLE_ONLY = dict(DEV, num_single_layers=0)  # the image tokens leave from a double block
+CONFIGS = {"schnell": SCHNELL, "dev": DEV, "depth": DEPTH, "double-only": DOUBLE_ONLY}
 
 
 def _pair(cfg: dict, seed: int = 0) -> tuple[DiffusersFlux, FluxTransformer2DModel]:
@@ -132,13 +133,13 @@ def test_rope_matches_diffusers() -> None:
         [torch.zeros(7, 3), FluxPipeline._prepare_latent_image_ids(1, 64, 48, "cpu", torch.float32)]
     )
     cos_ref, sin_ref = FluxPosEmbed(theta=10000, axes_dim=list(axes))(ids)  # (L, 128)
-    cos, sin = rope_tables(ids, axes, ROPE_THETA)  # (L, 64)
-    for mine, theirs in ((cos, cos_ref), (sin, sin_ref)):
+    table = rope_table(ids, axes, ROPE_THETA)  # (L, 64) complex: cos + i sin
+    for mine, theirs in ((table.real, cos_ref), (table.imag, sin_ref)):
         assert torch.allclose(mine, theirs[:, 0::2], rtol=0, atol=1e-6)
         assert torch.allclose(mine, theirs[:, 1::2], rtol=0, atol=1e-6)
     q = torch.randn(2, 3, len(ids), 128)  # (B, heads, L, d)
     expected = apply_rotary_emb(q.transpose(1, 2), (cos_ref, sin_ref), sequence_dim=1)
-    assert torch.allclose(apply_rope(q, (cos, sin)), expected.transpose(1, 2), rtol=0, atol=1e-6)
+    assert torch.allclose(apply_rope(q, table), expected.transpose(1, 2), rtol=0, atol=1e-6)
 
 
 def test_packing_matches_diffusers_and_round_trips() -> None:

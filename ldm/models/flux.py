@@ -28,7 +28,7 @@ from ldm.models.flux_blocks import (
 )
 from ldm.models.layers import maybe_checkpoint
 from ldm.models.mmdit_blocks import AdaLayerNormContinuous
-from ldm.models.rope import rope_tables
+from ldm.models.rope import rope_table
 
 ROPE_THETA = 10000.0  # FLUX.1's rotary base (diffusers' FluxPosEmbed(theta=10000))
 
@@ -159,19 +159,20 @@ class FluxTransformer2DModel(nn.Module):
 
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
         img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-        cos, sin = rope_tables(
-            torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope, ROPE_THETA
-        )
-        cos, sin = cos.to(x.device), sin.to(x.device)  # (S + L, head_dim / 2), text first
+        ids = torch.cat([txt_ids, img_ids])  # (S + L, 3), text first as in the attention
+        rope = rope_table(ids, self.config.axes_dims_rope, ROPE_THETA).to(x.device)
 
         ckpt = self.gradient_checkpointing
         for block in self.transformer_blocks:
-            context, x = maybe_checkpoint(ckpt, block, x, context, y, cos, sin)
+            context, x = maybe_checkpoint(ckpt, block, x, context, y, rope)
         s = context.shape[1]
         tokens = torch.cat([context, x], dim=1)  # (B, S + L, D): joined once for all blocks
-        for block in self.single_transformer_blocks:
-            tokens = maybe_checkpoint(ckpt, block, tokens, y, cos, sin)
-        x = tokens[:, s:]  # (B, L, D) image tokens
+        for i, block in enumerate(self.single_transformer_blocks):
+            # the last block's text outputs would be discarded: its text tokens are keys and
+            # values only (diffusers computes and drops them; the image tokens are the same)
+            kv_only = s if i == len(self.single_transformer_blocks) - 1 else 0
+            tokens = maybe_checkpoint(ckpt, block, tokens, y, rope, kv_only)
+        x = tokens if self.single_transformer_blocks else x  # (B, L, D) image tokens
         return self.proj_out(self.norm_out(x, F.silu(y)))  # (B, L, out_channels)
 
     def _check_inputs(self, context, pooled, timestep, img_ids, txt_ids) -> None:

@@ -23,7 +23,7 @@ from ldm.models.mmdit_blocks import (
     TextProjection,
     modulate,
 )
-from ldm.models.rope import Rope, apply_rope
+from ldm.models.rope import apply_rope
 
 
 class TimestepGuidanceTextEmbedding(nn.Module):
@@ -76,9 +76,12 @@ class FluxAttention(nn.Module):
         t = t.unflatten(-1, (self.heads, -1))  # (B, L, heads, d)
         return (t if norm is None else norm(t)).transpose(1, 2)
 
-    def _qkv(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """q, k, v (B, heads, S + L, d) of [text, image] (or of x alone); q/k normalised."""
-        q = self._split(self.to_q(x), self.norm_q)
+    def _qkv(
+        self, x: torch.Tensor, context: torch.Tensor | None, kv_only: int
+    ) -> tuple[torch.Tensor, ...]:
+        """q, k, v (B, heads, S + L, d) of [text, image] (or of x alone); q/k normalised. The
+        first ``kv_only`` tokens of x get no query."""
+        q = self._split(self.to_q(x[:, kv_only:]), self.norm_q)
         k = self._split(self.to_k(x), self.norm_k)
         v = self._split(self.to_v(x), None)
         if context is None:
@@ -90,13 +93,17 @@ class FluxAttention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,  # (B, L, D) image tokens (single stream: text + image)
+        rope: torch.Tensor,  # (S + L, d / 2) complex rotations of all tokens, text first
+        context: torch.Tensor | None = None,  # (B, S, D) text tokens (double stream)
+        kv_only: int = 0,  # single stream: leading tokens that are keys/values only
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (B, L, D), rope tables of the S + L tokens, context (B, S, D) or None ->
-        (image output (B, L, D or heads*d), text output (B, S, D) or None)."""
-        q, k, v = self._qkv(x, context)
-        out = F.scaled_dot_product_attention(apply_rope(q, rope), apply_rope(k, rope), v)
-        out = out.transpose(1, 2).flatten(2)  # (B, S + L, heads*d)
+        """-> (image output (B, L - kv_only, D or heads*d), text output (B, S, D) or None)."""
+        q, k, v = self._qkv(x, context, kv_only)
+        q, k = apply_rope(q, rope[kv_only:]), apply_rope(k, rope)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, queries, d)
+        out = out.transpose(1, 2).flatten(2)  # (B, queries, heads*d)
         if context is None:
             return (out if self.to_out is None else self.to_out[0](out)), None
         s = context.shape[1]
@@ -126,14 +133,13 @@ class FluxTransformerBlock(nn.Module):
         x: torch.Tensor,  # (B, L, D) image tokens
         context: torch.Tensor,  # (B, S, D) text tokens
         y: torch.Tensor,  # (B, D) conditioning vector
-        cos: torch.Tensor,  # (S + L, head_dim / 2) rope tables
-        sin: torch.Tensor,
+        rope: torch.Tensor,  # (S + L, head_dim / 2) complex rotations, text first
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (context, x), diffusers' order."""
         silu_y = F.silu(y)
         mod, cmod = self.norm1(silu_y), self.norm1_context(silu_y)
         attn_x, attn_c = self.attn(
-            modulate(x, mod[0], mod[1]), (cos, sin), modulate(context, cmod[0], cmod[1])
+            modulate(x, mod[0], mod[1]), rope, modulate(context, cmod[0], cmod[1])
         )
         x = torch.addcmul(x, mod[2][:, None], attn_x)  # gated residual (adaLN-Zero)
         x = torch.addcmul(x, mod[5][:, None], self.ff(modulate(x, mod[3], mod[4])))
@@ -159,12 +165,14 @@ class FluxSingleTransformerBlock(nn.Module):
         self,
         tokens: torch.Tensor,  # (B, S + L, D) text then image tokens
         y: torch.Tensor,  # (B, D) conditioning vector
-        cos: torch.Tensor,  # (S + L, head_dim / 2) rope tables
-        sin: torch.Tensor,
+        rope: torch.Tensor,  # (S + L, head_dim / 2) complex rotations
+        kv_only: int = 0,  # leading tokens whose output is not wanted (the last block: S)
     ) -> torch.Tensor:
+        """-> (B, S + L - kv_only, D): the tokens after the first ``kv_only``, which still serve
+        as keys and values (diffusers computes their outputs too and discards them)."""
         shift, scale, gate = self.norm(F.silu(y))
         h = modulate(tokens, shift, scale)
-        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")  # (B, S + L, mlp_hidden_dim)
-        attn = self.attn(h, (cos, sin))[0]  # (B, S + L, heads*d)
+        attn = self.attn(h, rope, kv_only=kv_only)[0]  # (B, S + L - kv_only, heads*d)
+        mlp = F.gelu(self.proj_mlp(h[:, kv_only:]), approximate="tanh")  # (.., mlp_hidden_dim)
         out = self.proj_out(torch.cat([attn, mlp], dim=2))
-        return _clip_fp16(torch.addcmul(tokens, gate[:, None], out))
+        return _clip_fp16(torch.addcmul(tokens[:, kv_only:], gate[:, None], out))

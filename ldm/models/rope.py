@@ -2,9 +2,11 @@
 
 Each token has integer ids, one per axis (FLUX: (0, row, col) for image tokens, zeros for text);
 the head dimension is split into one slice per axis, and each consecutive pair of channels in an
-axis's slice is rotated by the angle id * theta^(-2j / d) (RoFormer eq. 15). The tables are
+axis's slice is rotated by the angle id * theta^(-2j / d) (RoFormer eq. 15). The table is
 computed in float64 and rounded to float32, and the rotation is done in float32, as diffusers'
-FluxPosEmbed and apply_rotary_emb do, so both round alike.
+FluxPosEmbed and apply_rotary_emb do, so both round alike; the rotation is one complex product
+per channel pair (a contiguous pass, several times faster on the CPU than strided real/imaginary
+halves).
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (L, head_dim / 2) float32 each
 
-
-def rope_tables(ids: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0) -> Rope:
-    """cos and sin of each token's rotation angles: ids (L, n_axes) -> two (L, sum(axes) / 2).
+def rope_table(ids: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0) -> torch.Tensor:
+    """Each token's rotations as unit complex numbers cos + i sin: ids (L, n_axes) -> complex64
+    (L, sum(axes) / 2), cos and sin each rounded from float64 to float32.
 
     Pair j of the head dimension belongs to the axis whose slice holds it; within an axis of d
     channels its frequency is theta^(-2j / d) (j counted within the axis).
@@ -31,14 +32,13 @@ def rope_tables(ids: torch.Tensor, axes_dims: Sequence[int], theta: float = 1000
         freqs = 1.0 / theta**exponent  # (dim / 2,)
         angles.append(torch.outer(pos[:, axis], freqs))  # (L, dim / 2)
     angle = torch.cat(angles, dim=1)  # (L, head_dim / 2)
-    return angle.cos().float(), angle.sin().float()
+    return torch.complex(angle.cos().float(), angle.sin().float())
 
 
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate channel pairs (2j, 2j+1) of x (..., L, head_dim) by the tables' angles, in float32;
-    the result has x's dtype."""
-    cos, sin = rope  # (L, head_dim / 2): broadcast over the leading axes
-    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., L, head_dim / 2) each
-    # (real + i imag) * (cos + i sin), each product rounded as diffusers' x*cos + rot(x)*sin
-    rotated = torch.stack([real * cos - imag * sin, imag * cos + real * sin], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2j, 2j+1) of x (..., L, head_dim) by the table (L, head_dim / 2),
+    in float32; the result has x's dtype."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., L, head_dim / 2)
+    # (real + i imag)(cos + i sin): real cos - imag sin, imag cos + real sin, each product
+    # rounded once, as diffusers' x * cos + rotated(x) * sin
+    return torch.view_as_real(pairs * table).flatten(-2).to(x.dtype)
