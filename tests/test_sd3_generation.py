@@ -179,12 +179,15 @@ def test_batch_on_sd3_writes_infotext_with_sampler_schedule_shift_and_resumes(
 def test_batch_shift_is_refused_on_a_model_without_flow(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text('--prompt "a" --shift 2\n--prompt "b" --shift 0\n--prompt "c" --shift 1.5\n')
-    unet = list(iter_jobs(prompts, JobSpec()))
+    unet = list(iter_jobs(prompts, JobSpec(scheduler_config={"_class_name": "DDIMScheduler"})))
     assert all(isinstance(j, Invalid) and "flow models" in j.message for j in unet)
-    flow = list(iter_jobs(prompts, JobSpec(flow=True)))
-    assert isinstance(flow[1], Invalid) and "must be > 0" in flow[1].message
+    sd3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+    flow = list(iter_jobs(prompts, JobSpec(scheduler_config=sd3)))
+    assert isinstance(flow[1], Invalid) and "positive" in flow[1].message
     assert [j.params["shift"] for j in flow if isinstance(j, Job)] == [2.0, 1.5]
     assert parse_sweep("shift=2,3") == ("shift", [2.0, 3.0])  # --sweep shift=...
+    by_size = JobSpec(scheduler_config={**sd3, "use_dynamic_shifting": True})  # FLUX.1-dev
+    assert all(isinstance(j, Invalid) for j in iter_jobs(prompts, by_size))
 
 
 def test_outpaint_from_png_makes_the_canvas_again(tiny_sd3, tmp_path):  # noqa: F811

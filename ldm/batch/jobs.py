@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.errors import LdmError
-from ldm.request import check_sampler
+from ldm.request import check_sampler, check_shift
+from ldm.sampling.plan import is_flow
 
 # parameter -> type; every txt2img parameter a job may set
 PARAMS: dict[str, type] = {
@@ -77,7 +78,8 @@ class JobSpec:
     n_per_prompt: int | None = None  # --n-per-prompt: images per entry (seeds s, s+1, ...)
     sweeps: list[tuple[str, list]] = field(default_factory=list)  # --sweep key=v1,v2
     factor: int = 8  # sizes must be multiples of the VAE's latent factor
-    flow: bool = False  # a flow model (SD3): jobs may set a shift
+    # the model's scheduler config: whether a job may set a shift (ldm.request.check_shift)
+    scheduler_config: dict = field(default_factory=dict)
     default_size: tuple[int, int] = (512, 512)  # (height, width) when a job sets none
     max_size: int = 4096  # pixels per side; bigger would only exhaust memory
 
@@ -350,9 +352,9 @@ def _check(p: dict, spec: JobSpec) -> dict:
         raise ValueError(f"clip_skip must be >= 1, got {p['clip_skip']}")
     if not 0.0 < p["strength"] <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {p['strength']}")
-    if p.get("shift") is not None and not (spec.flow and p["shift"] > 0):
-        what = "must be > 0" if spec.flow else "applies to flow models (SD3, FLUX) only"
-        raise ValueError(f"shift {p['shift']} {what}")
+    if p.get("shift") is not None:  # the pipeline's rule: static-shift flow models only, > 0
+        config = spec.scheduler_config
+        check_shift(p["shift"], config, flow=is_flow(config))
     for key in ("init_image", "mask"):
         if p[key] is not None and not Path(p[key]).is_file():
             raise ValueError(f"{key} {p[key]}: no such file")

@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         pipe.enable_vae_tiling()
     spec = JobSpec(
         defaults, seeds, args.n_per_prompt, sweeps, factor=pipe.factor,
-        default_size=pipe.default_size, max_size=args.max_size, flow=pipe.schedule is None,
+        default_size=pipe.default_size, max_size=args.max_size,
+        scheduler_config=pipe.parts.scheduler_config,
     )  # fmt: skip
     num_jobs = _validate(args, spec, main)
 
