@@ -31,20 +31,10 @@ from ldm.loading import (
     resolve_device,
     resolve_dtype,
 )
-from ldm.modes import blend_known, encode_each, image_to_tensor, inpaint_inputs, load_image
+from ldm.modes import blend_known, encode_each, image_to_tensor, inpaint_inputs
 from ldm.pixels import PixelSide
-from ldm.request import (
-    Request,
-    check_fraction,
-    check_modes,
-    check_numbers,
-    check_shift,
-    check_skip_layers,
-    check_true_cfg,
-    packed_size,
-    prompt_lists,
-    resolve_sampling,
-)
+from ldm.prepare import prepare_request
+from ldm.request import Request
 from ldm.sampling.noise import make_noise
 from ldm.sampling.plan import (
     first_latents,
@@ -56,7 +46,7 @@ from ldm.sampling.plan import (
 )
 from ldm.sampling.watch import PreviewCallback, Progress, StepCallback, nan_guard
 from ldm.text.encoders import TextEncoder, text_encoder_for
-from ldm.text.micro import MicroConditioning, with_time_ids, zero_rows
+from ldm.text.micro import with_time_ids, zero_rows
 from ldm.text.prompts import encode_cond_uncond, encode_prompts
 
 # encode(prompts, negatives, clip_skip, guided) -> (cond, uncond or None), as Pipeline.encode_text
@@ -232,69 +222,10 @@ class Pipeline(PixelSide):
         ]
 
     # ---- steps of the call --------------------------------------------------------------------
-    def prepare(
-        self,
-        prompts: list[str],
-        seeds: list[int],
-        *,
-        negative_prompt: str | list[str] = "",
-        steps: int | None = None,  # None: the model family's default (sampling_defaults)
-        guidance_scale: float | None = None,
-        guidance_rescale: float = 0.0,
-        sampler: str | None = None,
-        schedule: str | None = None,
-        eta: float | None = None,  # None: the sampler's own default
-        height: int | None = None,
-        width: int | None = None,
-        init_image: Image.Image | str | Path | None = None,
-        strength: float = 0.8,
-        mask: Image.Image | str | Path | None = None,
-        clip_skip: int = 1,
-        batched_guidance: bool = True,
-        micro: MicroConditioning | None = None,  # SDXL size/crop/aesthetic conditioning
-        denoising_start: float | None = None,  # start part-way (a refiner after its base)
-        denoising_end: float | None = None,  # stop part-way (a base before its refiner)
-        skip_layers: list[int] | tuple[int, ...] = (),  # SD3.5 skip-layer guidance blocks
-        skip_layer_scale: float = 2.8,
-        skip_layer_start: float = 0.01,
-        skip_layer_stop: float = 0.2,
-        shift: float | None = None,  # flow models: the static shift (None: the checkpoint's)
-        true_cfg_scale: float = 1.0,  # FLUX.1-dev: CFG over the embedded guidance (2 passes)
-    ) -> Request:
-        """Step 1: check the whole request before any work (one LdmError per bad value)."""
-        spec, schedule, steps, guidance_scale = resolve_sampling(
-            self.sampling_defaults, sampler, schedule, steps, guidance_scale
-        )
-        prompts, negatives = prompt_lists(prompts, seeds, negative_prompt)
-        if isinstance(init_image, (str, Path)):
-            init_image = load_image(init_image, "--init-image")
-        if isinstance(mask, (str, Path)):
-            mask = load_image(mask, "--mask")
-        if init_image is not None and (height is None or width is None):
-            # img2img keeps the init image's size (rounded down to the latent grid)
-            f = self.factor
-            height = init_image.height // f * f if height is None else height
-            width = init_image.width // f * f if width is None else width
-        height = self.default_size[0] if height is None else height
-        width = self.default_size[1] if width is None else width
-        if self.parts.family.latent_patch > 1:  # FLUX: down to 16 px multiples, as diffusers
-            height, width = packed_size(height, width, self.factor * self.parts.family.latent_patch)
-        check_numbers(steps, guidance_scale, guidance_rescale, eta, height, width, self.factor)
-        check_modes(strength, clip_skip, init_image, mask, self.is_inpainting_model)
-        check_fraction("--denoising-start", denoising_start)
-        check_fraction("--denoising-end", denoising_end)
-        if spec.eta is not None and eta is None:
-            eta = spec.eta  # the sampler's own default (ancestral and SDE 1, DDIM 0)
-        mode = "txt2img" if init_image is None else ("inpaint" if mask is not None else "img2img")
-        check_skip_layers(skip_layers, skip_layer_start, skip_layer_stop, self.unet)
-        shift = check_shift(shift, self.parts.scheduler_config, flow=self.schedule is None)
-        return Request(
-            prompts, negatives, [int(s) for s in seeds], spec, schedule, steps, guidance_scale,
-            guidance_rescale, eta, height, width, clip_skip, mode, init_image, mask, strength,
-            batched_guidance, micro or MicroConditioning(), denoising_start, denoising_end,
-            tuple(skip_layers), skip_layer_scale, skip_layer_start, skip_layer_stop, shift,
-            check_true_cfg(true_cfg_scale, self.guidance_embedded),
-        )  # fmt: skip
+    def prepare(self, prompts: list[str], seeds: list[int], **settings) -> Request:
+        """Step 1: check the whole request before any work (one LdmError per bad value); the
+        settings, their defaults and checks: :func:`ldm.prepare.prepare_request`."""
+        return prepare_request(self, prompts, seeds, **settings)
 
     def encode_text(self, prompts, negatives, clip_skip, guided):
         """Step 2: A1111 prompts (emphasis, 75-token chunks) -> (cond, uncond or None).
