@@ -154,3 +154,27 @@ def test_sizes_round_to_16_pixel_multiples_and_refusals(tiny_flux_dev, tiny_flux
     assert "shift" not in pipe.prepare(["x"], [1]).settings()  # the config's 3.0 is unused
     with pytest.raises(LdmError, match="--true-cfg-scale applies to guidance-distilled"):
         load_pipeline(tiny_flux_schnell).prepare(["x"], [1], true_cfg_scale=3.0)
+
+
+def test_a_batch_equals_its_images_one_by_one(tiny_flux_dev):  # noqa: F811
+    pipe = load_pipeline(tiny_flux_dev)
+    kw = dict(steps=2, height=32, width=32, negative_prompt="blurry", true_cfg_scale=2.0)
+    both = pipe(["a red circle", "a blue square"], [5, 6], **kw)
+    for out, prompt, seed in zip(both, ["a red circle", "a blue square"], [5, 6]):
+        (alone,) = pipe([prompt], [seed], **kw)
+        assert_close(np.asarray(out.image, np.int16), np.asarray(alone.image, np.int16), tol=1)
+
+
+def test_cli_txt2img_and_from_png(tiny_flux_dev, tmp_path):  # noqa: F811
+    from ldm.cli import main
+
+    args = ["txt2img", "--model", str(tiny_flux_dev), "--prompt", "a red circle", "--steps", "2",
+            "--H", "32", "--W", "32", "--seed", "4", "--outdir", str(tmp_path / "a")]  # fmt: skip
+    assert main(args) == 0
+    (png,) = (tmp_path / "a").glob("*.png")
+    assert "Shift" not in Image.open(png).info["parameters"]  # FLUX.1-dev shifts by size
+    again = ["txt2img", "--from-png", str(png), "--model", str(tiny_flux_dev),
+             "--outdir", str(tmp_path / "b")]  # fmt: skip
+    assert main(again) == 0
+    (png2,) = (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(png2)))

@@ -80,9 +80,11 @@ class Family:
     def for_network(self, network_config) -> Family:
         """The family as a model with this network config samples: a FLUX.1 transformer
         without ``guidance_embeds`` is schnell (timestep-distilled: its own defaults)."""
-        get = network_config.get if isinstance(network_config, dict) else None
-        embeds = get("guidance_embeds") if get else getattr(network_config, "guidance_embeds", 0)
-        return dataclasses.replace(self, **self.unguided) if self.unguided and not embeds else self
+        if not self.unguided:
+            return self
+        c = network_config  # a config.json dict or a FluxConfig
+        embeds = c.get("guidance_embeds") if isinstance(c, dict) else c.guidance_embeds
+        return self if embeds else dataclasses.replace(self, **self.unguided)
 
     def sampling_defaults(self, scheduler_config: dict, stored: dict | None = None) -> dict:
         """Sampler, schedule, steps and guidance a model of this family generates with: the
