@@ -311,7 +311,8 @@ def _flux_encoder(modules, clip_skip: int, max_sequence_length: int) -> FluxText
     check_max_sequence_length(max_sequence_length)
     (clip_spec, clip, clip_tokenizer), (_, t5, t5_tokenizer) = modules
     clip = ConcatTextEncoder([_clip_encoder(clip_spec, clip, clip_tokenizer, clip_skip)])
-    t5 = T5TextEncoder(t5, t5_tokenizer, max_length=max_sequence_length, attention_mask=False)
+    if t5 is not None:  # (a single file loaded without T5: FluxTextEncoder says it needs one)
+        t5 = T5TextEncoder(t5, t5_tokenizer, max_length=max_sequence_length, attention_mask=False)
     return FluxTextEncoder(clip, t5, max_sequence_length)
 
 
