@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ldm.errors import CheckpointError, LdmError
+from ldm.formats.lora_flux import flux_indexes, is_flux, save_flux_lora
 from ldm.formats.lora_names import (
     PARTS,
     TEXT_MODEL,
@@ -198,6 +199,8 @@ def _metadata_alpha(metadata: dict, prefix: str, name: str, rank: int) -> float 
 def _indexes(parts) -> dict[str, dict[str, list]]:
     """Per part, underscore name -> [(module path, module, rows)]: ``rows`` () for a whole
     weight, else the slices of the file's ΔW rows that module takes (SD3's original names)."""
+    if is_flux(getattr(getattr(parts, "unet", None), "config", None)):
+        return flux_indexes(parts)  # FLUX.1: lora_flux.py (BFL names; T5 is its 2nd encoder)
     out = {}
     for part in PARTS:
         if (module := getattr(parts, part, None)) is None:
@@ -289,7 +292,9 @@ def convert_lora(parts, src, dst: str | os.PathLike, layout: str, dtype=None) ->
     if report.warning():
         raise LdmError(report.warning() + " (not converted)")
     modules = [pair for pair, _ in resolved]
-    if layout == "kohya":
+    if is_flux(parts.unet.config):  # FLUX.1: lora_flux.py writes both layouts
+        save_flux_lora(modules, dst, parts.unet.config, layout, dtype)
+    elif layout == "kohya":
         save_kohya_lora(modules, dst, dtype, unet_config=parts.unet.config)
     elif layout == "diffusers":
         save_diffusers_lora(modules, dst, dtype)
@@ -346,6 +351,8 @@ def save_kohya_lora(
     (an SD3 transformer config) as networks/lora_sd3.py: ``lora_unet_<original path>`` with q, k,
     v fused (``joint_blocks_0_x_block_attn_qkv``), ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_``.
     """
+    if is_flux(unet_config):  # FLUX.1: BFL names, lora_te3_ for T5 (lora_flux.py)
+        return save_flux_lora(modules, path, unet_config, "kohya", dtype)
     sd3 = is_sd3(unet_config)
     sdxl = sd3 or (unet_config is not None and is_sdxl(unet_config))
     sdxl = sdxl or any(m.part in ("text_encoder_2", "text_encoder_3") for m in modules)
