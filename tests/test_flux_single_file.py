@@ -193,6 +193,13 @@ def test_comfyui_checkpoint_saves_and_loads_back(tiny_flux_dev, tmp_path):  # no
     del meta[METADATA_KEY]  # another tool's file: the given config says what keys cannot
     save_state_dict(original, path, meta)
     _same_parts(load_flux_file(path, config=configs), ref)
+    del meta[TOKENIZER_KEY]  # T5's weights but no tokenizer offline: a folder, or T5 left out
+    save_state_dict(original, path, meta)
+    with pytest.raises(CheckpointError, match="no T5 tokenizer offline"):
+        load_flux_file(path, config=configs)
+    no_t5 = load_flux_file(path, config=configs, t5=False)
+    assert no_t5.text_encoder_2 is None and no_t5.tokenizer_2 is None
+    _same_parts(no_t5, ref, PARTS[:3])
 
 
 def test_bfl_transformer_file_takes_the_rest_from_a_folder(tiny_flux_schnell, tmp_path):  # noqa: F811
@@ -202,6 +209,7 @@ def test_bfl_transformer_file_takes_the_rest_from_a_folder(tiny_flux_schnell, tm
     parts = load_flux_file(path, config=tiny_flux_schnell)
     _same_parts(parts, ref)
     assert not parts.scheduler_config["use_dynamic_shifting"]  # schnell's, from the folder
+    assert parts.family.label == "FLUX.1-schnell" and parts.family.steps == 4
     assert parts.inferred["vae"] == f"from {tiny_flux_schnell}"
     with pytest.raises(CheckpointError, match=r"no VAE weights .*--config FOLDER") as e:
         load_flux_file(path, config={"transformer": dict(ref.unet.config.to_diffusers())})

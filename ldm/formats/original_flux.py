@@ -284,7 +284,7 @@ def load_flux(weights: dict, path: Path, meta: dict, config, device, dtype, t5: 
     lacks (BFL's files hold the transformer alone) comes from a ``config`` diffusers FLUX folder,
     as diffusers' ``from_single_file`` takes it from its config repo; none is a one-line error.
     ``t5=False`` leaves T5-XXL out (None)."""
-    source, family = str(path), families.get("flux")
+    source = str(path)
     stored = read_config_metadata(meta) if meta.get("ldm.family") == "flux" else {}
     given = read_config_override(config)
     for part in set(given) - {"transformer", "vae", "scheduler", *TEXT_PREFIXES}:
@@ -296,6 +296,7 @@ def load_flux(weights: dict, path: Path, meta: dict, config, device, dtype, t5: 
     net_config, notes = _config("transformer", stored, given,
                                 lambda: infer_transformer_config(net, source), source)  # fmt: skip
     inferred = {"family": f"flux ({variant(net_config)})", **notes}
+    family = families.get("flux").for_network(net_config)  # no guidance embedding: schnell's
     state = convert_transformer(net, net_config, False, source)  # empties net
     network = build_network(net_config, f"{source} (transformer)", family="flux", empty=True)
     load_weights(network, state, f"{source} (transformer)", device, dtype)
