@@ -62,11 +62,21 @@ def build(impl: str, dtype: torch.dtype, config: dict) -> tuple[torch.nn.Module,
     return model, total, decision.mode
 
 
-def inputs(size: int, tokens: int, dtype: torch.dtype) -> dict:
-    """Packed latents of a size x size image, T5 tokens, pooled CLIP, ids, sigma, guidance 3.5,
-    as diffusers' FluxPipeline passes them (ids from its own static method)."""
+def image_ids(impl: str, side: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each side's own image ids (equal: tests/test_flux_transformer.py); an ldm process never
+    imports diffusers' pipelines (a few hundred MB of RSS)."""
+    if impl == "ldm":
+        from ldm.models.flux_packing import image_ids
+
+        return image_ids(side, side, dtype=dtype)
     from diffusers import FluxPipeline
 
+    return FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, "cpu", dtype)
+
+
+def inputs(impl: str, size: int, tokens: int, dtype: torch.dtype) -> dict:
+    """Packed latents of a size x size image, T5 tokens, pooled CLIP, ids, sigma, guidance 3.5,
+    as diffusers' FluxPipeline passes them."""
     side = 2 * (size // 16)  # latent side, diffusers' rounding
     gen = torch.Generator().manual_seed(1)
     return dict(
@@ -74,10 +84,23 @@ def inputs(size: int, tokens: int, dtype: torch.dtype) -> dict:
         encoder_hidden_states=torch.randn(1, tokens, 4096, generator=gen).to(dtype),
         pooled_projections=torch.randn(1, 768, generator=gen).to(dtype),
         timestep=torch.tensor([0.75]).to(dtype),
-        img_ids=FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, "cpu", dtype),
+        img_ids=image_ids(impl, side, dtype),
         txt_ids=torch.zeros(tokens, 3, dtype=dtype),
         guidance=torch.tensor([3.5]),
     )
+
+
+def status_gb(field: str) -> float:
+    """A memory figure of /proc/self/status (VmHWM: peak RSS since the last reset), GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Linux: VmHWM := the current RSS (clear_refs 5); getrusage's maximum is not reset."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def worker(args) -> None:
@@ -91,9 +114,11 @@ def worker(args) -> None:
     model, total, mode = build(args.impl, dtype, config)
     trim()
     build_s = time.perf_counter() - start
+    reset_peak_rss()  # from here the high-water mark is weights + the forward's working memory
+    rss_before = status_gb("VmRSS")
     times, cpu_times, outs = {}, {}, {}
     for i, size in enumerate(args.sizes):
-        kw = inputs(size, args.tokens, dtype)
+        kw = inputs(args.impl, size, args.tokens, dtype)
         if args.impl == "ldm":
             call = partial(model, **kw)
         else:
@@ -103,7 +128,9 @@ def worker(args) -> None:
         outs[size] = out.float()
     torch.save(outs, f"{args.out}.pt")
     result = dict(times=times, cpu_times=cpu_times, peak_rss_gb=peak_rss_gb(), checksum=total,
-                  build_s=build_s, accel=mode, threads=torch.get_num_threads())  # fmt: skip
+                  forward_peak_gb=status_gb("VmHWM"), rss_before_gb=rss_before, build_s=build_s,
+                  accel=mode,
+                  threads=torch.get_num_threads())  # fmt: skip
     tmp = Path(f"{args.out}.json.tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(f"{args.out}.json")
@@ -142,9 +169,9 @@ def alternate(dtype: str, args, tmp: Path) -> dict[str, list[dict]]:
             results[impl].append(res)
             cpu = "; ".join(f"{k}px " + " ".join(f"{t:.3f}" for t in v)
                             for k, v in res["cpu_times"].items())  # fmt: skip
-            rss, load = res["peak_rss_gb"], os.getloadavg()[0]
-            print(f"  {dtype} {impl:9} round {r}: CPU s {cpu}; peak RSS {rss:.2f} GB; "
-                  f"load {load:.1f}", flush=True)  # fmt: skip
+            rss, fwd, load = res["peak_rss_gb"], res["forward_peak_gb"], os.getloadavg()[0]
+            print(f"  {dtype} {impl:9} round {r}: CPU s {cpu}; peak RSS {rss:.2f} GB (build), "
+                  f"{fwd:.2f} GB (forwards); load {load:.1f}", flush=True)  # fmt: skip
     return results
 
 
@@ -161,13 +188,20 @@ def summarise(results: dict, dtype: str, size: int) -> str:
         for a, b in zip(results["ldm"], results["diffusers"])
     ]
     rss = {k: max(r["peak_rss_gb"] for r in v) for k, v in results.items()}
+    fwd = {k: max(r["forward_peak_gb"] for r in v) for k, v in results.items()}
+    work = {  # what the forwards added to the resident weights (and the weight-drawing pool)
+        k: max(r["forward_peak_gb"] - r["rss_before_gb"] for r in v) for k, v in results.items()
+    }
     sums = {r["checksum"] for v in results.values() for r in v}
     return (
         f"{dtype} {size}px: ldm ({results['ldm'][0]['accel']}) {med['ldm']:.3f} s, diffusers "
         f"{med['diffusers']:.3f} s CPU, ratio {med['ldm'] / med['diffusers']:.3f} (goal <= 0.8; "
         f"per-round {', '.join(f'{p:.3f}' for p in paired)}; wall ratio "
-        f"{wall['ldm'] / wall['diffusers']:.3f}); peak RSS ldm {rss['ldm']:.2f} GB, diffusers "
-        f"{rss['diffusers']:.2f} GB (ratio {rss['ldm'] / rss['diffusers']:.3f}, goal <= 1); "
+        f"{wall['ldm'] / wall['diffusers']:.3f}); peak RSS in the forwards ldm {fwd['ldm']:.3f} GB,"
+        f" diffusers {fwd['diffusers']:.3f} GB (ratio {fwd['ldm'] / fwd['diffusers']:.3f}, goal "
+        f"<= 1; working memory above the weights {work['ldm'] * 1024:.0f} / "
+        f"{work['diffusers'] * 1024:.0f} MB; whole process {rss['ldm']:.2f} / "
+        f"{rss['diffusers']:.2f} GB); "
         f"weights {'identical' if len(sums) == 1 else 'DIFFER: ' + str(sums)}"
     )
 
