@@ -14,6 +14,7 @@ from tiny_flux import tiny_flux_dev, tiny_flux_schnell  # noqa: F401 (fixtures)
 from ldm.errors import LdmError
 from ldm.formats.diffusers_folder import load_folder, save_folder
 from ldm.formats.safe_load import load_state_dict
+from ldm.infotext import read_png_metadata
 from ldm.loading import load_model
 from ldm.pipeline import load_pipeline
 
@@ -178,3 +179,14 @@ def test_cli_txt2img_and_from_png(tiny_flux_dev, tmp_path):  # noqa: F811
     assert main(again) == 0
     (png2,) = (tmp_path / "b").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(png2)))
+    cfg = ["--negative-prompt", "blurry", "--true-cfg-scale", "3", "--outdir", str(tmp_path / "c")]
+    assert main([*args[:-2], *cfg]) == 0
+    (png3,) = (tmp_path / "c").glob("*.png")
+    assert read_png_metadata(png3)[1]["true_cfg_scale"] == 3.0
+    kw = dict(prompt="a red circle", negative_prompt="blurry", steps=2, height=32, width=32)
+    ours = ldm_image(tiny_flux_dev, seed=4, true_cfg_scale=3.0, **kw)[0]
+    assert_close(np.asarray(Image.open(png3), np.int16), ours, tol=0)
+    assert main(["txt2img", "--from-png", str(png3), "--model", str(tiny_flux_dev),
+                 "--outdir", str(tmp_path / "d")]) == 0  # fmt: skip
+    (png4,) = (tmp_path / "d").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png3)), np.asarray(Image.open(png4)))

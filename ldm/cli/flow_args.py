@@ -18,6 +18,7 @@ FLOW_DEFAULTS = dict(
     skip_layer_start=0.01,
     skip_layer_stop=0.2,
     shift=None,  # flow models: the checkpoint's static shift
+    true_cfg_scale=None,  # FLUX.1-dev: CFG over its embedded guidance (None: off)
 )
 
 
@@ -31,6 +32,9 @@ def add_flow_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-layer-scale", type=float, help="its scale (2.8)")
     g.add_argument("--skip-layer-start", type=float, help="share of the steps it starts at (0.01)")
     g.add_argument("--skip-layer-stop", type=float, help="share of the steps it stops at (0.2)")
+    g.add_argument("--true-cfg-scale", type=float,
+                   help="FLUX.1-dev: CFG with the negative prompt over the embedded guidance "
+                        "(--guidance-scale); 2 passes per step (off)")  # fmt: skip
 
 
 def flow_kwargs(settings: dict) -> dict:
@@ -40,6 +44,8 @@ def flow_kwargs(settings: dict) -> dict:
         kwargs["shift"] = settings["shift"]
     if settings["skip_layers"]:
         kwargs.update({k: settings[k] for k in SKIP_LAYER_KEYS})
+    if settings["true_cfg_scale"] is not None:
+        kwargs["true_cfg_scale"] = settings["true_cfg_scale"]
     return kwargs
 
 

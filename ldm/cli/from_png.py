@@ -19,7 +19,7 @@ FROM_RECORD = {
     "sampler": "sampler", "schedule": "schedule", "eta": "eta", "height": "height",
     "width": "width", "clip_skip": "clip_skip", "seed": "seed", "strength": "strength",
     "denoising_strength": "strength",  # the infotext's name
-    "refiner_switch_at": "refiner_switch_at", "shift": "shift",
+    "refiner_switch_at": "refiner_switch_at", "shift": "shift", "true_cfg_scale": "true_cfg_scale",
     **{k: k for k in SKIP_LAYER_KEYS},
 }  # fmt: skip
 
