@@ -305,3 +305,39 @@ def test_kohya_sd_scripts_makes_and_loads_exactly_our_flux_names(tmp_path):
     loaded.apply_to([te, None], flux, True, True)
     result = loaded.load_state_dict(state, strict=False)
     assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_diffusers_pipeline_with_our_kohya_lora_draws_our_image(parts, tiny_flux_dev, tmp_path):  # noqa: F811
+    """The issue's proof: a kohya FLUX LoRA made by ldm (transformer blocks and CLIP-L) loads in
+    diffusers' FluxPipeline with no unmatched keys and draws ldm's image (within 2/255)."""
+    import numpy as np
+    from diffusers import FluxPipeline
+
+    from ldm.pipeline import Pipeline
+
+    names = _names(single_fused=False, top=False) + [("text_encoder", n) for n in CLIP_LAYER]
+    modules = _pairs(lambda p: getattr(parts, p), names, seed=6)
+    for m in modules:
+        m.up = m.up * 20  # a LoRA strong enough to move the tiny model's image
+    path = save_flux_lora(modules, tmp_path / "k.safetensors", parts.unet.config, "kohya")
+    settings = dict(height=32, width=32, guidance_scale=3.5)
+    merged, _ = _merge(parts, path)
+    pipe = Pipeline(merged, torch.device("cpu"), torch.float32)
+    (out,) = pipe(["a red circle"], [1], steps=3, **settings)
+    ours = np.asarray(out.image, dtype=np.int16)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dev)
+    pipe.set_progress_bar_config(disable=True)
+
+    def theirs() -> np.ndarray:
+        image = pipe("a red circle", num_inference_steps=3, **settings,
+                     generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
+        return np.asarray(image, dtype=np.int16)
+
+    base = theirs()
+    pipe.load_lora_weights(str(path))
+    injected = {n.removesuffix(".base_layer") for c in (pipe.transformer, pipe.text_encoder)
+                for n, _ in c.named_modules() if n.endswith(".base_layer")}  # fmt: skip
+    assert len(injected) == len(modules)  # every pair of the file found its module
+    image = theirs()
+    assert np.abs(image - base).max() > 10  # the LoRA changed diffusers' image
+    assert np.abs(image - ours).max() <= 2, np.abs(image - ours).max()
