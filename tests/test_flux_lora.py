@@ -135,16 +135,33 @@ def _comfyui(kohya: dict, fused: list, peft: bool) -> dict:
     return out
 
 
-@pytest.mark.parametrize("layout", ["kohya", "diffusers", "comfyui", "comfyui-peft"])
+def _onetrainer(diffusers: dict) -> dict:
+    """OneTrainer's FLUX names: diffusers paths underscored under lora_transformer_ / lora_te1_."""
+    out = {}
+    for key, t in diffusers.items():
+        stem, kind = key.rsplit(".lora_", 1)
+        part, path = stem.split(".", 1)
+        prefix = {"transformer": "lora_transformer_", "text_encoder": "lora_te1_"}.get(part)
+        if prefix is None:
+            continue  # T5: OneTrainer trains none for FLUX
+        name = prefix + path.replace(".", "_")
+        out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = t
+    return out
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers", "comfyui", "comfyui-peft", "onetrainer"])
 def test_every_layout_applies_every_key(parts, tmp_path, layout):
+    with_t5 = layout != "onetrainer"
     modules = _pairs(lambda p: getattr(parts, p), _all_modules(), seed=1)
+    modules = [m for m in modules if with_t5 or m.part != "text_encoder_2"]
     path = tmp_path / f"{layout}.safetensors"
-    save_flux_lora(
-        modules, path, parts.unet.config, layout.split("-")[0].replace("comfyui", "kohya")
-    )
+    written = "kohya" if layout.startswith(("kohya", "comfyui")) else "diffusers"
+    save_flux_lora(modules, path, parts.unet.config, written)
     if layout.startswith("comfyui"):
         fused = fuse_original(modules, parts.unet.config)
         save_file(_comfyui(load_file(path), fused, layout.endswith("peft")), path)
+    if layout == "onetrainer":
+        save_file(_onetrainer(load_file(path)), path)
     lora = load_lora(path)
     assert not lora.unknown
     merged, report = _merge(parts, path)
