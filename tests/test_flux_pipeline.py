@@ -190,3 +190,26 @@ def test_cli_txt2img_and_from_png(tiny_flux_dev, tmp_path):  # noqa: F811
                  "--outdir", str(tmp_path / "d")]) == 0  # fmt: skip
     (png4,) = (tmp_path / "d").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(png3)), np.asarray(Image.open(png4)))
+
+
+@pytest.mark.parametrize("size", [(64, 48), (512, 768)])
+def test_sigmas_are_flux_pipelines_with_the_dynamic_shift(tiny_flux_dev, size):  # noqa: F811
+    """mu from the packed token count (H / f / 2)(W / f / 2), FluxPipeline's linspace sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from ldm.sampling.plan import make_denoiser, request_sigmas
+
+    pipe = load_pipeline(tiny_flux_dev)
+    r = pipe.prepare(["x"], [1], steps=7, height=size[0], width=size[1])
+    tokens = (size[0] // pipe.factor // 2) * (size[1] // pipe.factor // 2)
+    assert pipe.image_seq_len(r) == tokens
+    family = pipe.parts.family
+    denoiser = make_denoiser(pipe.unet, pipe.schedule, r, family=family)
+    ours = request_sigmas(r, denoiser, None, pipe.parts.scheduler_config, tokens, family)
+    config = pipe.parts.scheduler_config
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 7, 7), mu=calculate_shift(
+        tokens, config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"],
+        config["max_shift"]))  # fmt: skip
+    torch.testing.assert_close(ours, scheduler.sigmas.float(), atol=1e-6, rtol=0)
