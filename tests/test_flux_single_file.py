@@ -235,3 +235,67 @@ def test_hostile_files_are_refused(tmp_path):
 class _Evil:
     def __reduce__(self):
         return (print, ("pwned",))
+
+
+def _release_shaped_flux(path):
+    """A small FluxPipeline folder whose shapes follow the releases' rules (128-wide heads, RoPE
+    axes 16/56/56, 32 VAE norm groups, 64-wide CLIP heads, T5's relative distance 128), so a
+    file without any config can be read from its keys alone."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxTransformer2DModel as Flux
+    from tiny_flux import SCHEDULER_DEV, _clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ldm.text.tokenizer import build_t5_tokenizer
+
+    torch.manual_seed(3)
+    t5 = build_t5_tokenizer()
+    t5_config = T5Config(vocab_size=len(t5), d_model=48, d_kv=8, d_ff=64, num_layers=2,
+                         num_heads=6, feed_forward_proj="gated-gelu",
+                         relative_attention_num_buckets=32,
+                         relative_attention_max_distance=128)  # fmt: skip
+    clip = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=1,
+                          num_hidden_layers=2, hidden_act="quick_gelu")  # fmt: skip
+    vae = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False,
+                        use_post_quant_conv=False, scaling_factor=0.3611,
+                        shift_factor=0.1159)  # fmt: skip
+    net = Flux(num_layers=1, num_single_layers=1, num_attention_heads=1, joint_attention_dim=48,
+               pooled_projection_dim=64, guidance_embeds=True)  # fmt: skip
+    FluxPipeline(transformer=net, vae=vae, text_encoder=CLIPTextModel(clip),
+                 tokenizer=_clip_tokenizer(), text_encoder_2=T5EncoderModel(t5_config),
+                 tokenizer_2=t5, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_DEV),
+                 ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def test_another_tool_s_checkpoint_is_read_from_its_keys(tmp_path):
+    """A ComfyUI checkpoint with no config anywhere: every config from shapes + FLUX.1's."""
+    folder = _release_shaped_flux(tmp_path / "folder")
+    ref = load_folder(folder)
+    path = tmp_path / "comfy.safetensors"
+    save_state_dict(
+        flux_to_original(ref), path, {TOKENIZER_KEY: tokenizer_metadata(ref.tokenizer_2)}
+    )
+    parts = load_flux_file(path)
+    _same_parts(parts, ref)
+    want = ref.unet.config.to_diffusers()
+    assert {k: v for k, v in parts.unet.config.to_diffusers().items()} == want
+    for name in ("block_out_channels", "layers_per_block", "latent_channels", "scaling_factor",
+                 "shift_factor", "use_quant_conv", "norm_num_groups"):  # fmt: skip
+        assert getattr(parts.vae.config, name) == getattr(ref.vae.config, name), name
+    for a, b in (
+        (parts.text_encoder, ref.text_encoder),
+        (parts.text_encoder_2, ref.text_encoder_2),
+    ):
+        ours, theirs = a.config.to_dict(), b.config.to_dict()
+        for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                  "hidden_act", "d_model", "num_heads", "d_kv", "d_ff", "num_layers",
+                  "relative_attention_max_distance", "feed_forward_proj"):  # fmt: skip
+            assert ours.get(k) == theirs.get(k), k
+    assert (
+        parts.scheduler_config["use_dynamic_shifting"]
+        and parts.scheduler_config["max_shift"] == 1.15
+    )
+    assert {"transformer.axes_dims_rope", "vae.scaling_factor"} <= set(parts.inferred)

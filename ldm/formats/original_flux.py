@@ -34,6 +34,7 @@ from ldm.formats.diffusers_folder import (
 )
 from ldm.formats.original_config import (
     check_guesses,
+    infer_text_config,
     infer_vae_config,
     read_config_metadata,
     read_config_override,
@@ -301,8 +302,8 @@ def load_flux(weights: dict, path: Path, meta: dict, config, device, dtype, t5: 
     network = build_network(net_config, f"{source} (transformer)", family="flux", empty=True)
     load_weights(network, state, f"{source} (transformer)", device, dtype)
     defaults = single_file_configs(bool(net_config.get("guidance_embeds")))
-    vae = _load_vae(weights.pop("vae", None), stored, given, folder, defaults, source, device,
-                    dtype, inferred)  # fmt: skip
+    vae = _load_vae(weights.pop("vae", None), stored, given, folder, source, device, dtype,
+                    inferred)  # fmt: skip
     text = {}
     for part in TEXT_PREFIXES:
         model, tokenizer, notes = _load_text(part, weights.pop(part, None), stored, given, folder,
@@ -323,17 +324,15 @@ def load_flux(weights: dict, path: Path, meta: dict, config, device, dtype, t5: 
     )  # fmt: skip
 
 
-def _load_vae(vae_sd, stored, given, folder, defaults, source, device, dtype, inferred):
+def _load_vae(vae_sd, stored, given, folder, source, device, dtype, inferred):
     """The file's VAE (16 latent channels, scaling and shift FLUX.1's), else the folder's."""
     if vae_sd:
         vae_sd = vae_attn_shapes({k: v for k, v in vae_sd.items() if not k.startswith("loss.")},
                                  False)  # fmt: skip
 
-        def infer():
-            config = {**defaults["vae"], **infer_vae_config(vae_sd, "sd3")}  # shapes win
-            config.update(scaling_factor=defaults["vae"]["scaling_factor"],
-                          shift_factor=defaults["vae"]["shift_factor"],
-                          use_quant_conv="quant_conv.weight" in vae_sd,
+        def infer():  # shapes over FLUX.1's (its scaling and shift)
+            config = infer_vae_config(vae_sd, "flux")
+            config.update(use_quant_conv="quant_conv.weight" in vae_sd,
                           use_post_quant_conv="post_quant_conv.weight" in vae_sd)  # fmt: skip
             return config, {"vae.scaling_factor": "0.3611, shift 0.1159 (FLUX.1)"}
 
@@ -380,14 +379,9 @@ def _load_text(part, state, stored, given, folder, meta, t5, defaults, source, d
         state.pop("text_projection.weight", None)  # FLUX takes the unprojected pooled output
 
         def infer():
-            config, token = dict(defaults[part]), state["embeddings.token_embedding.weight"]
-            layers = {k.split(".")[2] for k in state if k.startswith("encoder.layers.")}
-            config.update(vocab_size=token.shape[0], hidden_size=token.shape[1],
-                          num_hidden_layers=len(layers), num_attention_heads=token.shape[1] // 64,
-                          intermediate_size=state["encoder.layers.0.mlp.fc1.weight"].shape[0],
-                          max_position_embeddings=state["embeddings.position_embedding.weight"]
-                          .shape[0])  # fmt: skip
-            return config, {f"{part}.num_attention_heads": "one head per 64 channels (CLIP)"}
+            n = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
+            notes = {f"{part}.num_attention_heads": "one head per 64 channels (CLIP)"}
+            return infer_text_config(state, "flux", n, part), notes
 
     config, notes = _config(part, stored, given, infer, source)
     config = {k: v for k, v in config.items() if k[0] != "_"}
