@@ -64,7 +64,14 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # None: model's
-    min_snr_gamma: float | None = 5.0  # Hang et al. 2023; None disables
+    min_snr_gamma: float | None = 5.0  # Hang et al. 2023; None disables; discrete models only
+    # flow models (a FlowMatch scheduler config): the sigmas they train at and their weighting
+    # (ldm.train.loss.flow_training_sigmas / flow_loss_weight; SD3 paper defaults)
+    sigma_sampling: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     noise_offset: float = 0.0
     multires_noise_iterations: int = 0  # kohya's pyramid noise; 0 disables
     multires_noise_discount: float = 0.3

@@ -26,15 +26,12 @@ from ldm import accel
 from ldm.denoiser import Denoiser
 from ldm.dtypes import DTYPES
 from ldm.errors import LdmError
-from ldm.sampling.schedules import NoiseSchedule
 from ldm.train import checkpoint as ckpt
-from ldm.train.batches import batch_latents
 from ldm.train.conditioning import TrainingText
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.distill import Distiller, check_stage, distill_loss_for_step
 from ldm.train.ema import EMA
 from ldm.train.lora import merge_lora, save_lora
-from ldm.train.loss import autoencoder_loss, min_snr_weight, training_noise
 from ldm.train.model import (
     AutoencoderRoundTrip,
     calibrate_latent_scale,
@@ -46,6 +43,11 @@ from ldm.train.model import (
 )
 from ldm.train.optim import lr_at, make_optimizer
 from ldm.train.runlog import RunLog
+from ldm.train.step_loss import (
+    autoencoder_loss_for_step,
+    diffusion_loss_for_step,
+    training_denoiser,
+)
 from ldm.train.student import export_student
 
 
@@ -230,9 +232,7 @@ def prepare_stage(
         written = text.precompute(data.all_captions(), run.run_dir / "cache" / "text")
         run.log.info(f"text cache: {written} new entries in {run.run_dir / 'cache' / 'text'}")
     accelerator.wait_for_everyone()  # every process's share of the caches is on disk
-    schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
-    prediction = stage.loss.prediction_type or schedule.prediction_type
-    denoiser = Denoiser(wrapped.get("unet", parts.unet), schedule, prediction=prediction)
+    denoiser = training_denoiser(wrapped.get("unet", parts.unet), parts.scheduler_config, stage)
     if distiller is not None:
         distiller.attach(denoiser)
         if resumed is not None:
@@ -350,33 +350,3 @@ def load_part_weights(parts, weights: dict) -> None:
     for name in model_parts(parts):
         if name in weights:
             getattr(parts, name).load_state_dict(weights[name], strict=True)
-
-
-def diffusion_loss_for_step(parts, st: Stage, g, index: int, device) -> tuple[torch.Tensor, dict]:
-    """Sample latents, timesteps and noise for one micro-batch; return the weighted loss."""
-    data, loss_cfg = st.data, st.config.loss
-    batch = data.batch(index)
-    latents = batch_latents(parts, batch, g, device)
-    drop = torch.rand(len(batch.captions), generator=g) < data.config.caption_dropout  # (B,)
-    cond = st.text(batch.captions, drop.tolist(), batch.sizes, device)
-    den = st.denoiser
-    t = torch.randint(0, len(den.alphas_cumprod), (latents.shape[0],), generator=g)  # (B,)
-    noise = training_noise(
-        tuple(latents.shape), g, loss_cfg.noise_offset,
-        loss_cfg.multires_noise_iterations, loss_cfg.multires_noise_discount,
-    ).to(device)  # fmt: skip
-    per_sample = den.loss(latents, noise, den.sigmas[t], cond, t=t)  # (B,)
-    weight = min_snr_weight(den.alphas_cumprod, t, loss_cfg.min_snr_gamma, den.prediction_type)
-    return (per_sample * weight.to(device)).mean(), {}
-
-
-def autoencoder_loss_for_step(parts, st: Stage, g, index: int, device):
-    """Reconstruct one micro-batch through the posterior; return the VAE loss and its terms."""
-    pixels, _ = st.data.images(index)
-    pixels = pixels.to(device)
-    f = parts.vae.factor
-    latent_shape = (pixels.shape[0], parts.vae.latent_channels, pixels.shape[2] // f,
-                    pixels.shape[3] // f)  # fmt: skip
-    eps = torch.randn(latent_shape, generator=g)
-    recon, mean, logvar = st.wrapped["vae"](pixels, eps.to(device))
-    return autoencoder_loss(recon, pixels, mean, logvar, st.config.loss.kl_weight)

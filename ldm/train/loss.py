@@ -1,4 +1,5 @@
 """Training objectives around the Denoiser's loss: its per-timestep weighting (min-SNR), the
+noise levels a flow model trains at (logit-normal, mode, uniform) and their weighting, the
 training noise (offset and pyramid terms), and the autoencoder loss (reconstruction + small KL).
 
 The diffusion loss itself (noisy input, eps / v / x0 target) is ``ldm.denoiser.Denoiser.loss``.
@@ -6,8 +7,13 @@ The diffusion loss itself (noisy input, eps / v / x0 target) is ``ldm.denoiser.D
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+FLOW_SIGMA_SAMPLING = ("logit_normal", "mode", "uniform")
+FLOW_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 
 # the factor between each target's loss and the x0-loss, as a function of SNR (see min_snr_weight)
 SNR_DIVISORS = {
@@ -34,6 +40,52 @@ def min_snr_weight(
         return torch.ones_like(snr)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / SNR_DIVISORS[kind](snr)
+
+
+def flow_training_sigmas(
+    n: int,
+    generator: torch.Generator,
+    sampling: str = "logit_normal",
+    mean: float = 0.0,  # logit-normal location m
+    std: float = 1.0,  # logit-normal scale s
+    mode_scale: float = 1.29,  # mode sampling's s
+    shift: float = 1.0,  # the model's static time shift (its scheduler config's "shift")
+) -> torch.Tensor:
+    """(n,) flow times sigma in (0, 1) for one batch (Esser et al. 2024, sec. 3.1).
+
+    logit_normal: sigma = sigmoid(u), u ~ N(m, s) (eq. 19; the paper's default m = 0, s = 1);
+    mode: f_mode(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1) (eq. 20); uniform:
+    sigma ~ U(0, 1). Then the static shift sigma' = shift sigma / (1 + (shift - 1) sigma) that
+    the model samples with (eq. 23). Continuous times: diffusers' SD3 script rounds them onto its
+    1000-step table first; a continuous sigma is the paper's and samples the same density.
+    """
+    if sampling == "logit_normal":
+        sigma = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    elif sampling == "mode":
+        u = torch.rand(n, generator=generator)
+        sigma = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    elif sampling == "uniform":
+        sigma = torch.rand(n, generator=generator)
+    else:
+        raise ValueError(f"sigma sampling must be one of {FLOW_SIGMA_SAMPLING}, got {sampling!r}")
+    sigma = sigma.clamp(1e-5, 1 - 1e-5)  # both ends are degenerate (x_t = x0 or pure noise)
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flow_loss_weight(sigma: torch.Tensor, weighting: str = "none") -> torch.Tensor:
+    """Per-sample weight of the velocity loss ||v_hat - (eps - x0)||^2 at flow time sigma.
+
+    none: the rectified-flow loss as the paper trains it (its sigma density does the
+    weighting); sigma_sqrt: 1 / sigma^2, the x0-loss (diffusers' "sigma_sqrt"); cosmap:
+    2 / (pi (1 - 2 sigma + 2 sigma^2)) (Esser et al. 2024, eq. 21's density as a weight).
+    """
+    if weighting == "none":
+        return torch.ones_like(sigma)
+    if weighting == "sigma_sqrt":
+        return sigma.float() ** -2.0
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    raise ValueError(f"flow loss weighting must be one of {FLOW_WEIGHTING}, got {weighting!r}")
 
 
 def training_noise(
