@@ -114,11 +114,12 @@ def worker(args) -> None:
     model, total, mode = build(args.impl, dtype, config)
     trim()
     build_s = time.perf_counter() - start
+    times, cpu_times, outs = {}, {}, {}
+    all_inputs = {size: inputs(args.impl, size, args.tokens, dtype) for size in args.sizes}
     reset_peak_rss()  # from here the high-water mark is weights + the forward's working memory
     rss_before = status_gb("VmRSS")
-    times, cpu_times, outs = {}, {}, {}
     for i, size in enumerate(args.sizes):
-        kw = inputs(args.impl, size, args.tokens, dtype)
+        kw = all_inputs[size]
         if args.impl == "ldm":
             call = partial(model, **kw)
         else:
@@ -126,11 +127,11 @@ def worker(args) -> None:
         with torch.inference_mode():
             times[size], cpu_times[size], out = timed(call, 1 if i == 0 else 0, args.repeats)
         outs[size] = out.float()
+    forward_peak = status_gb("VmHWM")
     torch.save(outs, f"{args.out}.pt")
     result = dict(times=times, cpu_times=cpu_times, peak_rss_gb=peak_rss_gb(), checksum=total,
-                  forward_peak_gb=status_gb("VmHWM"), rss_before_gb=rss_before, build_s=build_s,
-                  accel=mode,
-                  threads=torch.get_num_threads())  # fmt: skip
+                  forward_peak_gb=forward_peak, rss_before_gb=rss_before, build_s=build_s,
+                  accel=mode, threads=torch.get_num_threads())  # fmt: skip
     tmp = Path(f"{args.out}.json.tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(f"{args.out}.json")
