@@ -68,8 +68,11 @@ SCHEDULER_SD1 = dict(
 SCHEDULER_SD2 = dict(SCHEDULER_SD1, prediction_type="v_prediction")
 
 
-def make_tiny_folder(path: str | Path, kind: str = "sd1", seed: int = 0) -> Path:
-    """Write a tiny random StableDiffusionPipeline folder at ``path`` and return it."""
+def make_tiny_folder(
+    path: str | Path, kind: str = "sd1", seed: int = 0, unet: dict | None = None
+) -> Path:
+    """Write a tiny random StableDiffusionPipeline folder at ``path`` and return it
+    (``unet=`` overrides keys of the U-Net's config)."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -84,7 +87,7 @@ def make_tiny_folder(path: str | Path, kind: str = "sd1", seed: int = 0) -> Path
     path = Path(path)
     torch.manual_seed(seed)
     sd2 = kind == "sd2"
-    unet = UNet2DConditionModel(**(UNET_SD2 if sd2 else UNET_SD1))
+    unet = UNet2DConditionModel(**{**(UNET_SD2 if sd2 else UNET_SD1), **(unet or {})})
     vae = AutoencoderKL(**VAE)
     text = CLIPTextModel(CLIPTextConfig(**TEXT, hidden_act="gelu" if sd2 else "quick_gelu"))
     # from_config ignores (and records) keys a class does not take, as a real folder has them
