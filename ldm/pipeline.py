@@ -45,7 +45,7 @@ from ldm.sampling.plan import (
     skip_layer_guidance,
 )
 from ldm.sampling.watch import PreviewCallback, Progress, StepCallback, nan_guard
-from ldm.text.encoders import TextEncoder, text_encoder_for
+from ldm.text.encoders import TextEncoder, sequence_length, text_encoder_for
 from ldm.text.micro import with_time_ids, zero_rows
 from ldm.text.prompts import encode_cond_uncond, encode_prompts
 
@@ -96,8 +96,8 @@ class Pipeline(PixelSide):
         for _, model, _ in parts.text_modules():
             model.eval().requires_grad_(False)
         self._text_encoders: dict[tuple, TextEncoder] = {}  # per clip skip and T5 length
-        # T5 tokens of the context (1..512): the family's (SD3 256, FLUX.1-dev 512, schnell 256)
-        self.max_sequence_length = parts.family.max_sequence_length
+        # T5 tokens of the context (1..512): stored with the model, else its family's (SD3 256, ...)
+        self.max_sequence_length = sequence_length(parts)
         self.schedule = noise_schedule(parts.scheduler_config)  # None: a flow model
         self.device, self.dtype = device, dtype
         self.model_path = Path(parts.path) if parts.path is not None else None

@@ -185,3 +185,80 @@ def test_flow_training_refuses_discrete_only_settings(tmp_path):
     cfg = _flow_config(tmp_path, tmp_path / "b", "stages.0.loss.prediction_type=epsilon")
     with pytest.raises(ConfigError, match="prediction_type: a flow model predicts velocity"):
         _train(cfg)
+
+
+# ------------------------------------------------------------------ a tiny MMDiT, trained
+
+TINY_MMDIT = """
+name: tiny-mmdit
+transformer: {sample_size: 8, patch_size: 2, in_channels: 4, out_channels: 4, num_layers: 2,
+  attention_head_dim: 8, num_attention_heads: 2, joint_attention_dim: 32,
+  caption_projection_dim: 16, pooled_projection_dim: 32, pos_embed_max_size: 8,
+  qk_norm: rms_norm}
+text_encoder: {hidden_size: 16, intermediate_size: 32, num_attention_heads: 2,
+  num_hidden_layers: 2, projection_dim: 16, hidden_act: quick_gelu}
+text_encoder_2: {hidden_size: 16, intermediate_size: 32, num_attention_heads: 2,
+  num_hidden_layers: 2, projection_dim: 16, hidden_act: gelu}
+scheduler: {_class_name: FlowMatchEulerDiscreteScheduler, num_train_timesteps: 1000, shift: 1.0}
+defaults: {max_sequence_length: 1}
+"""
+
+
+def _mmdit_start(tmp: Path) -> Path:
+    """A tiny SD3-family model built from a model config (two CLIPs, no T5), with the tiny
+    U-Net model's autoencoder at near-zero posterior std (see _start_model)."""
+    import yaml
+
+    from ldm.models.build import build_model, load_model_config
+    from ldm.train.model import export_model
+
+    vae = yaml.safe_load((ROOT / "configs/models/tiny.yaml").read_text())["vae"]
+    text = TINY_MMDIT + "vae: " + yaml.safe_dump(vae, default_flow_style=True)
+    (tmp / "tiny-mmdit.yaml").write_text(text)
+    parts = build_model(load_model_config(tmp / "tiny-mmdit.yaml"), seed=0)
+    with torch.no_grad():
+        half = parts.vae.quant_conv.out_channels // 2
+        parts.vae.quant_conv.weight[half:] = 0
+        parts.vae.quant_conv.bias[half:] = -20.0
+    export_model(parts, tmp / "mmdit-start", "fp32")
+    return tmp / "mmdit-start"
+
+
+def test_a_tiny_mmdit_trains_with_flow_and_its_export_is_a_diffusers_sd3_model(tmp_path):
+    """The transformer trains through the same loss (stage part "transformer"); the export,
+    with its one-token T5 block stored in ldm_model.json, is an SD3 folder diffusers runs."""
+    import json
+
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+
+    from ldm.config import load_config
+    from ldm.pipeline import load_pipeline
+    from ldm.train.config import TrainConfig
+
+    start = _mmdit_start(tmp_path)
+    path = tmp_path / "train.yaml"
+    path.write_text(
+        f"output_dir: {tmp_path / 'run'}\nmodel: {{pretrained: {start}}}\n"
+        "data: {source: shapes, resolution: 32, cache_latents: true, cache_size: 1}\n"
+        "stages:\n  - {name: diffusion, train: [transformer, text_encoder, text_encoder_2],\n"
+        "     steps: 60, batch_size: 8, optim: {lr: 0.003}, loss: {min_snr_gamma: null},\n"
+        "     ema: {enabled: false}}\nlog_every: 1\ncheckpoint_every: 100\n"
+    )
+    final = _train(load_config(TrainConfig, path, []))
+    losses = _losses(tmp_path / "run", "diffusion")
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    manifest = json.loads((final / "ldm_model.json").read_text())
+    assert manifest["defaults"] == {"max_sequence_length": 1}
+
+    pipe = load_pipeline(final)
+    assert pipe.parts.family.name == "sd3" and pipe.max_sequence_length == 1
+    settings = dict(steps=4, guidance_scale=4.0, height=32, width=32)
+    (out,) = pipe(["a red circle"], [3], **settings)
+    theirs = StableDiffusion3Pipeline.from_pretrained(final, text_encoder_3=None, tokenizer_3=None)
+    theirs.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    want = theirs("a red circle", num_inference_steps=4, guidance_scale=4.0, height=32, width=32,
+                  max_sequence_length=1, generator=g).images[0]  # fmt: skip
+    diff = np.abs(np.asarray(out.image, dtype=int) - np.asarray(want, dtype=int)).max()
+    assert diff <= 2, diff

@@ -101,6 +101,11 @@ class ModelConfig:
     vae: dict[str, Any] = field(default_factory=dict)  # AutoencoderKL config
     text_encoder: dict[str, Any] = field(default_factory=dict)  # transformers CLIPTextConfig
     scheduler: dict[str, Any] = field(default_factory=dict)  # scheduler_config.json
+    # an SD3-family model instead of a U-Net one: SD3Transformer2DModel config and the second
+    # CLIP (both CLIPs then with projection, as SD3's); no T5 (its block is zeros)
+    transformer: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # stored with it (ldm_model.json)
 
 
 def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfig:
@@ -108,8 +113,11 @@ def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfi
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> ModelParts:
-    """Random-init U-Net, VAE and CLIP text encoder (offline tokenizer) as ModelParts."""
+    """Random-init U-Net, VAE and CLIP text encoder (offline tokenizer) as ModelParts; with a
+    ``transformer`` section, an SD3-family model (``build_sd3_model``)."""
     torch.manual_seed(seed)  # initialisation only; training draws from its own generators
+    if cfg.transformer:
+        return build_sd3_model(cfg)
     unet = build_network(cfg.unet)
     vae = build_vae(cfg.vae)
     text_encoder = build_text_encoder(cfg.text_encoder)
@@ -128,4 +136,42 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> ModelParts:
         scheduler_config=dict(cfg.scheduler),
         name=cfg.name,
         family=families.from_text_encoder(text_encoder),
+    )
+
+
+def build_sd3_model(cfg: ModelConfig) -> ModelParts:
+    """An SD3-family model from nothing: MMDiT, VAE, and two CLIPs with projection whose
+    penultimate states, side by side, are the context and whose projections, side by side, the
+    pooled vector (Esser et al. 2024, sec. 5.1); without T5 its block is zeros, as diffusers'."""
+    if cfg.unet:
+        raise ConfigError("model config: set either unet or transformer, not both")
+    transformer = build_network(cfg.transformer, "transformer", family="sd3")
+    # diffusers' SD3 pipelines add the VAE's shift_factor unconditionally: 0, not null
+    vae = build_vae({"shift_factor": 0.0, **cfg.vae})
+    clip_l = build_text_encoder(cfg.text_encoder, "CLIPTextModelWithProjection")
+    clip_g = build_text_encoder(cfg.text_encoder_2, "CLIPTextModelWithProjection")
+    c = transformer.config
+    width = clip_l.config.hidden_size + clip_g.config.hidden_size
+    pooled = clip_l.config.projection_dim + clip_g.config.projection_dim
+    if width > c.joint_attention_dim or pooled != c.pooled_projection_dim:
+        raise ConfigError(
+            f"transformer: joint_attention_dim ({c.joint_attention_dim}) must be >= the CLIPs' "
+            f"hidden sizes together ({width}) and pooled_projection_dim "
+            f"({c.pooled_projection_dim}) equal their projection_dims together ({pooled})"
+        )
+    tokenizer = build_clip_tokenizer(model_max_length=clip_l.config.max_position_embeddings)
+    tokenizer_2 = build_clip_tokenizer(
+        model_max_length=clip_g.config.max_position_embeddings, pad_token="!"
+    )  # CLIP-G's tokenizer pads with "!" (id 0), as OpenCLIP's
+    return ModelParts(
+        unet=transformer,
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=tokenizer_2,
+        scheduler_config=dict(cfg.scheduler),
+        name=cfg.name,
+        family=families.get("sd3"),
+        defaults=dict(cfg.defaults),
     )

@@ -20,7 +20,8 @@ from ldm.errors import CheckpointError
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets"  # one folder per bundled model
 DEFAULT_NAME = "shapes-demo"  # the model used when no --model is given
 MANIFEST = "ldm_model.json"
-DEFAULT_KEYS = ("sampler", "schedule", "steps", "guidance_scale")  # Pipeline.sampling_defaults'
+# Pipeline.sampling_defaults', and the T5-block length of an SD3 model trained with a short one
+DEFAULT_KEYS = ("sampler", "schedule", "steps", "guidance_scale", "max_sequence_length")
 _KEYS = {
     "model": {"kind", "defaults", "description"},
     "lora": {"kind", "defaults", "description", "base", "lora", "lora_scale"},
@@ -147,6 +148,10 @@ def check_defaults(defaults, path: Path) -> dict:
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
     ):
         raise CheckpointError(f"{path}: defaults.guidance_scale must be a number, got {scale!r}")
+    length = defaults.get("max_sequence_length")
+    if length is not None and (type(length) is not int or not 1 <= length <= 512):
+        raise CheckpointError(f"{path}: defaults.max_sequence_length must be an integer in "
+                              f"1..512, got {length!r}")  # fmt: skip
     try:
         for key in ("sampler", "schedule"):
             if key in defaults and not isinstance(defaults[key], str):

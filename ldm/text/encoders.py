@@ -270,6 +270,12 @@ def _clip_encoder(spec, model, tokenizer, clip_skip: int) -> CLIPTextEncoder:
     return CLIPTextEncoder(model, tokenizer, clip_skip, penultimate=spec.hidden == "penultimate")
 
 
+def sequence_length(parts) -> int:
+    """T5 tokens of the model's context: its stored default (a model trained with a shorter
+    T5 block of zeros) or its family's (SD3 256, FLUX.1-dev 512)."""
+    return parts.defaults.get("max_sequence_length", parts.family.max_sequence_length)
+
+
 def text_encoder_for(
     parts, clip_skip: int = 1, max_sequence_length: int = 256
 ) -> TextEncoder | SD3TextEncoder | FluxTextEncoder:

@@ -20,7 +20,7 @@ from torch import nn
 from ldm.data.cache import TextEmbeddingCache, module_hash, precompute_text
 from ldm.errors import ConfigError
 from ldm.text.cond import Cond
-from ldm.text.encoders import text_encoder_for
+from ldm.text.encoders import sequence_length, text_encoder_for
 from ldm.text.micro import time_ids, with_time_ids, zero_rows
 from ldm.train.batches import Sizes
 
@@ -38,7 +38,7 @@ class TrainingText:
         clip_skip: int = 1,  # as text_encoder_for counts it
         aesthetic_score: float = 6.0,  # refiner ids only
     ):
-        self.encoder = text_encoder_for(parts, clip_skip)
+        self.encoder = text_encoder_for(parts, clip_skip, sequence_length(parts))
         self.clip_skip = clip_skip
         self.grad = any(n in TEXT_PARTS for n in trained)  # gradients through the encoders
         _call_wrapped(self.encoder, trained, wrapped)

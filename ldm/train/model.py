@@ -3,6 +3,8 @@ stage, where data comes from, and how the result is exported."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ from ldm.errors import ConfigError
 from ldm.formats.diffusers_folder import save_folder
 from ldm.loading import load_model
 from ldm.models.build import build_model, load_model_config
+from ldm.models.bundled import MANIFEST
 from ldm.train.batches import ShapesBatches, TrainBatch
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.folder_batches import FolderBatches
@@ -36,15 +39,22 @@ def load_start_model(cfg: TrainConfig):
     return load_model(src.pretrained, device="cpu", dtype=torch.float32)
 
 
+def stage_parts(parts, stage: StageConfig) -> list[str]:
+    """The stage's ``train`` list in ModelParts names: a transformer family's network (SD3,
+    FLUX: diffusers' "transformer" folder) is trained as "transformer" and held as ``unet``."""
+    network = parts.family.network_folder
+    return ["unet" if n == network else n for n in stage.train]
+
+
 def set_trainable(parts, stage: StageConfig, gradient_checkpointing: bool) -> dict:
     """Freeze everything, then unfreeze (or add LoRA to) the parts this stage trains."""
     present = model_parts(parts)
-    unknown = [n for n in stage.train if n not in present]
+    unknown = [n for n in stage_parts(parts, stage) if n not in present]
     if unknown:
         raise ConfigError(
             f"stages.{stage.name}.train: unknown part '{unknown[0]}' (this model has {present})"
         )
-    train = list(stage.train)
+    train = stage_parts(parts, stage)
     if stage.method == "lora" and stage.lora.text_encoder:  # every text encoder (kohya te1, te2)
         train += [n for n in present if n.startswith("text_encoder") and n not in train]
     if stage.method == "lora" and "vae" in train:
@@ -132,8 +142,14 @@ def stage_batches(
 
 
 def export_model(parts, path: Path, dtype: str) -> None:
-    """Save a diffusers-layout folder (what ``ldm txt2img`` and diffusers both load)."""
+    """Save a diffusers-layout folder (what ``ldm txt2img`` and diffusers both load), with an
+    ``ldm_model.json`` holding the defaults the model was built with (its T5-block length)."""
     save_folder(parts, Path(path), dtype=DTYPES[dtype])
+    if parts.defaults:
+        manifest = {"kind": "model", "defaults": parts.defaults}
+        tmp = Path(path) / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, Path(path) / MANIFEST)
 
 
 class AutoencoderRoundTrip(torch.nn.Module):

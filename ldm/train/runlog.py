@@ -16,6 +16,7 @@ from ldm.config import save_config
 from ldm.grid import image_grid
 from ldm.infotext import save_png
 from ldm.pipeline import Pipeline
+from ldm.train.model import stage_parts
 
 
 class _Bar:
@@ -113,7 +114,7 @@ class RunLog:
                 getattr(parts, n).load_state_dict(sd)
             for p, flag in trainable:  # the pipeline freezes what it is given
                 p.requires_grad_(flag)
-            for n in stage.train:
+            for n in stage_parts(parts, stage):
                 getattr(parts, n).train()
         path = self.run_dir / "samples" / f"{stage.name}-{global_step:08d}.png"
         save_png(image_grid(images, columns), path, f"validation {stage.name} step {global_step}",
