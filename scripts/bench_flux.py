@@ -41,8 +41,10 @@ NEED_GB = {"fp32": 4.0, "bf16": 2.5}  # 0.69 B parameters at the default depth, 
 # ---------------------------------------------------------------- worker: one process, one model
 
 
-def build(impl: str, dtype: torch.dtype, config: dict) -> tuple[torch.nn.Module, float, str]:
-    """The transformer with the drawn weights: ldm's (``ldm.accel`` auto) or diffusers'."""
+def build(
+    impl: str, dtype: torch.dtype, config: dict, mode: str = "auto"
+) -> tuple[torch.nn.Module, float, str]:
+    """The transformer with the drawn weights: ldm's (``ldm.accel`` ``mode``) or diffusers'."""
     with torch.device("meta"):
         if impl == "ldm":
             from ldm.models.flux import FluxConfig, FluxTransformer2DModel
@@ -58,7 +60,7 @@ def build(impl: str, dtype: torch.dtype, config: dict) -> tuple[torch.nn.Module,
         return model, total, "eager"
     from ldm import accel
 
-    decision = accel.apply(model, "auto", device=torch.device("cpu"), dtype=dtype)
+    decision = accel.apply(model, mode, device=torch.device("cpu"), dtype=dtype)
     return model, total, decision.mode
 
 
@@ -111,7 +113,7 @@ def worker(args) -> None:
     dtype = DTYPES[args.dtype]
     config = dict(FLUX_DEV, num_layers=args.double, num_single_layers=args.single)
     start = time.perf_counter()
-    model, total, mode = build(args.impl, dtype, config)
+    model, total, mode = build(args.impl, dtype, config, args.accel)
     trim()
     build_s = time.perf_counter() - start
     times, cpu_times, outs = {}, {}, {}
@@ -151,7 +153,8 @@ def run_worker(impl: str, dtype: str, args, out: Path) -> dict:
     argv = [sys.executable, __file__, "--worker", "--impl", impl, "--dtype", dtype,
             "--out", str(out), "--repeats", str(args.repeats), "--tokens", str(args.tokens),
             "--threads", str(args.threads), "--double", str(args.double),
-            "--single", str(args.single), "--sizes", *map(str, args.sizes)]  # fmt: skip
+            "--single", str(args.single), "--accel", args.accel,
+            "--sizes", *map(str, args.sizes)]  # fmt: skip
     subprocess.run(argv, check=True)
     res = json.loads(Path(f"{out}.json").read_text())
     for key in ("times", "cpu_times"):
@@ -247,6 +250,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="processes per implementation")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument("--accel", default="auto", help="ldm.accel mode for ldm's model")
     # worker mode (run by the driver)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("ldm", "diffusers"), help=argparse.SUPPRESS)
