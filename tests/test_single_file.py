@@ -119,8 +119,8 @@ def test_family_detection():
     sd3 = {"model.diffusion_model.joint_blocks.0.x.attn.qkv.weight": torch.zeros(1)}
     assert families.from_keys(sd3, "f").name == "sd3"  # tests/test_sd3_single_file.py
     flux = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}
+    assert families.from_keys(flux, "f").name == "flux"  # tests/test_flux_wiring.py
     for bad, words in (
-        (flux, "FLUX.1 models are not supported"),
         (clip, "no U-Net"),
         (unet, "no text encoder"),
     ):

@@ -102,8 +102,12 @@ def unet_config_dict(config) -> dict:
 
 
 def is_sd3(config) -> bool:
-    """SD3's MMDiT (ldm's SD3Config or its config.json) rather than a U-Net."""
-    return config is not None and "joint_attention_dim" in unet_config_dict(config)
+    """SD3's MMDiT (ldm's SD3Config or its config.json) rather than a U-Net or FLUX.1's
+    transformer (which also has joint_attention_dim; lora_flux.is_flux: num_single_layers)."""
+    if config is None:
+        return False
+    c = unet_config_dict(config)
+    return "joint_attention_dim" in c and "num_single_layers" not in c
 
 
 def network_prefix(paths: list[str]) -> str:

@@ -10,13 +10,11 @@ original fuses q, k, v (``img_attn.qkv``, ``txt_attn.qkv``) and, in single block
 the MLP input (``linear1``); its final adaLN holds (shift, scale) where diffusers' holds (scale,
 shift). One table of (diffusers names, original name, op) serves load and save and the LoRA
 names (lora_flux.py); tests check it against diffusers' convert_flux_transformer_checkpoint_to_
-diffusers.
+diffusers. What the keys say about the config is original_flux_config's.
 """
 
 from __future__ import annotations
 
-import copy
-import re
 from pathlib import Path
 
 import torch
@@ -39,6 +37,12 @@ from ldm.formats.original_config import (
     read_config_metadata,
     read_config_override,
 )
+from ldm.formats.original_flux_config import (  # noqa: F401 (variant: this module's API too)
+    infer_transformer_config,
+    single_file_configs,
+    variant,
+    widths,
+)
 from ldm.formats.original_keys import UNET, remap, vae_attn_shapes, vae_pairs
 from ldm.formats.original_text import (
     clip_from_original,
@@ -53,7 +57,6 @@ from ldm.models.build import build_network, build_text_encoder, build_vae
 from ldm.models.parts import ModelParts
 from ldm.text.tokenizer import build_clip_tokenizer
 
-MLP_RATIO = 4.0  # diffusers FluxSingleTransformerBlock / BFL SingleStreamBlock mlp_ratio
 VAE_PREFIXES = ("vae.", "first_stage_model.")  # ComfyUI's; diffusers also reads the LDM one
 TEXT_PREFIXES = {  # ldm part -> where a FLUX checkpoint keeps it (transformers' names below)
     "text_encoder": "text_encoders.clip_l.transformer.",
@@ -64,20 +67,7 @@ TOKENIZER_KEY = "ldm.tokenizer_2"  # safetensors metadata: ldm's export keeps it
 _SUFFIXES = (".weight", ".bias", "")  # "" for the q/k RMS norms' ``scale`` (a full name)
 
 
-def single_file_configs(guidance: bool) -> dict:
-    """FLUX.1-dev's (``guidance``) or FLUX.1-schnell's diffusers configs, from the family
-    registry (what a single file cannot say)."""
-    family = families.get("flux").for_network({"guidance_embeds": guidance})
-    return copy.deepcopy(family.single_file)
-
-
 # ---------------------------------------------------------------- the transformer's names
-
-
-def _widths(config: dict) -> tuple[int, int]:
-    """(attention width, single-block MLP width) of a diffusers FLUX transformer config."""
-    width = config["num_attention_heads"] * config["attention_head_dim"]
-    return width, int(width * MLP_RATIO)
 
 
 def transformer_pairs(config: dict) -> list[tuple[tuple[str, ...], str, object]]:
@@ -88,7 +78,7 @@ def transformer_pairs(config: dict) -> list[tuple[tuple[str, ...], str, object]]
     diffusers weights by rows in that order (qkv: 3 x width; linear1: q, k, v, then the MLP).
     Names ending in ``.weight`` / ``.scale`` are whole tensors (the q/k RMS norms).
     """
-    width, mlp = _widths(config)
+    width, mlp = widths(config)
     qkv = (width, width, width)
     pairs = [
         (("x_embedder",), "img_in", ""),
@@ -173,61 +163,6 @@ def convert_transformer(state: dict, config: dict, to_original: bool, what: str)
         shown = ", ".join(sorted(left)[:3]) + (f" (+{len(left) - 3} more)" if len(left) > 3 else "")
         raise CheckpointError(f"{what}: weights with no counterpart in the other layout: {shown}")
     return out
-
-
-# ---------------------------------------------------------------- what the keys say
-
-
-def _blocks(keys, name: str, source: str) -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(rf"{name}\.(\d+)\.", k))}
-    if found != set(range(len(found))):
-        raise CheckpointError(f"{source}: FLUX {name} {sorted(found)[:4]}... are not 0..N-1")
-    return len(found)
-
-
-def infer_transformer_config(net: dict, source: str = "transformer") -> tuple[dict, dict]:
-    """A diffusers FluxTransformer2DModel config from original-key shapes, and what was assumed.
-
-    Widths, depths, head width (the q/k norm's length), guidance embedding and in/out channels
-    (FLUX.1 64; Fill 384, Depth/Canny 128 in) are read; the RoPE axes are FLUX.1's.
-    """
-    n, n_single = _blocks(net, "double_blocks", source), _blocks(net, "single_blocks", source)
-    width, in_channels = net["img_in.weight"].shape
-    norm = (
-        "double_blocks.0.img_attn.norm.query_norm.scale"
-        if n
-        else "single_blocks.0.norm.query_norm.scale"
-    )
-    head = net[norm].shape[0]
-    guidance = "guidance_in.in_layer.weight" in net
-    config = dict(out_channels=None, **single_file_configs(guidance)["transformer"])
-    out_channels = net["final_layer.linear.weight"].shape[0]
-    config.update(
-        in_channels=in_channels, out_channels=None if out_channels == in_channels else out_channels,
-        num_layers=n, num_single_layers=n_single, attention_head_dim=head,
-        num_attention_heads=width // head, joint_attention_dim=net["txt_in.weight"].shape[1],
-        pooled_projection_dim=net["vector_in.in_layer.weight"].shape[1], guidance_embeds=guidance,
-    )  # fmt: skip
-    if width % head or sum(config["axes_dims_rope"]) != head:
-        raise CheckpointError(f"{source}: FLUX transformer of width {width} with {head}-wide "
-                              "heads: no released FLUX.1 (pass --config FOLDER)")  # fmt: skip
-    if (
-        n_single
-        and net["single_blocks.0.linear1.weight"].shape[0] != sum(_widths(config)) + 2 * width
-    ):
-        raise CheckpointError(f"{source}: FLUX single blocks whose MLP is not {MLP_RATIO:g}x wide")
-    notes = {"transformer.axes_dims_rope": f"{config['axes_dims_rope']} (FLUX.1)"}
-    return config, notes
-
-
-def variant(config: dict) -> str:
-    """What a transformer config is, in the names people use."""
-    names = {64: "FLUX.1-dev" if config.get("guidance_embeds") else "FLUX.1-schnell",
-             384: "FLUX.1-Fill", 128: "FLUX.1-Depth/Canny"}  # fmt: skip
-    name = names.get(config["in_channels"], "FLUX.1")
-    width = config["num_attention_heads"] * config["attention_head_dim"]
-    return (f"{name}-shaped, {config['num_layers']} double + {config['num_single_layers']} "
-            f"single blocks x {width}")  # fmt: skip
 
 
 def split_weights(state_dict: dict) -> dict:

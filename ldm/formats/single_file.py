@@ -4,7 +4,8 @@ One file holds every part under a prefix: ``model.diffusion_model.`` (U-Net, the
 ``openaimodel.UNetModel`` names; SDXL's added conditioning is ``label_emb``),
 ``first_stage_model.`` (KL autoencoder), and the text encoders (ldm.formats.original_text:
 ``cond_stage_model.*`` in SD 1.x/2.x, ``conditioner.embedders.N.*`` in SDXL and its refiner).
-SD3 / SD3.5 files (MMDiT ``joint_blocks``, ``text_encoders.*``) are ldm.formats.original_sd3's.
+SD3 / SD3.5 files (MMDiT ``joint_blocks``, ``text_encoders.*``) are ldm.formats.original_sd3's,
+FLUX.1 files (``double_blocks``, bare or under ``model.diffusion_model.``) original_flux's.
 Both directions use one table of (diffusers prefix, original prefix) pairs built from the
 architecture (ldm.formats.original_keys), so load and export cannot drift apart; tests check the
 tables against diffusers' own converters. Configs come from the file's ``ldm.config`` metadata
@@ -23,6 +24,7 @@ import torch
 
 from ldm.dtypes import to_dtype
 from ldm.errors import CheckpointError, ConfigError
+from ldm.formats import original_flux
 from ldm.formats.diffusers_folder import (
     cast,
     fit_clip_keys,
@@ -162,21 +164,26 @@ def load_single_file(
     dtype: torch.dtype | str = torch.float32,
     config: str | os.PathLike | dict | None = None,
     prediction_type: str | None = None,
-    t5: bool = True,  # False: an SD3 file's T5-XXL stays unread (zeros in its place)
+    t5: bool = True,  # False: an SD3 / FLUX file's T5-XXL stays unread (SD3: zeros in its place)
 ) -> ModelParts:
-    """Load an original SD 1.x / 2.x / SDXL (base or refiner) / SD3 single file into ldm's
-    modules."""
+    """Load an original SD 1.x / 2.x / SDXL (base or refiner) / SD3 / FLUX.1 single file into
+    ldm's modules."""
     path, dtype = Path(path), to_dtype(dtype, "dtype")
     source = str(path)
     # cast as read (never a second copy in the file's dtype); load_weights checks each part
     state_dict = load_state_dict(path, check_finite=False, dtype=dtype)
-    family = families.from_keys(state_dict, source).name  # refuses EDM SDXL and FLUX by name
+    family = families.from_keys(state_dict, source).name  # refuses EDM SDXL by name
+    if family in ("sd3", "flux") and prediction_type is not None:
+        label = families.get(family).label
+        raise ConfigError(f"{source}: {label} is a flow model; --prediction-type does not apply")
     if family == "sd3":
-        if prediction_type is not None:
-            raise ConfigError(f"{source}: SD3 is a flow model; --prediction-type does not apply")
         weights = split_weights(state_dict)
         del state_dict
         return load_sd3(weights, path, _metadata(path), config, device, dtype, t5)
+    if family == "flux":  # one copy: each tensor moves to its part's dict, then to its module
+        weights = original_flux.split_weights(state_dict)
+        del state_dict
+        return original_flux.load_flux(weights, path, _metadata(path), config, device, dtype, t5)
     unet_sd = _sub(state_dict, UNET)
     vae_sd = {k: v for k, v in _sub(state_dict, VAE).items() if not k.startswith("loss.")}
     texts = {}
@@ -241,6 +248,8 @@ def to_original_state_dict(parts: ModelParts, family: str | None = None) -> dict
     """ldm's parts -> one original-keyed state dict (U-Net, VAE, every text encoder)."""
     if (family or parts.family.name) == "sd3":
         return sd3_to_original(parts)
+    if (family or parts.family.name) == "flux":  # ComfyUI's layout: transformer, vae., CLIP, T5
+        return original_flux.flux_to_original(parts)
     unet = remap(
         parts.unet.state_dict(), unet_pairs(parts.unet.config.to_diffusers()), True, "unet"
     )
@@ -304,7 +313,10 @@ def save_single_file(
     meta = {"format": "pt", "ldm.family": family,
             "ldm.prediction_type": "flow" if flow else parts.prediction_type,
             METADATA_KEY: config_metadata(part_configs(parts, family))}  # fmt: skip
-    if getattr(parts, "tokenizer_3", None) is not None:  # no offline T5 tokenizer: ldm keeps it
+    # no offline T5 tokenizer: ldm keeps it (SD3's third encoder, FLUX's second)
+    if family == "flux" and getattr(parts, "tokenizer_2", None) is not None:
+        meta[original_flux.TOKENIZER_KEY] = tokenizer_metadata(parts.tokenizer_2)
+    elif getattr(parts, "tokenizer_3", None) is not None:
         meta[TOKENIZER_KEY] = tokenizer_metadata(parts.tokenizer_3)
     save_state_dict(state_dict, path, meta)
     return path

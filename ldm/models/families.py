@@ -278,9 +278,9 @@ KNOWN_ELSEWHERE = {
 SINGLE_FILE_MARKERS = (  # a key fragment that identifies a family, checked in this order
     ("edm_mean", "Playground v2.5 (EDM SDXL)"),  # EDM-parametrised SDXL variants
     ("edm_vpred.sigma_max", "EDM v-prediction SDXL"),
-    ("double_blocks.", "FLUX.1"),
 )
 UNET_PREFIX = "model.diffusion_model."
+FLUX_BLOCKS = "double_blocks."  # FLUX.1 (BFL's names), under UNET_PREFIX (ComfyUI) or bare (BFL)
 SD3_BLOCKS = "joint_blocks."  # MMDiT (SD3 / SD3.5), under UNET_PREFIX or bare (a transformer file)
 CLIP_PREFIX = "cond_stage_model.transformer."  # OpenAI CLIP (SD 1.x)
 OPENCLIP_PREFIX = "cond_stage_model.model."  # OpenCLIP (SD 2.x)
@@ -331,6 +331,8 @@ def from_keys(keys: Iterable[str], source: str) -> Family:
     for marker, label in SINGLE_FILE_MARKERS:
         if any(marker in k for k in keys):
             raise _unsupported(label, source)
+    if any(k.startswith((UNET_PREFIX + FLUX_BLOCKS, FLUX_BLOCKS)) for k in keys):
+        return FAMILIES["flux"]  # ldm.formats.original_flux (schnell: Family.for_network)
     if any(k.startswith((UNET_PREFIX + SD3_BLOCKS, SD3_BLOCKS)) for k in keys):
         return FAMILIES["sd3"]  # text encoders may be absent (ldm.formats.original_sd3)
     if not any(k.startswith(UNET_PREFIX) for k in keys):

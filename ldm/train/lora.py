@@ -23,6 +23,7 @@ from ldm.formats.lora import (
     save_diffusers_lora,
     save_kohya_lora,
 )
+from ldm.formats.lora_flux import is_flux, save_flux_lora
 from ldm.train.config import LoRAConfig
 
 ADAPTER = "default"  # peft's adapter name; ldm trains one adapter at a time
@@ -101,6 +102,14 @@ def save_lora(
     if not modules:
         raise ValueError("save_lora: the model has no LoRA layers (add_lora was not called)")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_flux(parts.unet.config):  # FLUX.1: ``transformer.*`` pairs; kohya's BFL names, fused
+        return [
+            save_flux_lora(
+                modules, out_dir / DIFFUSERS_NAME, parts.unet.config, "diffusers", dtype
+            ),
+            save_flux_lora(modules, out_dir / kohya_name, parts.unet.config, "kohya", dtype),
+        ]
     return [
         save_diffusers_lora(modules, out_dir / DIFFUSERS_NAME, dtype),
         # the U-Net config names SDXL modules as kohya does (sgm paths, lora_te1_ / lora_te2_)

@@ -1,0 +1,77 @@
+"""FLUX.1 single files through ldm's front door: ``ldm txt2img --model flux.safetensors`` (the
+file detected by its ``double_blocks`` keys, loaded by ldm.formats.original_flux) draws the image
+of the diffusers folder it was saved from; LoRA names and the trainer's LoRA export tell FLUX
+from SD3 (both transformers have joint_attention_dim)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_flux import tiny_flux_dev, tiny_flux_schnell  # noqa: F401 (fixtures)
+
+from ldm.errors import ConfigError
+from ldm.formats.diffusers_folder import load_folder
+from ldm.formats.lora_names import is_sd3
+from ldm.formats.safe_load import read_safetensors_header
+from ldm.formats.single_file import load_single_file, save_single_file
+from ldm.models import families
+
+
+def _txt2img(model, out, *extra) -> np.ndarray:
+    from ldm.cli import main
+
+    args = ["txt2img", "--model", str(model), "--prompt", "a red circle", "--steps", "2",
+            "--H", "32", "--W", "32", "--seed", "4", "--outdir", str(out), *extra]  # fmt: skip
+    assert main(args) == 0
+    (png,) = out.glob("*.png")
+    return np.asarray(Image.open(png), dtype=np.int16)
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_txt2img_on_a_flux_single_file_draws_the_folders_image(
+    variant,
+    tiny_flux_dev,
+    tiny_flux_schnell,
+    tmp_path,  # noqa: F811
+):
+    folder = tiny_flux_dev if variant == "dev" else tiny_flux_schnell
+    path = save_single_file(load_folder(folder), tmp_path / "flux.safetensors")
+    header = read_safetensors_header(path)
+    assert any(k.startswith("model.diffusion_model.double_blocks.") for k in header)
+    assert "ldm.tokenizer_2" in header["__metadata__"]  # the T5 tokenizer travels with it
+    parts = load_single_file(path)
+    assert parts.family.name == "flux"
+    assert parts.family.steps == (28 if variant == "dev" else 4)  # for_network: schnell's own
+    want = _txt2img(folder, tmp_path / "folder")
+    got = _txt2img(path, tmp_path / "file")
+    assert np.abs(want - got).max() == 0
+
+
+def test_flux_file_refuses_a_prediction_type(tiny_flux_dev, tmp_path):  # noqa: F811
+    path = save_single_file(load_folder(tiny_flux_dev), tmp_path / "flux.safetensors")
+    with pytest.raises(ConfigError, match="FLUX.1 is a flow model"):
+        load_single_file(path, prediction_type="epsilon")
+
+
+def test_flux_is_detected_and_not_taken_for_sd3(tiny_flux_dev):  # noqa: F811
+    for key in ("double_blocks.0.img_attn.qkv.weight",
+                "model.diffusion_model.double_blocks.0.img_attn.qkv.weight"):  # fmt: skip
+        assert families.from_keys([key], "f").name == "flux"
+    parts = load_folder(tiny_flux_dev)
+    assert not is_sd3(parts.unet.config)
+    assert is_sd3({"joint_attention_dim": 4096, "caption_projection_dim": 1536})
+
+
+def test_trainer_lora_export_of_flux_is_transformer_keyed(tiny_flux_dev, tmp_path):  # noqa: F811
+    from ldm.formats.safe_load import load_state_dict
+    from ldm.train.config import LoRAConfig
+    from ldm.train.lora import add_lora, save_lora
+
+    parts = load_folder(tiny_flux_dev)
+    add_lora(parts.unet, "unet", LoRAConfig(rank=2, alpha=2.0))
+    diffusers_file, kohya_file = save_lora(parts, tmp_path / "lora")
+    keys = set(load_state_dict(diffusers_file))
+    assert keys and all(k.startswith("transformer.") for k in keys), sorted(keys)[:3]
+    kohya = set(load_state_dict(kohya_file))
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
