@@ -8,7 +8,6 @@ tiles, linearly blended) paths bound the memory for large batches and images.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.config_io import DiffusersConfig
 from ldm.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 
 Generator = torch.Generator | list[torch.Generator] | None
@@ -25,8 +25,12 @@ _UNSUPPORTED: dict[str, Any] = {"latents_mean": None, "latents_std": None}
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(DiffusersConfig):
     """Architecture and latent scaling; names and defaults are diffusers' ``config.json`` keys."""
+
+    class_name = "AutoencoderKL"
+    where = "vae config"
+    unsupported = _UNSUPPORTED
 
     in_channels: int = 3
     out_channels: int = 3
@@ -63,31 +67,6 @@ class AutoencoderConfig:
                 raise ConfigError(f"vae config: {name}={list(kinds)} is not supported")
         if self.act_fn != "silu":
             raise ConfigError(f"vae config: act_fn={self.act_fn!r} is not supported")
-
-    @classmethod
-    def from_diffusers(cls, d: dict) -> AutoencoderConfig:
-        """Read a diffusers ``vae/config.json`` dict; unsupported non-default fields raise."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue
-            if key in names:
-                kwargs[key] = value
-            elif key in _UNSUPPORTED:
-                if value != _UNSUPPORTED[key]:
-                    raise ConfigError(f"vae config: {key}={value!r} is not supported by ldm")
-            else:
-                raise ConfigError(f"vae config: unknown field {key!r}")
-        return cls(**kwargs)
-
-    def to_diffusers(self) -> dict:
-        """A ``config.json`` dict that diffusers' AutoencoderKL accepts."""
-        out: dict[str, Any] = {"_class_name": "AutoencoderKL"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
 
 def randn_like_per_sample(x: torch.Tensor, generator: Generator) -> torch.Tensor:

@@ -12,15 +12,14 @@ with strict=True both ways.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.config_io import DiffusersConfig
 from ldm.models.flux_blocks import (
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
@@ -34,9 +33,12 @@ ROPE_THETA = 10000.0  # FLUX.1's rotary base (diffusers' FluxPosEmbed(theta=1000
 
 
 @dataclass
-class FluxConfig:
+class FluxConfig(DiffusersConfig):
     """Architecture of the FLUX.1 transformer; field names and defaults are diffusers'
     ``config.json`` keys and class defaults (FLUX.1-dev/schnell: 19 + 38 blocks, 24 x 128)."""
+
+    class_name = "FluxTransformer2DModel"
+    where = "transformer config"
 
     patch_size: int = 1  # tokens are already 2x2-packed latents: only 1 is supported
     in_channels: int = 64  # packed channels (16 x 4); Fill 384, Depth/Canny 128 (caller concats)
@@ -76,27 +78,6 @@ class FluxConfig:
         if self.out_channels % 4:
             raise ConfigError(f"transformer config: out_channels {self.out_channels} is not a "
                               "multiple of 4 (2x2-packed latent channels)")  # fmt: skip
-
-    @classmethod
-    def from_diffusers(cls, d: dict) -> FluxConfig:
-        """Read a diffusers ``transformer/config.json`` dict; unknown fields raise by name."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue  # _class_name, _diffusers_version, _name_or_path
-            if key not in names:
-                raise ConfigError(f"transformer config: unknown field {key!r}")
-            kwargs[key] = value
-        return cls(**kwargs)
-
-    def to_diffusers(self) -> dict:
-        """A ``config.json`` dict that diffusers' FluxTransformer2DModel accepts."""
-        out: dict[str, Any] = {"_class_name": "FluxTransformer2DModel"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
 
 class FluxTransformer2DModel(nn.Module):

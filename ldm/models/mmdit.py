@@ -10,15 +10,14 @@ Denoiser maps sigma to its timestep, sigma * 1000). Parameter names follow diffu
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.config_io import DiffusersConfig
 from ldm.models.layers import maybe_checkpoint
 from ldm.models.mmdit_blocks import (
     AdaLayerNormContinuous,
@@ -31,10 +30,13 @@ _QK_NORMS = (None, "rms_norm")  # SD3: None; SD3.5: "rms_norm"
 
 
 @dataclass
-class SD3Config:
+class SD3Config(DiffusersConfig):
     """Architecture of the MMDiT; field names and defaults are diffusers' ``config.json`` keys
     (defaults: SD3-medium's width and depth are 24 x 64 and 24; diffusers' class defaults are
     kept here so a config.json that omits a field means what it means to diffusers)."""
+
+    class_name = "SD3Transformer2DModel"
+    where = "transformer config"
 
     sample_size: int = 128  # training latent side: the position table's unit (base size)
     patch_size: int = 2  # latent pixels per token side
@@ -78,27 +80,6 @@ class SD3Config:
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ConfigError(f"transformer config: dual_attention_layers {bad} out of range")
-
-    @classmethod
-    def from_diffusers(cls, d: dict) -> SD3Config:
-        """Read a diffusers ``transformer/config.json`` dict; unknown fields raise by name."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue  # _class_name, _diffusers_version, _name_or_path
-            if key not in names:
-                raise ConfigError(f"transformer config: unknown field {key!r}")
-            kwargs[key] = value
-        return cls(**kwargs)
-
-    def to_diffusers(self) -> dict:
-        """A ``config.json`` dict that diffusers' SD3Transformer2DModel accepts."""
-        out: dict[str, Any] = {"_class_name": "SD3Transformer2DModel"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
 
 class SD3Transformer2DModel(nn.Module):

@@ -9,7 +9,6 @@ embedding added to the timestep's, Luo et al. 2023 Sec. 4.2).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.config_io import DiffusersConfig
 from ldm.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -55,12 +55,6 @@ _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
-def _is_default(value: Any, default: Any) -> bool:
-    if isinstance(value, (list, tuple)) and not isinstance(default, (list, tuple)):
-        return all(v == default for v in value)  # e.g. only_cross_attention: [false, false, ...]
-    return value == default
-
-
 def _per_block(value: IntOrTuple, n: int, name: str) -> tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -70,8 +64,12 @@ def _per_block(value: IntOrTuple, n: int, name: str) -> tuple:
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(DiffusersConfig):
     """Architecture of the U-Net; field names and defaults are diffusers' ``config.json`` keys."""
+
+    class_name = "UNet2DConditionModel"
+    where = "unet config"
+    unsupported = _UNSUPPORTED
 
     sample_size: Any = None  # informational: the training latent size
     in_channels: int = 4
@@ -149,31 +147,6 @@ class UNetConfig:
         return _per_block(
             self.attention_head_dim, len(self.block_out_channels), "attention_head_dim"
         )
-
-    @classmethod
-    def from_diffusers(cls, d: dict) -> UNetConfig:
-        """Read a diffusers ``unet/config.json`` dict; unsupported non-default fields raise."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue  # _class_name, _diffusers_version, _name_or_path
-            if key in names:
-                kwargs[key] = value
-            elif key in _UNSUPPORTED:
-                if not _is_default(value, _UNSUPPORTED[key]):
-                    raise ConfigError(f"unet config: {key}={value!r} is not supported by ldm")
-            else:
-                raise ConfigError(f"unet config: unknown field {key!r}")
-        return cls(**kwargs)
-
-    def to_diffusers(self) -> dict:
-        """A ``config.json`` dict that diffusers' UNet2DConditionModel accepts."""
-        out: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
 
 @dataclass
