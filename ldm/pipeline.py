@@ -10,6 +10,7 @@ wrap the denoiser (see :mod:`ldm.modes`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from ldm import __version__
+from ldm.accel import ENV_VAR as ACCEL_ENV
 from ldm.accel import apply as apply_accel
 from ldm.dtypes import DTYPE_NAMES
 from ldm.errors import LdmError
@@ -32,6 +34,7 @@ from ldm.loading import (
     resolve_dtype,
 )
 from ldm.modes import blend_known, encode_each, image_to_tensor, inpaint_inputs
+from ldm.offload import check_offload, enable_offload
 from ldm.pixels import PixelSide
 from ldm.prepare import prepare_request
 from ldm.request import Request
@@ -67,22 +70,28 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     accel: str | None = None,
     t5: bool = True,
+    offload: str | None = None,
 ) -> Pipeline:
     """Load a model (None = the bundled demo model) onto ``device`` in ``dtype``; ``t5=False``
     leaves an SD3 model's T5-XXL unread (zeros in its place, as diffusers without it).
 
     ``accel`` is the ``ldm.accel`` mode applied before the first image (None: $LDM_ACCEL, else
-    auto); see :meth:`Pipeline.accelerate`.
+    auto); see :meth:`Pipeline.accelerate`. ``offload`` ("model", "sequential"; GPUs only):
+    the weights are read into CPU RAM and visit the device only while they run (ldm.offload).
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    offload = check_offload(offload, device)
     if model is None:
         model = DEFAULT_MODEL
         if not (DEFAULT_MODEL / "model_index.json").exists():  # a broken install, not a user error
             raise LdmError(f"the bundled demo model is missing ({DEFAULT_MODEL}): reinstall ldm "
                            "or pass --model")  # fmt: skip
-    parts = load_model(model, device, torch_dtype, t5=t5)
-    return Pipeline(parts, device, torch_dtype, accel)
+    parts = load_model(model, "cpu" if offload != "none" else device, torch_dtype, t5=t5)
+    pipe = Pipeline(parts, device, torch_dtype, accel)
+    if offload != "none":
+        pipe.enable_offload(offload)
+    return pipe
 
 
 class Pipeline(PixelSide):
@@ -107,6 +116,7 @@ class Pipeline(PixelSide):
         self.loras: list[dict] = list(parts.loras)  # LoRAs merged into the weights (records)
         self.accel_mode = accel  # ldm.accel mode to apply (None: $LDM_ACCEL, else auto)
         self.accel = None  # its ldm.accel.Decision once applied (at the first call)
+        self.offload = None  # ldm.offload.Offload: parts kept in CPU RAM between their runs
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -191,6 +201,15 @@ class Pipeline(PixelSide):
             apply_accel(self.vae, mode, device=self.device, dtype=self.dtype)
         return self.accel
 
+    def enable_offload(self, mode: str) -> None:
+        """Keep the parts in CPU RAM, each on the device only while it runs ("model": a part
+        at a time, "sequential": a module at a time; "none": off). GPUs only (ldm.offload)."""
+        check_offload(mode, self.device)
+        if mode != "none" and (self.accel_mode or os.environ.get(ACCEL_ENV)) == "inductor":
+            raise LdmError("--offload does not combine with --accel inductor (compiled graphs "
+                           "would capture the weights' devices)")  # fmt: skip
+        enable_offload(self, mode)
+
     # ---- the call -----------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(
@@ -211,12 +230,16 @@ class Pipeline(PixelSide):
         """
         request = self.prepare(prompts, seeds, **settings)
         self.accelerate()
-        cond, uncond = (encode or self.encode_text)(
-            request.prompts, request.negatives, request.clip_skip, self.two_pass(request)
-        )
-        cond, uncond = self.condition(request, cond, uncond)
-        latents = self.denoise(request, cond, uncond, callback, preview=preview)
-        images, retried = self.decode(latents)
+        try:
+            cond, uncond = (encode or self.encode_text)(
+                request.prompts, request.negatives, request.clip_skip, self.two_pass(request)
+            )
+            cond, uncond = self.condition(request, cond, uncond)
+            latents = self.denoise(request, cond, uncond, callback, preview=preview)
+            images, retried = self.decode(latents)
+        finally:
+            if self.offload is not None:  # every part back in CPU RAM between calls
+                self.offload.release()
         return [
             Generated(image, self.record(request, i, retried[i])) for i, image in enumerate(images)
         ]
@@ -332,6 +355,7 @@ class Pipeline(PixelSide):
             dtype=DTYPE_NAMES[self.dtype],
             device=self.device.type,
             accel=self.accel.mode if self.accel is not None else "off",
+            offload=self.offload.mode if self.offload is not None else "none",
             rng="CPU",  # A1111's name for per-image CPU generators
             nan_retry_fp32=retried,
             loras=list(self.loras),

@@ -110,6 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--outdir", default="outputs/txt2img", help="(default: outputs/txt2img)")
     g.add_argument("--grid", action="store_true", help="also write a grid of all images")
     g.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    add_offload_argument(g)
     add_speed_arguments(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -128,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
     if seed_is_random:
         settings["seed"] = secrets.randbelow(2**32)  # printed once generation starts
 
-    pipe = load_model_flag(settings["model"], args.device, args.dtype, args.config, args.no_t5)
+    pipe = load_model_flag(
+        settings["model"], args.device, args.dtype, args.config, args.no_t5, args.offload
+    )
     if args.max_sequence_length is not None:  # else the model's (SD3 256, FLUX.1-dev 512)
         pipe.max_sequence_length = checked_length(args.max_sequence_length)
     refiner = None
@@ -170,13 +173,23 @@ def add_config_argument(g) -> None:
     )
 
 
-def load_model_flag(model, device, dtype, config, no_t5: bool = False):
+def add_offload_argument(g) -> None:
+    g.add_argument(
+        "--offload",
+        choices=("none", "model", "sequential"),
+        help="GPU memory: weights in CPU RAM, each part (model) or module (sequential) on the "
+        "GPU only while it runs; GPUs only, docs/flux.md (none)",
+    )
+
+
+def load_model_flag(model, device, dtype, config, no_t5: bool = False, offload=None):
     """``load_pipeline``, with ``--config`` for a single file (ldm.loading.load_model)."""
     from ldm.loading import load_model, resolve_device, resolve_dtype
+    from ldm.offload import check_offload
     from ldm.pipeline import load_pipeline
 
     if config is None:
-        return load_pipeline(model, device=device, dtype=dtype, t5=not no_t5)
+        return load_pipeline(model, device=device, dtype=dtype, t5=not no_t5, offload=offload)
     from ldm.pipeline import Pipeline
 
     if model is None:
@@ -185,8 +198,12 @@ def load_model_flag(model, device, dtype, config, no_t5: bool = False):
         raise LdmError(f"--config {config}: no such file or folder")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    parts = load_model(model, device, torch_dtype, config=config, t5=not no_t5)
-    return Pipeline(parts, device, torch_dtype)
+    offload = check_offload(offload, device)
+    home = "cpu" if offload != "none" else device  # offloaded weights are read into CPU RAM
+    parts = load_model(model, home, torch_dtype, config=config, t5=not no_t5)
+    pipe = Pipeline(parts, device, torch_dtype)
+    pipe.enable_offload(offload)
+    return pipe
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -255,6 +272,8 @@ def _check_flags(args: argparse.Namespace, s: dict) -> None:
     for key in ("model", "refiner"):
         if s[key] is not None:
             resolve_model(s[key], f"--{key}")
+    if s["refiner"] and args.offload not in (None, "none"):
+        raise LdmError("--offload does not combine with --refiner yet (two models' parts)")
     if s["refiner"] and (args.init_image or args.mask or args.outpaint):
         raise LdmError("--refiner works with txt2img (no --init-image, --mask or --outpaint)")
     if (args.mask or args.outpaint) and not args.init_image:
