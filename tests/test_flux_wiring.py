@@ -31,9 +31,9 @@ def _txt2img(model, out, *extra) -> np.ndarray:
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
 def test_txt2img_on_a_flux_single_file_draws_the_folders_image(
     variant,
-    tiny_flux_dev,
-    tiny_flux_schnell,
-    tmp_path,  # noqa: F811
+    tiny_flux_dev,  # noqa: F811
+    tiny_flux_schnell,  # noqa: F811
+    tmp_path,
 ):
     folder = tiny_flux_dev if variant == "dev" else tiny_flux_schnell
     path = save_single_file(load_folder(folder), tmp_path / "flux.safetensors")

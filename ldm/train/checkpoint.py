@@ -53,6 +53,12 @@ def save_checkpoint(
     try:
         for part, sd in weights.items():
             tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+            # tied weights (T5's shared / encoder.embed_tokens): safetensors refuses shared storage
+            seen = set()
+            for k, v in tensors.items():
+                if v.data_ptr() in seen and v.numel():
+                    tensors[k] = v.clone()
+                seen.add(v.data_ptr())
             save_file(tensors, str(tmp / f"{part}.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))

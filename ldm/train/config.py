@@ -72,6 +72,9 @@ class LossConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    # FLUX.1-dev: the distilled guidance scale its transformer embeds while training (diffusers'
+    # train_dreambooth_lora_flux --guidance_scale 3.5, FluxPipeline's default; docs/lora.md)
+    embedded_guidance_scale: float = 3.5
     noise_offset: float = 0.0
     multires_noise_iterations: int = 0  # kohya's pyramid noise; 0 disables
     multires_noise_discount: float = 0.3

@@ -1,8 +1,9 @@
 """LoRA fine-tuning (Hu et al. 2021): peft adapters on attention projections, export, merge.
 
 ``add_lora`` injects peft ``LoraLayer``s (lora_B starts at zero, so the model is unchanged at
-step 0) into the U-Net's ``to_q/to_k/to_v/to_out.0`` or the CLIP text encoder's
-``q_proj/k_proj/v_proj/out_proj`` and leaves only their weights trainable. ``save_lora`` writes
+step 0) into the U-Net's ``to_q/to_k/to_v/to_out.0`` (FLUX.1: diffusers' FLUX defaults,
+FLUX_TARGETS) or the CLIP text encoder's ``q_proj/k_proj/v_proj/out_proj`` and leaves only their
+weights trainable. ``save_lora`` writes
 the trained pairs as diffusers/PEFT ``pytorch_lora_weights.safetensors`` and as a kohya file;
 ``merge_lora`` folds them into the base weights and removes the adapters, so a full export has
 the original parameter names.
@@ -29,6 +30,12 @@ from ldm.train.config import LoRAConfig
 ADAPTER = "default"  # peft's adapter name; ldm trains one adapter at a time
 KOHYA_NAME = "lora_kohya.safetensors"
 LORA_PARTS = ("unet", "text_encoder", "text_encoder_2")  # SDXL's second: kohya lora_te2_
+# FLUX.1's transformer when lora.targets is left at its (U-Net) default: diffusers'
+# train_dreambooth_lora_flux --lora_layers default, both streams' attention and MLPs of the
+# double blocks, q/k/v of the single blocks (kohya files fuse them with zero MLP-input rows)
+FLUX_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+                "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]  # fmt: skip
 
 
 def add_lora(module: torch.nn.Module, name: str, config: LoRAConfig) -> int:
@@ -38,6 +45,8 @@ def add_lora(module: torch.nn.Module, name: str, config: LoRAConfig) -> int:
     if name not in LORA_PARTS:
         raise ConfigError(f"lora: cannot add LoRA to '{name}' (only {', '.join(LORA_PARTS)})")
     targets = list(config.targets if name == "unet" else config.text_encoder_targets)
+    if name == "unet" and is_flux(module.config) and targets == LoRAConfig().targets:
+        targets = list(FLUX_TARGETS)
     where = "lora.targets" if name == "unet" else "lora.text_encoder_targets"
     if config.rank < 1 or not config.alpha > 0:
         raise ConfigError(
@@ -94,7 +103,8 @@ def save_lora(
     dtype: torch.dtype | None = None,
     kohya_name: str = KOHYA_NAME,
 ) -> list[Path]:
-    """Write the LoRA of parts.unet / text encoders as diffusers/PEFT and kohya files."""
+    """Write the LoRA of parts.unet / text encoders as diffusers/PEFT and kohya files (FLUX.1:
+    ``transformer.*`` and kohya's BFL names, ldm.formats.lora_flux)."""
     modules = []
     for part in LORA_PARTS:
         if (module := getattr(parts, part, None)) is not None:

@@ -1,13 +1,24 @@
 """One micro-batch's loss for each kind of stage: diffusion (the Denoiser's loss at sampled noise
-levels, discrete timesteps or flow times, and its weighting) and the autoencoder's."""
+levels, discrete timesteps or flow times, and its weighting) and the autoencoder's.
+
+A flow model trains through the denoiser it samples with (``ldm.sampling.plan.make_denoiser``:
+FLUX's 2 x 2 packing and t in [0, 1], SD3's t x 1000), at flow times shifted as it samples
+(a static shift, or FLUX.1-dev's resolution-dependent one at the batch's token count), and a
+FLUX.1-dev transformer sees ``loss.embedded_guidance_scale`` as its guidance input (docs/lora.md).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 
 from ldm.denoiser import Denoiser
 from ldm.errors import ConfigError
-from ldm.sampling.plan import noise_schedule
+from ldm.models.families import FAMILIES
+from ldm.sampling.flow import flow_shift
+from ldm.sampling.plan import make_denoiser, noise_schedule
 from ldm.train.batches import batch_latents
 from ldm.train.config import StageConfig
 from ldm.train.loss import (
@@ -34,7 +45,35 @@ def training_denoiser(network, scheduler_config: dict, stage: StageConfig) -> De
     if stage.loss.min_snr_gamma is not None:
         raise ConfigError(f"stages.{stage.name}.loss.min_snr_gamma: set it to null for a flow "
                           "model (loss.sigma_sampling, loss.weighting shape its loss)")  # fmt: skip
-    return Denoiser(network, None, prediction="flow")
+    return make_denoiser(network, None, None, family=_flow_family(network))
+
+
+def _flow_family(network):
+    """The registry's flow family whose network this is (SD3, FLUX; DDP's wrapper unwrapped),
+    None for a flow U-Net (t x 1000, as SD3)."""
+    name = type(getattr(network, "module", network)).__name__
+    flows = (f for f in FAMILIES.values() if f.prediction_type == "flow" and f.network == name)
+    return next(flows, None)
+
+
+def training_shift(scheduler_config: dict, latent_shape: tuple, patch: int = 1) -> float:
+    """The time shift s of sigma' = s t / (1 + (s - 1) t) the model samples this batch's size
+    with: the scheduler's static ``shift``, or with dynamic shifting (FLUX.1-dev) e^mu at the
+    batch's image tokens (h / patch) (w / patch), mu linear in them as FluxPipeline computes it;
+    the exponential time shift e^mu / (e^mu + 1/t - 1) is the static one with s = e^mu."""
+    h, w = latent_shape[-2:]
+    fn = flow_shift(scheduler_config, image_seq_len=(h // patch) * (w // patch))
+    if fn.mu is None:
+        return fn.shift
+    return math.exp(fn.mu) if fn.time_shift_type == "exponential" else fn.mu
+
+
+def _with_guidance(parts, cond, n: int, scale: float):
+    """FLUX.1-dev's distilled guidance input, the same scale for every row (diffusers'
+    train_dreambooth_lora_flux passes ``guidance_scale`` the same way); others unchanged."""
+    if not getattr(parts.unet.config, "guidance_embeds", False):
+        return cond
+    return dataclasses.replace(cond, guidance=torch.full((n,), float(scale)))
 
 
 def diffusion_loss_for_step(parts, st, g, index: int, device) -> tuple[torch.Tensor, dict]:
@@ -46,7 +85,8 @@ def diffusion_loss_for_step(parts, st, g, index: int, device) -> tuple[torch.Ten
     cond = st.text(batch.captions, drop.tolist(), batch.sizes, device)
     den, n = st.denoiser, latents.shape[0]
     if den.continuous:  # flow: sigma from the stage's density, shifted as the model samples
-        shift = float(parts.scheduler_config.get("shift", 1.0))
+        cond = _with_guidance(parts, cond, n, loss_cfg.embedded_guidance_scale)
+        shift = training_shift(parts.scheduler_config, latents.shape, parts.family.latent_patch)
         sigma = flow_training_sigmas(n, g, loss_cfg.sigma_sampling, loss_cfg.logit_mean,
                                      loss_cfg.logit_std, loss_cfg.mode_scale, shift)  # fmt: skip
     else:
