@@ -181,17 +181,24 @@ class Worker:
             with self._lock:
                 self.progress = Progress(job=job, started=time.monotonic())
             job.emit("start")
+            result = error = None
             try:
-                job.future.set_result(self._run(job))
+                result = self._run(job)
             except LdmError as e:
-                job.future.set_exception(e)
+                error = e
             except Exception as e:  # a bug must fail this job, not the server
                 traceback.print_exc()
-                job.future.set_exception(RuntimeError(f"{type(e).__name__}: {e}"))
+                error = RuntimeError(f"{type(e).__name__}: {e}")
             finally:
+                # idle before the future resolves: whoever waited on it must not see the job
+                # still running (progress / running() read self.progress)
                 with self._lock:
                     self.progress = Progress()
-                job.emit("done")
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
+            job.emit("done")
 
     def _run(self, job: Job) -> JobResult:
         pipe = self.models.pipeline(job.model)
