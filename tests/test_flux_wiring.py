@@ -75,3 +75,13 @@ def test_trainer_lora_export_of_flux_is_transformer_keyed(tiny_flux_dev, tmp_pat
     assert keys and all(k.startswith("transformer.") for k in keys), sorted(keys)[:3]
     kohya = set(load_state_dict(kohya_file))
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
+
+
+def test_models_listing_shows_schnells_own_defaults(tiny_flux_dev, tiny_flux_schnell):  # noqa: F811
+    """``ldm models`` (bundled.sampling_defaults) reads the transformer config, as load_folder."""
+    from ldm.models.bundled import sampling_defaults
+
+    schnell = sampling_defaults(tiny_flux_schnell, {})
+    assert (schnell["steps"], schnell["guidance_scale"]) == (4, 1.0)
+    dev = sampling_defaults(tiny_flux_dev, {})
+    assert (dev["steps"], dev["guidance_scale"]) == (28, 3.5)

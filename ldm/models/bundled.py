@@ -206,5 +206,8 @@ def sampling_defaults(weights: Path, stored: dict) -> dict:
     index = read_json(index) if index.exists() else dict(DEFAULT_MODEL_INDEX)
     text = weights / "text_encoder" / "config.json"
     family = families.from_folder(index, read_json(text) if text.exists() else None, str(weights))
+    network = weights / family.network_folder / "config.json"
+    if family.unguided and network.exists():  # FLUX.1-schnell: its own defaults (load_folder's)
+        family = family.for_network(read_json(network))
     config = read_json(weights / "scheduler" / "scheduler_config.json")
     return family.sampling_defaults(config, stored)
