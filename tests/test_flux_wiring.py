@@ -85,3 +85,45 @@ def test_models_listing_shows_schnells_own_defaults(tiny_flux_dev, tiny_flux_sch
     assert (schnell["steps"], schnell["guidance_scale"]) == (4, 1.0)
     dev = sampling_defaults(tiny_flux_dev, {})
     assert (dev["steps"], dev["guidance_scale"]) == (28, 3.5)
+
+
+def test_batch_true_cfg_scale_equals_the_pipeline(tiny_flux_dev, tmp_path):  # noqa: F811
+    """``ldm batch --true-cfg-scale`` (as txt2img's) reaches the pipeline and its record."""
+    from ldm.cli import main
+    from ldm.infotext import read_png_metadata
+    from ldm.pipeline import load_pipeline
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "out"
+    assert main(["batch", "--prompts", str(prompts), "--model", str(tiny_flux_dev), "--outdir",
+                 str(out), "--steps", "2", "--H", "32", "--W", "32", "--negative-prompt",
+                 "blurry", "--true-cfg-scale", "3", "--no-progress"]) == 0  # fmt: skip
+    (png,) = out.glob("*.png")
+    assert read_png_metadata(png)[1]["true_cfg_scale"] == 3.0
+    made = np.asarray(Image.open(png), dtype=np.int16)
+    kw = dict(negative_prompt="blurry", steps=2, height=32, width=32)
+    (want,) = load_pipeline(tiny_flux_dev)(["a red circle"], [0], true_cfg_scale=3.0, **kw)
+    (plain,) = load_pipeline(tiny_flux_dev)(["a red circle"], [0], **kw)
+    assert np.abs(made - np.asarray(want.image, dtype=np.int16)).max() == 0
+    assert np.abs(made - np.asarray(plain.image, dtype=np.int16)).max() > 2
+
+
+def test_batch_signature_covers_t5_settings(tmp_path):
+    """Joining / resuming runs must agree on --no-t5 and --max-sequence-length."""
+    from argparse import Namespace
+    from dataclasses import make_dataclass
+    from types import SimpleNamespace
+
+    from ldm.cli.batch import _signature
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    pipe = SimpleNamespace(model_hash="abc", loras=[], dtype="fp32", max_sequence_length=512)
+    args = Namespace(prompts=str(prompts), batch_size=4, no_t5=False)
+    spec = make_dataclass("Spec", [])()  # the job spec (dataclasses.asdict)
+    base = _signature(args, spec, pipe)
+    assert _signature(Namespace(**{**vars(args), "no_t5": True}), spec, pipe) != base
+    shorter = SimpleNamespace(**{**vars(pipe), "max_sequence_length": 256})
+    assert _signature(args, spec, shorter) != base
+    assert _signature(args, spec, pipe) == base

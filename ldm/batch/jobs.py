@@ -36,6 +36,7 @@ PARAMS: dict[str, type] = {
     "width": int, "clip_skip": int, "init_image": str, "mask": str, "strength": float,
     "n_iter": int, "batch_size": int,
     "shift": float,  # flow models (SD3): the static time shift; absent = the checkpoint's
+    "true_cfg_scale": float,  # FLUX.1-dev: CFG over its embedded guidance; absent = off
 }  # fmt: skip
 # A1111 / CompVis spellings -> ours
 ALIASES = {

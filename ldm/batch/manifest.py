@@ -28,7 +28,8 @@ from ldm.io import atomic_path
 MANIFEST = "manifest.jsonl"
 # record keys that must equal the job's parameters for an unlisted file to be adopted
 _RECORD_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "guidance_rescale",
-                "sampler", "schedule", "width", "height", "clip_skip", "shift")  # fmt: skip
+                "sampler", "schedule", "width", "height", "clip_skip", "shift",
+                "true_cfg_scale")  # fmt: skip
 
 
 def read(outdir: str | Path) -> dict[str, dict]:

@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # fcntl: POSIX only, and only runs that share a folder need i
 
 # parameters one pipeline call shares (the prompt, negative prompt and seed are per image)
 SHARED = ("steps", "guidance_scale", "guidance_rescale", "sampler", "schedule", "eta", "height",
-          "width", "clip_skip", "init_image", "mask", "strength", "shift")  # fmt: skip
+          "width", "clip_skip", "init_image", "mask", "strength", "shift",
+          "true_cfg_scale")  # fmt: skip
 MAX_OPEN_GROUPS = 64  # bounds memory when a file mixes many settings
 
 
@@ -316,6 +317,8 @@ def _generate(
 
 def _call(pipe, cache: TextCache, batch: list[Job]) -> list:
     shared = {k: batch[0].params.get(k) for k in SHARED if k in batch[0].params}
+    if shared.get("true_cfg_scale") is None:  # unset: the pipeline's (off)
+        shared.pop("true_cfg_scale", None)
     return pipe(
         [j.params["prompt"] for j in batch],
         [j.params["seed"] for j in batch],

@@ -31,7 +31,7 @@ from ldm.errors import LdmError
 # flag dest -> job parameter (the flags are defaults; a prompt file line overrides them)
 FLAG_PARAMS = ("negative_prompt", "seed", "steps", "guidance_scale", "guidance_rescale", "sampler",
                "schedule", "eta", "height", "width", "clip_skip", "init_image", "mask",
-               "strength", "shift")  # fmt: skip
+               "strength", "shift", "true_cfg_scale")  # fmt: skip
 SHOW_INVALID = 50
 
 
@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strength", type=float, help="how much of the init image to redo (0.8)")
     g.add_argument("--mask", help="inpainting mask: white = repaint, black = keep")
     g.add_argument("--shift", type=float, help="flow models' time shift (the checkpoint's: 3)")
+    g.add_argument("--true-cfg-scale", type=float,
+                   help="FLUX.1-dev: CFG with the negative prompt over the embedded guidance "
+                        "(--guidance-scale); 2 passes per step (off)")  # fmt: skip
     g.add_argument("--no-t5", action="store_true", help="SD3: leave T5-XXL unread (zeros)")
     g.add_argument("--max-sequence-length", type=int, help="T5 tokens (the model's; <= 512)")
     g = p.add_argument_group("output and throughput")
@@ -207,7 +210,8 @@ def _signature(args, spec, pipe) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     fields = dict(spec=dataclasses.asdict(spec), batch_size=args.batch_size,
-                  model=pipe.model_hash, loras=pipe.loras, dtype=str(pipe.dtype))  # fmt: skip
+                  model=pipe.model_hash, loras=pipe.loras, dtype=str(pipe.dtype),
+                  no_t5=args.no_t5, max_sequence_length=pipe.max_sequence_length)  # fmt: skip
     digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
