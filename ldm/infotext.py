@@ -50,6 +50,9 @@ SCHEDULE_TO_A1111 = {
     "simple": "Simple",
     "beta": "Beta",
 }
+# a flow model's "default" (diffusers' FlowMatch sigmas, t uniform then shifted): written as
+# Forge writes FLUX's default, beside "Schedule spacing: diffusers" (ldm reads back "default")
+FLOW_DEFAULT_SCHEDULE = "simple"
 SCHEDULE_FROM_A1111 = {v.lower(): k for k, v in SCHEDULE_TO_A1111.items() if k != "default"}
 # A1111's "Normal" spaces the same N timesteps from t(sigma_max) to t(sigma_min) as "Uniform"
 SCHEDULE_FROM_A1111["normal"] = "uniform"
@@ -73,6 +76,8 @@ _FIELDS = [
     ("refiner_switch_at", "Refiner switch at", float),
     ("shift", "Shift", float),  # flow models' time shift (Forge, ComfyUI's ModelSamplingSD3)
 ]
+# Forge's label for FLUX.1-dev's embedded guidance scale; its "CFG scale" is then true CFG (1: off)
+_DISTILLED = "Distilled CFG Scale"
 _LABEL_TO_FIELD = {label: (key, parse) for key, label, parse in _FIELDS if key != "eta"}
 # A1111 has two etas: "Eta DDIM" (DDIM, PLMS, UniPC) and "Eta" (k-diffusion samplers with an eta
 # argument); each applies to its own samplers only, and each is written only when it is not the
@@ -169,10 +174,17 @@ def format_infotext(params: dict) -> str:
         raise ValueError(f"infotext parameters missing {', '.join(missing)}")
     schedule = params.get("schedule", "default")
     sampler, schedule_type = a1111_sampler_names(params["sampler"], schedule)
+    flow_default = bool(params.get("flow")) and schedule == "default"
+    if flow_default:  # one label whatever the sampler: Forge's for FLUX (Euler + Simple)
+        schedule_type = SCHEDULE_TO_A1111[FLOW_DEFAULT_SCHEDULE]
     pairs = {"Steps": str(int(params["steps"])), "Sampler": sampler, "Schedule type": schedule_type}
-    if _diffusers_spacing(params["sampler"], schedule):
+    if _diffusers_spacing(params["sampler"], schedule) or flow_default:
         pairs[_SPACING] = _DIFFUSERS
-    pairs["CFG scale"] = _number(params["guidance_scale"])
+    if params.get("embedded_guidance"):  # FLUX.1-dev, as Forge writes it
+        pairs["CFG scale"] = _number(params.get("true_cfg_scale") or 1.0)
+        pairs[_DISTILLED] = _number(params["guidance_scale"])
+    else:
+        pairs["CFG scale"] = _number(params["guidance_scale"])
     pairs["Seed"] = str(int(params["seed"]))
     pairs["Size"] = f"{int(params['width'])}x{int(params['height'])}"
     for key, label, parse in _FIELDS[3:]:
@@ -227,6 +239,8 @@ def _parse_param_line(line: str) -> dict:
                 out["width"], out["height"] = (int(v) for v in _RE_SIZE.match(value).groups())
             elif label == "Version":
                 out["version"] = value
+            elif label == _DISTILLED:
+                out["distilled"] = float(value)
             elif label == "Refiner" and _RE_NAME_HASH.match(value):
                 out["refiner"], out["refiner_hash"] = _RE_NAME_HASH.match(value).groups()
             elif label in _LABEL_TO_FIELD:
@@ -237,6 +251,11 @@ def _parse_param_line(line: str) -> dict:
         except ValueError:
             raise LdmError(f"infotext: {label} {value!r} is not a valid value") from None
     extra.update(_read_sampler(out, names))
+    if "distilled" in out:  # Forge: CFG scale is true CFG over the embedded (distilled) scale
+        true_cfg = out.pop("guidance_scale", 1.0)
+        out["guidance_scale"], out["embedded_guidance"] = out.pop("distilled"), True
+        if true_cfg != 1.0:
+            out["true_cfg_scale"] = true_cfg
     if extra:
         out["extra"] = extra
     out.setdefault("clip_skip", 1)  # a missing Clip skip means 1 (A1111 does the same)

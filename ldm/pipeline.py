@@ -360,4 +360,12 @@ class Pipeline(PixelSide):
             nan_retry_fp32=retried,
             loras=list(self.loras),
             ldm_version=__version__,
+            # flow models (their default schedule's infotext label); FLUX.1-dev: guidance_scale
+            # is the embedded (distilled) scale, written as Forge does
+            **({"flow": True} if self.schedule is None else {}),
+            **({"embedded_guidance": True} if self._embeds_guidance_scale else {}),
         )
+
+    @property
+    def _embeds_guidance_scale(self) -> bool:
+        return bool(getattr(self.parts.unet.config, "guidance_embeds", False))

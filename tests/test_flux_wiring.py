@@ -127,3 +127,31 @@ def test_batch_signature_covers_t5_settings(tmp_path):
     shorter = SimpleNamespace(**{**vars(pipe), "max_sequence_length": 256})
     assert _signature(args, spec, shorter) != base
     assert _signature(args, spec, pipe) == base
+
+
+def test_infotext_writes_and_reads_forges_distilled_cfg_scale(tiny_flux_dev, tmp_path):  # noqa: F811
+    """FLUX.1-dev's embedded scale as Forge writes it ("Distilled CFG Scale"; "CFG scale" is true
+    CFG, 1 = off); --from-png of the A1111 text alone (no ldm record) makes the same image."""
+    from ldm.infotext import format_infotext, parse_infotext, save_png
+
+    flags = ["--negative-prompt", "blurry", "--true-cfg-scale", "3"]
+    made = _txt2img(tiny_flux_dev, tmp_path / "a", *flags)
+    (png,) = (tmp_path / "a").glob("*.png")
+    text = Image.open(png).info["parameters"]
+    assert "CFG scale: 3, Distilled CFG Scale: 3.5" in text and "Schedule type: Simple" in text
+    bare = tmp_path / "bare.png"
+    save_png(Image.open(png), bare, text)  # the A1111 text only
+    again = tmp_path / "b"
+    from ldm.cli import main
+
+    assert main(["txt2img", "--from-png", str(bare), "--model", str(tiny_flux_dev),
+                 "--outdir", str(again)]) == 0  # fmt: skip
+    (png2,) = again.glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png2), dtype=np.int16), made)
+    # a flow model's default schedule has one label whatever the sampler (and reads back)
+    params = dict(prompt="a", steps=4, schedule="default", guidance_scale=3.5, seed=1,
+                  width=32, height=32, flow=True)  # fmt: skip
+    for sampler in ("euler", "dpmpp_2m", "unipc"):
+        text = format_infotext(dict(params, sampler=sampler))
+        assert "Schedule type: Simple, Schedule spacing: diffusers" in text
+        assert parse_infotext(text)["schedule"] == "default"
