@@ -200,7 +200,7 @@ def test_cli_eval_model_generates_then_scores(tmp_path, monkeypatch):
             calls.append((list(seeds), kw))
             return [Out(p, s) for p, s in zip(prompts, seeds)]
 
-    def fake_load(model, device="cpu", dtype=None, t5=True):
+    def fake_load(model, device="cpu", dtype=None, t5=True, offload="none"):
         return FakePipe()
 
     monkeypatch.setattr(ldm.pipeline, "load_pipeline", fake_load)

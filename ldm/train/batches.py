@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ldm.data.shapes import ShapesDataset
 from ldm.errors import ConfigError
@@ -44,8 +45,17 @@ def _to_pixels(images: list) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
+def _resized(pixels: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The world's 64 px renders at the data's resolution (area averaging when smaller)."""
+    if pixels.shape[-1] == resolution and pixels.shape[-2] == resolution:
+        return pixels
+    mode = "area" if resolution < pixels.shape[-1] else "bilinear"
+    return F.interpolate(pixels, size=(resolution, resolution), mode=mode)
+
+
 class ShapesBatches:
-    """The shapes world as an endless indexed stream (optionally a fixed pool of cache_size)."""
+    """The shapes world as an endless indexed stream (optionally a fixed pool of cache_size),
+    rendered at 64 px and resized to ``data.resolution``."""
 
     def __init__(self, data: DataConfig, batch_size: int, rank: int = 0, world: int = 1):
         self.dataset = ShapesDataset(
@@ -56,6 +66,7 @@ class ShapesBatches:
             layout=data.shapes_layout,
         )
         self.batch_size = batch_size  # per process
+        self.resolution = data.resolution
         self.rank, self.world = rank, world
         self.pool = data.cache_size  # 0: every index is a new image
         self.latents: torch.Tensor | None = None  # (pool, 2, C, h, w): posterior mean and std
@@ -69,7 +80,8 @@ class ShapesBatches:
 
     def images(self, step: int) -> tuple[torch.Tensor, list[str]]:
         items = [self.dataset[i] for i in self.indices(step)]
-        return _to_pixels([im for im, *_ in items]), [item[1] for item in items]
+        pixels = _resized(_to_pixels([im for im, *_ in items]), self.resolution)
+        return pixels, [item[1] for item in items]
 
     @torch.no_grad()
     def cache_latents(self, vae, batch_size: int = 256, progress=None) -> None:
@@ -78,7 +90,8 @@ class ShapesBatches:
         stats, captions = [], []
         for lo in range(0, self.pool, batch_size):
             items = [self.dataset[i] for i in range(lo, min(lo + batch_size, self.pool))]
-            pixels = _to_pixels([im for im, *_ in items]).to(next(vae.parameters()).device)
+            pixels = _resized(_to_pixels([im for im, *_ in items]), self.resolution)
+            pixels = pixels.to(next(vae.parameters()).device)
             dist = vae.encode_dist(pixels.to(next(vae.parameters()).dtype))
             stats.append(torch.stack([dist.mean, dist.std], 1).to("cpu", torch.float16))
             self.image_size = tuple(pixels.shape[-2:])
