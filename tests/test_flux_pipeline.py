@@ -213,3 +213,9 @@ def test_sigmas_are_flux_pipelines_with_the_dynamic_shift(tiny_flux_dev, size): 
         tokens, config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"],
         config["max_shift"]))  # fmt: skip
     torch.testing.assert_close(ours, scheduler.sigmas.float(), atol=1e-6, rtol=0)
+
+
+def test_no_t5_is_refused_for_flux(tiny_flux_schnell):  # noqa: F811
+    """FLUX's context is T5's: leaving it out is an error, not a silently ignored flag."""
+    with pytest.raises(LdmError, match="needs its T5 encoder"):
+        load_folder(tiny_flux_schnell, t5=False)

@@ -85,6 +85,9 @@ def load_folder(
     where = path / family.network_folder  # unet/, or transformer/ (SD3, FLUX)
     unet_config, vae_config = read_json(where / "config.json"), read_json(path / "vae/config.json")
     family = family.for_network(unet_config)  # FLUX.1-schnell: no guidance_embeds
+    if not t5 and any(s.kind == "t5" and not s.optional for s in family.text_encoders):
+        raise LdmError(f"{path}: {family.label} needs its T5 encoder (its context is T5's); "
+                       "--no-t5 is for SD3")  # fmt: skip
     unet = build_network(unet_config, where, family=family.name, empty=True)
     load_weights(unet, load_part(where, "diffusers", dtype), str(where), device, dtype)
     vae = build_vae(vae_config, path / "vae", empty=True)
