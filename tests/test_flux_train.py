@@ -85,9 +85,17 @@ def _config(tmp: Path, start: Path, out: Path, steps: int = 30, *overrides: str,
 
 
 def _train(cfg, resume=False) -> Path:
+    from accelerate.state import AcceleratorState
+
     from ldm.train.loop import train
 
-    return train(cfg, progress=False, resume=resume)
+    # accelerate's state is process-wide: an earlier in-process run in this worker may have
+    # fixed mixed_precision "no"; this one trains in bf16
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return train(cfg, progress=False, resume=resume)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _losses(run: Path) -> list[float]:

@@ -23,8 +23,6 @@ from ldm.dtypes import to_dtype
 from ldm.errors import CheckpointError, ConfigError
 from ldm.formats.diffusers_folder import (
     fit_clip_keys,
-    fix_vae_keys,
-    load_part,
     load_text_model,
     load_tokenizer,
     load_weights,
@@ -44,6 +42,7 @@ from ldm.formats.original_flux_config import (  # noqa: F401 (variant: this modu
     widths,
 )
 from ldm.formats.original_keys import UNET, remap, vae_attn_shapes, vae_pairs
+from ldm.formats.original_sd3 import load_file_vae
 from ldm.formats.original_text import (
     clip_from_original,
     clip_to_original,
@@ -53,7 +52,7 @@ from ldm.formats.original_text import (
 )
 from ldm.formats.safe_load import load_state_dict, read_safetensors_header
 from ldm.models import families
-from ldm.models.build import build_network, build_text_encoder, build_vae
+from ldm.models.build import build_network, build_text_encoder
 from ldm.models.parts import ModelParts
 from ldm.text.tokenizer import build_clip_tokenizer
 
@@ -261,31 +260,21 @@ def load_flux(weights: dict, path: Path, meta: dict, config, device, dtype, t5: 
 
 def _load_vae(vae_sd, stored, given, folder, source, device, dtype, inferred):
     """The file's VAE (16 latent channels, scaling and shift FLUX.1's), else the folder's."""
-    if vae_sd:
-        vae_sd = vae_attn_shapes({k: v for k, v in vae_sd.items() if not k.startswith("loss.")},
-                                 False)  # fmt: skip
 
+    def config(sd: dict) -> dict:
         def infer():  # shapes over FLUX.1's (its scaling and shift)
-            config = infer_vae_config(vae_sd, "flux")
-            config.update(use_quant_conv="quant_conv.weight" in vae_sd,
-                          use_post_quant_conv="post_quant_conv.weight" in vae_sd)  # fmt: skip
+            config = infer_vae_config(sd, "flux")
+            config.update(use_quant_conv="quant_conv.weight" in sd,
+                          use_post_quant_conv="post_quant_conv.weight" in sd)  # fmt: skip
             return config, {"vae.scaling_factor": "0.3611, shift 0.1159 (FLUX.1)"}
 
         config, notes = _config("vae", stored, given, infer, source)
-        check_guesses(None, config, [], source)
         inferred.update(notes)
-        vae = build_vae(config, f"{source} (vae)", empty=True)
-        load_weights(vae, remap(vae_sd, vae_pairs(config), False, source), f"{source} (vae)",
-                     device, dtype)  # fmt: skip
-        return vae
-    if folder is not None and (folder / "vae" / "config.json").is_file():
-        inferred["vae"] = f"from {folder}"
-        vae = build_vae(read_json(folder / "vae" / "config.json"), folder / "vae", empty=True)
-        state = fix_vae_keys(load_part(folder / "vae", "diffusers", dtype))
-        load_weights(vae, state, str(folder / "vae"), device, dtype)
-        return vae
-    raise CheckpointError(f"{source}: no VAE weights (vae.* or first_stage_model.*): pass "
-                          "--config FOLDER, a diffusers FLUX folder that has vae/")  # fmt: skip
+        return config
+
+    vae_sd = {k: v for k, v in (vae_sd or {}).items() if not k.startswith("loss.")}
+    return load_file_vae(vae_sd, config, folder, source, device, dtype, inferred,
+                         "vae.* or first_stage_model.*")  # fmt: skip
 
 
 def _load_text(part, state, stored, given, folder, meta, t5, defaults, source, device, dtype):

@@ -285,19 +285,30 @@ def load_sd3(
 
 
 def _load_vae(vae_sd, stored, given, folder, source, device, dtype, inferred):
-    """The file's VAE, else the --config folder's; none is a one-line error."""
-    if vae_sd:
-        vae_sd = vae_attn_shapes(vae_sd, False)
+    """The file's VAE (its config stored, given or inferred over SD3's), else the folder's."""
 
+    def config(sd: dict) -> dict:
         def infer():
-            vae_config = infer_vae_config(vae_sd, "sd3")
-            vae_config.update(use_quant_conv="quant_conv.weight" in vae_sd,
-                              use_post_quant_conv="post_quant_conv.weight" in vae_sd)  # fmt: skip
+            vae_config = infer_vae_config(sd, "sd3")
+            vae_config.update(use_quant_conv="quant_conv.weight" in sd,
+                              use_post_quant_conv="post_quant_conv.weight" in sd)  # fmt: skip
             return vae_config, {}
 
         vae_config, notes = _config("vae", stored, given, source, infer)
-        check_guesses(None, vae_config, [], source)
         inferred.update(notes)
+        return vae_config
+
+    return load_file_vae(vae_sd, config, folder, source, device, dtype, inferred,
+                         "first_stage_model.*")  # fmt: skip
+
+
+def load_file_vae(vae_sd, config, folder, source, device, dtype, inferred, keys: str):
+    """A single file's VAE (``config(state)`` gives its diffusers config), else the --config
+    folder's vae/; neither is a one-line error naming the ``keys`` looked for."""
+    if vae_sd:
+        vae_sd = vae_attn_shapes(vae_sd, False)
+        vae_config = config(vae_sd)
+        check_guesses(None, vae_config, [], source)
         vae = build_vae(vae_config, f"{source} (vae)", empty=True)
         load_weights(vae, remap(vae_sd, vae_pairs(vae_config), False, source), f"{source} (vae)",
                      device, dtype)  # fmt: skip
@@ -308,8 +319,8 @@ def _load_vae(vae_sd, stored, given, folder, source, device, dtype, inferred):
         state = fix_vae_keys(load_part(folder / "vae", "diffusers", dtype))
         load_weights(vae, state, str(folder / "vae"), device, dtype)
         return vae
-    raise CheckpointError(f"{source}: no VAE weights (first_stage_model.*): pass --config FOLDER, "
-                          "a diffusers SD3 folder that has vae/")  # fmt: skip
+    raise CheckpointError(f"{source}: no VAE weights ({keys}): pass --config FOLDER, a diffusers "
+                          "folder that has vae/")  # fmt: skip
 
 
 def _load_text(spec, state, stored, given, folder, meta, t5, source, device, dtype):
