@@ -1,5 +1,6 @@
-"""Training-step time of model configs, alternated in one process (best of rounds): the CPU budget per step
-that issue 21's comparison equalises (eps U-Net vs flow U-Net vs MMDiT, docs/benchmarks.md).
+"""Training-step time of model configs, alternated in one process (best of rounds): the CPU
+budget per step that issue 21's comparison equalises (eps U-Net, flow U-Net, MMDiT;
+docs/benchmarks.md).
 
     OMP_NUM_THREADS=1 python scripts/bench_train_step.py configs/models/shapes64.yaml \
         configs/models/shapes64-mmdit.yaml --batch 64 --rounds 3 --steps 4
