@@ -218,6 +218,18 @@ def load_single_file(
     vae_state = remap(vae_sd, vae_pairs(configs["vae"]), False, source)
     del vae_sd
     load_weights(vae, vae_state, f"{source} (vae)", device, dtype)
+    text = _load_text_parts(family, configs, weights, source, device, dtype)
+    model_index = {"scheduler": ["diffusers", configs["scheduler"]["_class_name"]]}
+    model_index.update(stored.get("model_index", {}))
+    return ModelParts(
+        unet, vae, text["text_encoder"], text["tokenizer"], configs["scheduler"], model_index,
+        path, path.stem, inferred, families.get(family), text_encoder_2=text["text_encoder_2"],
+        tokenizer_2=text["tokenizer_2"],
+    )  # fmt: skip
+
+
+def _load_text_parts(family: str, configs: dict, weights: dict, source: str, device, dtype):
+    """The file's CLIP text encoders (popped from ``weights``) and their offline tokenizers."""
     text = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
     tokenizers = {}
     for spec, _, arch in text_towers(family):
@@ -235,13 +247,7 @@ def load_single_file(
         if spec.kind == "openclip":
             tokenizer.pad_token = "!"  # OpenCLIP pads with id 0, as diffusers' configs say
         text[spec.tokenizer] = tokenizer
-    model_index = {"scheduler": ["diffusers", configs["scheduler"]["_class_name"]]}
-    model_index.update(stored.get("model_index", {}))
-    return ModelParts(
-        unet, vae, text["text_encoder"], text["tokenizer"], configs["scheduler"], model_index,
-        path, path.stem, inferred, families.get(family), text_encoder_2=text["text_encoder_2"],
-        tokenizer_2=text["tokenizer_2"],
-    )  # fmt: skip
+    return text
 
 
 def to_original_state_dict(parts: ModelParts, family: str | None = None) -> dict:
