@@ -98,7 +98,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline (3)")
     parser.add_argument("--quick", action="store_true", help="128x128, 5 steps, 1 repeat")
@@ -112,7 +112,11 @@ def main() -> None:
     parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
     parser.add_argument("--rounds", type=int, default=2, help="sdxl: processes per model (ABBA)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="sdxl: comma-separated")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.family == "sdxl":
         import bench_sdxl  # next to this script (sys.path[0])
 
