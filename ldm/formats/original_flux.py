@@ -42,7 +42,6 @@ from ldm.formats.original_flux_config import (  # noqa: F401 (variant: this modu
     widths,
 )
 from ldm.formats.original_keys import UNET, remap, vae_attn_shapes, vae_pairs
-from ldm.formats.original_sd3 import load_file_vae
 from ldm.formats.original_text import (
     clip_from_original,
     clip_to_original,
@@ -50,6 +49,7 @@ from ldm.formats.original_text import (
     t5_state,
     tokenizer_from_metadata,
 )
+from ldm.formats.original_vae import load_file_vae
 from ldm.formats.safe_load import load_state_dict, read_safetensors_header
 from ldm.models import families
 from ldm.models.build import build_network, build_text_encoder

@@ -22,8 +22,6 @@ import torch
 from ldm.errors import CheckpointError, ConfigError
 from ldm.formats.diffusers_folder import (
     fit_clip_keys,
-    fix_vae_keys,
-    load_part,
     load_text_model,
     load_tokenizer,
     load_weights,
@@ -48,8 +46,9 @@ from ldm.formats.original_text import (
     t5_state,
     tokenizer_from_metadata,
 )
+from ldm.formats.original_vae import load_file_vae
 from ldm.models import families
-from ldm.models.build import build_network, build_text_encoder, build_vae
+from ldm.models.build import build_network, build_text_encoder
 from ldm.models.parts import ModelParts
 from ldm.text.tokenizer import build_clip_tokenizer
 
@@ -300,27 +299,6 @@ def _load_vae(vae_sd, stored, given, folder, source, device, dtype, inferred):
 
     return load_file_vae(vae_sd, config, folder, source, device, dtype, inferred,
                          "first_stage_model.*")  # fmt: skip
-
-
-def load_file_vae(vae_sd, config, folder, source, device, dtype, inferred, keys: str):
-    """A single file's VAE (``config(state)`` gives its diffusers config), else the --config
-    folder's vae/; neither is a one-line error naming the ``keys`` looked for."""
-    if vae_sd:
-        vae_sd = vae_attn_shapes(vae_sd, False)
-        vae_config = config(vae_sd)
-        check_guesses(None, vae_config, [], source)
-        vae = build_vae(vae_config, f"{source} (vae)", empty=True)
-        load_weights(vae, remap(vae_sd, vae_pairs(vae_config), False, source), f"{source} (vae)",
-                     device, dtype)  # fmt: skip
-        return vae
-    if folder is not None and (folder / "vae" / "config.json").is_file():
-        inferred["vae"] = f"from {folder}"
-        vae = build_vae(read_json(folder / "vae" / "config.json"), folder / "vae", empty=True)
-        state = fix_vae_keys(load_part(folder / "vae", "diffusers", dtype))
-        load_weights(vae, state, str(folder / "vae"), device, dtype)
-        return vae
-    raise CheckpointError(f"{source}: no VAE weights ({keys}): pass --config FOLDER, a diffusers "
-                          "folder that has vae/")  # fmt: skip
 
 
 def _load_text(spec, state, stored, given, folder, meta, t5, source, device, dtype):
