@@ -32,7 +32,7 @@ def setup(path: str, batch: int):
     for m in trained.values():
         m.train()
     stage = StageConfig(train=["unet"], loss=LossConfig(min_snr_gamma=None))
-    den = training_denoiser(parts.unet, parts.scheduler_config, stage)
+    den = training_denoiser(parts.unet, parts, stage)
     text = TrainingText(parts, trained, trained)
     params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)

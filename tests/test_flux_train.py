@@ -139,7 +139,7 @@ def test_the_training_denoiser_is_the_pipelines(tmp_path):
     parts = load_folder(make_tiny_flux(tmp_path / "f"))
     stage = StageConfig(train=["transformer"], method="lora")
     stage.loss.min_snr_gamma = None
-    ours = training_denoiser(parts.unet, parts.scheduler_config, stage)
+    ours = training_denoiser(parts.unet, parts, stage)
     assert isinstance(ours.network, PackedFlux) and ours.parametrisation.timestep_scale == 1.0
     theirs = make_denoiser(parts.unet, None, None, family=parts.family)
     c, g = parts.unet.config, torch.Generator().manual_seed(0)

@@ -232,7 +232,7 @@ def prepare_stage(
         written = text.precompute(data.all_captions(), run.run_dir / "cache" / "text")
         run.log.info(f"text cache: {written} new entries in {run.run_dir / 'cache' / 'text'}")
     accelerator.wait_for_everyone()  # every process's share of the caches is on disk
-    denoiser = training_denoiser(wrapped.get("unet", parts.unet), parts.scheduler_config, stage)
+    denoiser = training_denoiser(wrapped.get("unet", parts.unet), parts, stage)
     if distiller is not None:
         distiller.attach(denoiser)
         if resumed is not None:

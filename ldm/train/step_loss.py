@@ -16,7 +16,6 @@ import torch
 
 from ldm.denoiser import Denoiser
 from ldm.errors import ConfigError
-from ldm.models.families import FAMILIES
 from ldm.sampling.flow import flow_shift
 from ldm.sampling.plan import make_denoiser, noise_schedule
 from ldm.train.batches import batch_latents
@@ -30,10 +29,11 @@ from ldm.train.loss import (
 )
 
 
-def training_denoiser(network, scheduler_config: dict, stage: StageConfig) -> Denoiser:
-    """The Denoiser the stage's loss goes through: the model's discrete noise table and target
-    (or the stage's prediction_type), or rectified flow for a FlowMatch scheduler config."""
-    schedule = noise_schedule(scheduler_config)
+def training_denoiser(network, parts, stage: StageConfig) -> Denoiser:
+    """The Denoiser the stage's loss goes through (``network``: the parts' own, or its DDP
+    wrapper): the model's discrete noise table and target (or the stage's prediction_type), or
+    for a FlowMatch scheduler config the pipeline's flow denoiser for the model's family."""
+    schedule = noise_schedule(parts.scheduler_config)
     if schedule is not None:
         prediction = stage.loss.prediction_type or schedule.prediction_type
         return Denoiser(network, schedule, prediction=prediction)
@@ -45,15 +45,8 @@ def training_denoiser(network, scheduler_config: dict, stage: StageConfig) -> De
     if stage.loss.min_snr_gamma is not None:
         raise ConfigError(f"stages.{stage.name}.loss.min_snr_gamma: set it to null for a flow "
                           "model (loss.sigma_sampling, loss.weighting shape its loss)")  # fmt: skip
-    return make_denoiser(network, None, None, family=_flow_family(network))
-
-
-def _flow_family(network):
-    """The registry's flow family whose network this is (SD3, FLUX; DDP's wrapper unwrapped),
-    None for a flow U-Net (t x 1000, as SD3)."""
-    name = type(getattr(network, "module", network)).__name__
-    flows = (f for f in FAMILIES.values() if f.prediction_type == "flow" and f.network == name)
-    return next(flows, None)
+    # a flow U-Net's family (sd1/sd2) has the defaults: t x 1000, no packing
+    return make_denoiser(network, None, None, family=parts.family)
 
 
 def training_shift(scheduler_config: dict, latent_shape: tuple, patch: int = 1) -> float:
