@@ -88,6 +88,15 @@ def resolve_model(model: str | os.PathLike | None, flag: str = "--model") -> Pat
     raise CheckpointError(f"{flag} {model}: no such file, folder or bundled model ({names})")
 
 
+def write_manifest(folder: str | os.PathLike, data: dict) -> Path:
+    """Write a folder's ``ldm_model.json`` atomically (temp file, then rename)."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def read_manifest(folder: str | os.PathLike) -> Manifest | None:
     """The folder's checked ``ldm_model.json``, or None without one (one-line errors)."""
     folder = Path(folder)

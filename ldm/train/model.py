@@ -3,8 +3,6 @@ stage, where data comes from, and how the result is exported."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -14,7 +12,7 @@ from ldm.errors import ConfigError
 from ldm.formats.diffusers_folder import save_folder
 from ldm.loading import load_model
 from ldm.models.build import build_model, load_model_config
-from ldm.models.bundled import MANIFEST
+from ldm.models.bundled import write_manifest
 from ldm.train.batches import ShapesBatches, TrainBatch
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.folder_batches import FolderBatches
@@ -146,10 +144,7 @@ def export_model(parts, path: Path, dtype: str) -> None:
     ``ldm_model.json`` holding the defaults the model was built with (its T5-block length)."""
     save_folder(parts, Path(path), dtype=DTYPES[dtype])
     if parts.defaults:
-        manifest = {"kind": "model", "defaults": parts.defaults}
-        tmp = Path(path) / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, Path(path) / MANIFEST)
+        write_manifest(path, {"kind": "model", "defaults": parts.defaults})
 
 
 class AutoencoderRoundTrip(torch.nn.Module):

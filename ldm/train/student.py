@@ -12,7 +12,6 @@ merged and the whole model is written as a diffusers folder whose ``ldm_model.js
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -26,9 +25,8 @@ from ldm.formats.diffusers_folder import save_folder
 from ldm.formats.lora import DIFFUSERS_NAME
 from ldm.formats.safe_load import save_state_dict
 from ldm.loading import DEFAULT_MODEL
+from ldm.models.bundled import write_manifest
 from ldm.train.config import StageConfig, TrainConfig
-
-MANIFEST = "ldm_model.json"
 
 
 def student_defaults(stage: StageConfig) -> dict:
@@ -74,8 +72,9 @@ def export_student(parts, cfg: TrainConfig, run_dir: Path, final: Path) -> Path:
             }
         else:
             save_folder(parts, out, dtype=DTYPES[cfg.export_dtype])
-            manifest = {"defaults": student_defaults(stage)}
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            # the teacher's stored defaults (an SD3 model's T5-block length) carry over
+            manifest = {"defaults": {**parts.defaults, **student_defaults(stage)}}
+        write_manifest(out, manifest)
         os.replace(out, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
