@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from bench_sd3_worker import timed
-from bench_sdxl import max_rel_err, mem_available_gb
+from bench_sdxl import mem_available_gb, print_agreement
 from bench_sdxl_worker import DTYPES, assign_, checksum, peak_rss_gb, trim
 
 # black-forest-labs/FLUX.1-dev transformer/config.json, depth reduced by --double/--single
@@ -225,19 +225,7 @@ def driver(args) -> None:
                 print("forward " + summarise(results, dtype, size), flush=True)
             for impl, res in results.items():
                 outs[dtype, impl] = torch.load(f"{res[0]['out']}.pt")
-    for dtype in args.dtypes:
-        errs = ", ".join(
-            f"{k}px {max_rel_err(outs[dtype, 'ldm'][k], v):.2e}"
-            for k, v in outs[dtype, "diffusers"].items()
-        )
-        print(f"{dtype}: max rel err |ldm - diffusers| {errs}")
-    if {"fp32", "bf16"} <= set(args.dtypes):
-        for impl in ("ldm", "diffusers"):
-            errs = ", ".join(
-                f"{k}px {max_rel_err(outs['bf16', impl][k], v):.2e}"
-                for k, v in outs["fp32", "diffusers"].items()
-            )
-            print(f"bf16 {impl} against diffusers fp32, max rel err: {errs}")
+    print_agreement(outs, args.dtypes, "px")
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_sdxl import max_rel_err, mem_available_gb
+from bench_sdxl import mem_available_gb, print_agreement
 
 WORKER = Path(__file__).with_name("bench_sd3_worker.py")
 NEED_GB = {"fp32": 12.5, "bf16": 7.0}  # 2.5 B parameters + the 384 x 384 position table
@@ -134,19 +134,7 @@ def main() -> None:
                 print("forward " + cpu_summary(results, dtype, latent), flush=True)
             for impl, res in results.items():
                 outs[dtype, impl] = torch.load(f"{res[0]['out']}.pt")
-    for dtype in args.dtypes:
-        errs = ", ".join(
-            f"latent {k} {max_rel_err(outs[dtype, 'ldm'][k], v):.2e}"
-            for k, v in outs[dtype, "diffusers"].items()
-        )
-        print(f"{dtype}: max rel err |ldm - diffusers| {errs}")
-    if {"fp32", "bf16"} <= set(args.dtypes):
-        for impl in ("ldm", "diffusers"):
-            errs = ", ".join(
-                f"latent {k} {max_rel_err(outs['bf16', impl][k], v):.2e}"
-                for k, v in outs["fp32", "diffusers"].items()
-            )
-            print(f"bf16 {impl} against diffusers fp32, max rel err: {errs}")
+    print_agreement(outs, args.dtypes, "latent")
 
 
 if __name__ == "__main__":

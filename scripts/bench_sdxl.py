@@ -84,6 +84,21 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def print_agreement(outs: dict, dtypes: list[str], label: str) -> None:
+    """Max relative error of ldm's outputs against diffusers' per dtype, and of each side's bf16
+    against diffusers' fp32; ``outs[dtype, impl]`` maps a size to its output, named by
+    ``label``."""
+    for dtype in dtypes:
+        errs = ", ".join(f"{label} {k} {max_rel_err(outs[dtype, 'ldm'][k], v):.2e}"
+                         for k, v in outs[dtype, "diffusers"].items())  # fmt: skip
+        print(f"{dtype}: max rel err |ldm - diffusers| {errs}")
+    if {"fp32", "bf16"} <= set(dtypes):
+        for impl in ("ldm", "diffusers"):
+            errs = ", ".join(f"{label} {k} {max_rel_err(outs['bf16', impl][k], v):.2e}"
+                             for k, v in outs["fp32", "diffusers"].items())  # fmt: skip
+            print(f"bf16 {impl} against diffusers fp32, max rel err: {errs}")
+
+
 def run_dtypes(kind: str, opts: dict, rounds: int, dtypes: list[str], need_gb: dict, load):
     """Per dtype: alternate the processes, print the summary, read back each side's output."""
     outs = {}
