@@ -83,7 +83,7 @@ def apply(
             raise LdmError("openvino is not installed: pip install 'ldm[openvino]'")
         openvino.apply_openvino(module, dtype, cache_dir)
     elif decision.mode == "ldm-cpu":
-        apply_ldm_cpu(module)
+        apply_ldm_cpu(module, training)
     elif decision.mode == "inductor":
         module.compile()  # module.__call__ runs the compiled forward; parameters are shared
     return decision

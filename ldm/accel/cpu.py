@@ -6,7 +6,8 @@ channels_last, so the transformers' (B, C, H, W) <-> (B, H*W, C) reshapes are fr
 oneDNN's convolutions skip layout reorders; under autograd the loss gradient is turned
 channels_last as it enters the U-Net, so weight gradients keep their parameter's layout (the
 fused AdamW in ``ldm/train/adamw.py`` relies on it). ``state_dict()`` still returns contiguous
-tensors. Measurements: docs/benchmarks.md.
+tensors. For inference (not ``training``) the products' weights are then packed in oneDNN's
+layout (``ldm.accel.packed``). Measurements: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ from torch import nn
 
 from ldm.accel.conv import Conv2d
 from ldm.accel.matmul import Linear
+from ldm.accel.packed import pack_linears
 from ldm.models.unet import UNet2DConditionModel
 
 _SWAPS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
 
 
-def apply_ldm_cpu(module: nn.Module) -> None:
-    """Route ``module``'s linear layers and convolutions through ldm's CPU GEMMs, in place."""
+def apply_ldm_cpu(module: nn.Module, training: bool = False) -> None:
+    """Route ``module``'s linear layers and convolutions through ldm's CPU GEMMs, in place;
+    for inference, with packed weights."""
     for m in module.modules():
         routed = _SWAPS.get(type(m))  # exact type: subclasses (peft's layers) keep theirs
         if routed is not None:
             m.__class__ = routed
         if isinstance(m, UNet2DConditionModel):  # also inside a peft wrapper
             _channels_last(m)
+    if not training:
+        pack_linears(module)
 
 
 def _channels_last(unet: UNet2DConditionModel) -> None:

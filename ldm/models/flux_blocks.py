@@ -158,6 +158,7 @@ class FluxSingleTransformerBlock(nn.Module):
         self.mlp_hidden_dim = int(dim * mlp_ratio)
         self.norm = AdaLayerNormZero(dim, 3)  # shift, scale, gate
         self.proj_mlp = nn.Linear(dim, self.mlp_hidden_dim)
+        self.act_mlp = nn.GELU(approximate="tanh")
         self.proj_out = nn.Linear(heads * head_dim + self.mlp_hidden_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, context=False, out=False)
 
@@ -173,6 +174,6 @@ class FluxSingleTransformerBlock(nn.Module):
         shift, scale, gate = self.norm(F.silu(y))
         h = modulate(tokens, shift, scale)
         attn = self.attn(h, rope, kv_only=kv_only)[0]  # (B, S + L - kv_only, heads*d)
-        mlp = F.gelu(self.proj_mlp(h[:, kv_only:]), approximate="tanh")  # (.., mlp_hidden_dim)
+        mlp = self.act_mlp(self.proj_mlp(h[:, kv_only:]))  # (.., mlp_hidden_dim)
         out = self.proj_out(torch.cat([attn, mlp], dim=2))
         return _clip_fp16(torch.addcmul(tokens[:, kv_only:], gate[:, None], out))

@@ -155,12 +155,16 @@ class FeedForward(nn.Module):
 
 
 class _GELU(nn.Module):
+    """diffusers' GELU: a product and its activation (a module, so that ``ldm.accel`` can fuse
+    the two; it holds no parameters)."""
+
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out)
+        self.act = nn.GELU(approximate="tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        return self.act(self.proj(x))
 
 
 class JointAttention(nn.Module):
