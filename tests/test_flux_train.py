@@ -215,6 +215,13 @@ def test_flux_lora_learns_resumes_exactly_and_loads_in_diffusers(tmp_path):
     for path in (kohya, peft):  # both files fit the start model, every key applied
         assert not apply_lora(load_folder(start), path).warning()
 
+    # a LoRA stage's checkpoint holds the LoRA, not the frozen transformer, T5, CLIP and VAE
+    mid = run / "checkpoints" / "step-00000020"
+    assert {f.name for f in mid.glob("*.safetensors")} <= {
+        "unet.safetensors",
+        "ema-unet.safetensors",
+    }
+    assert all(".lora_" in k for k in load_state_dict(mid / "unet.safetensors"))
     # resume from the checkpoint after step 20: the same merged weights
     reference = load_folder(final).unet.state_dict()
     shutil.rmtree(final)

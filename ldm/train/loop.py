@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ldm import accel
 from ldm.denoiser import Denoiser
 from ldm.dtypes import DTYPES
-from ldm.errors import LdmError
+from ldm.errors import CheckpointError, LdmError
 from ldm.train import checkpoint as ckpt
 from ldm.train.conditioning import TrainingText
 from ldm.train.config import StageConfig, TrainConfig
@@ -78,6 +78,10 @@ class Run:
     log: RunLog
     run_dir: Path
     global_step: int  # optimizer steps over all stages
+    # parts some finished stage changed (trained, or a LoRA merged in): a checkpoint holds these
+    # whole; the others are the start model's, rebuilt on resume (a 12 B FLUX LoRA run saves
+    # its LoRA, not the transformer and T5)
+    changed: set[str] = field(default_factory=set)
 
     @property
     def device(self) -> torch.device:
@@ -178,9 +182,12 @@ def start_run(cfg: TrainConfig, accelerator, resume: bool) -> tuple[Run, dict, t
     start = {"stage": 0, "step": 0, "global_step": 0}
     resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
     resumed = None  # (weights, optimizer state) of the checkpoint we continue from
+    changed = set()
     if resume_from is not None:
         weights, optimizer_state, start = ckpt.load_checkpoint(resume_from)
         resumed = (weights, optimizer_state)
+        # checkpoints before this rule held every part: all of them count as changed
+        changed = set(start.get("changed", model_parts(parts)))
         if "vae_scaling_factor" in start:
             parts.vae.config.scaling_factor = start["vae_scaling_factor"]
         if start["step"] == 0:  # a stage boundary: plain module names, load right away
@@ -194,7 +201,8 @@ def start_run(cfg: TrainConfig, accelerator, resume: bool) -> tuple[Run, dict, t
     if not cfg.channels_last:  # ldm-cpu's routes work in either layout; it picks channels_last
         parts.unet.to(memory_format=torch.contiguous_format)
     log.info(f"accelerator: {decision.mode} ({decision.reason})")
-    return Run(cfg, accelerator, parts, log, run_dir, start["global_step"]), start, resumed
+    run = Run(cfg, accelerator, parts, log, run_dir, start["global_step"], changed)
+    return run, start, resumed
 
 
 def prepare_stage(
@@ -322,6 +330,7 @@ def finish_stage(run: Run, st: Stage) -> None:
             merge_lora(parts_module(parts, n))
     if "vae" in st.trained:
         calibrate_latent_scale(parts, st.data, run.device, run.log)
+    run.changed.update(st.trained)
 
 
 def save_checkpoint(run: Run, st: Stage, step: int, done: bool) -> None:
@@ -330,8 +339,15 @@ def save_checkpoint(run: Run, st: Stage, step: int, done: bool) -> None:
     state = {"stage": st.index + 1 if done else st.index, "step": 0 if done else step + 1,
              "global_step": run.global_step,
              "ema_updates": max((e.num_updates for e in emas.values()), default=0),
-             "vae_scaling_factor": parts.vae.config.scaling_factor}  # fmt: skip
-    weights = {n: parts_module(parts, n).state_dict() for n in model_parts(parts)}
+             "vae_scaling_factor": parts.vae.config.scaling_factor,
+             "changed": sorted(run.changed)}  # fmt: skip
+    weights = {}
+    for n in model_parts(parts):
+        if n in run.changed or (n in st.trained and not done and st.config.method == "full"):
+            weights[n] = parts_module(parts, n).state_dict()
+        elif n in st.trained and not done:  # LoRA on a part no stage has changed: LoRA only
+            sd = parts_module(parts, n).state_dict()
+            weights[n] = {k: v for k, v in sd.items() if LORA_KEY in k}
     if not done:
         weights.update({f"ema-{n}": e.shadow for n, e in emas.items()})
         if st.distiller is not None:
@@ -346,7 +362,19 @@ def parts_module(parts, name: str) -> torch.nn.Module:
     return getattr(parts, name)
 
 
+LORA_KEY = ".lora_"  # peft's lora_A / lora_B / lora_magnitude_vector
+
+
 def load_part_weights(parts, weights: dict) -> None:
+    """A checkpoint's parts (absent: unchanged from the start model); a LoRA stage's part
+    holds its LoRA layers only, over the start model's frozen weights."""
     for name in model_parts(parts):
-        if name in weights:
-            getattr(parts, name).load_state_dict(weights[name], strict=True)
+        sd, module = weights.get(name), getattr(parts, name)
+        if sd is None:
+            continue
+        if sd and all(LORA_KEY in k for k in sd):
+            missing, unexpected = module.load_state_dict(sd, strict=False)
+            if unexpected or any(LORA_KEY in k for k in missing):
+                raise CheckpointError(f"{name}: the checkpoint's LoRA layers do not fit the model")
+        else:
+            module.load_state_dict(sd, strict=True)
