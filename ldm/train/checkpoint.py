@@ -1,7 +1,9 @@
 """Training checkpoints: written atomically (temp folder + rename), the last K kept.
 
-A checkpoint is a folder ``checkpoints/step-00000500/`` with the trained weights
-(``<part>.safetensors``), the EMA shadows (``ema-<part>.safetensors``), the optimizer state
+A checkpoint is a folder ``checkpoints/step-00000500/`` with the weights of the parts the run
+has changed (``<part>.safetensors``: a part no stage has trained yet is the start model's, rebuilt
+on resume, and a LoRA stage saves its LoRA layers alone; ``ldm.train.loop.save_checkpoint``), the
+EMA shadows (``ema-<part>.safetensors``), the optimizer state
 (``optimizer.pt``, tensors and plain containers only, read back with ``weights_only=True``) and
 ``state.json`` (stage, step, counters). A folder only ever appears under its final name complete,
 so the newest one is always loadable; a crash while writing leaves the previous ones untouched.
