@@ -12,7 +12,7 @@ from test_mmdit import _inputs as _sd3_inputs
 from test_mmdit import _pair as _sd3_pair
 
 from ldm import accel
-from ldm.accel import packed
+from ldm.accel import attention, packed
 from ldm.accel.matmul import Linear
 from ldm.accel.packed import PackedLinear, pack_linears
 
@@ -96,6 +96,10 @@ def test_bf16_flux_under_ldm_cpu_fuses_the_gelu_and_gives_the_plain_output():
     assert single.proj_mlp.activation == "gelu_tanh"
     assert type(single.act_mlp) is torch.nn.Identity
     assert fast.transformer_blocks[0].ff.net[0].proj.activation == "gelu_tanh"
+    assert (
+        single.attn.sdpa is attention.sdpa
+        and plain.transformer_blocks[0].attn.sdpa is F.scaled_dot_product_attention
+    )
     after = fast.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], v) for k, v in before.items())
@@ -115,9 +119,40 @@ def test_bf16_sd3_under_ldm_cpu_gives_the_plain_output_and_training_packs_nothin
     accel.apply(fast, "ldm-cpu", device=CPU, dtype=torch.bfloat16)
     accel.apply(trained, "ldm-cpu", device=CPU, dtype=torch.bfloat16, training=True)
     assert not any(isinstance(m, PackedLinear) for m in trained.modules())
+    assert not any("sdpa" in vars(m) for m in trained.modules())  # training: torch's kernel
     x, t, context, pooled = (v.bfloat16() for v in _sd3_inputs(2, 8, 8))
     with torch.no_grad():
         mine = fast(x, t, encoder_hidden_states=context, pooled_projections=pooled).float()
         ref = plain(x, t, encoder_hidden_states=context, pooled_projections=pooled).float()
     assert (mine - ref).abs().max() <= 3e-2 * ref.abs().max()
     assert F.mse_loss(mine, ref) < 1e-3 * ref.square().mean()
+
+
+# attention ---------------------------------------------------------------------------------------
+
+
+@needs_bf16
+@pytest.mark.parametrize("b, heads, n, s, d", [(1, 3, 40, 40, 16), (2, 2, 17, 33, 8)])
+def test_cpu_attention_equals_sdpa_in_bf16_and_keeps_its_layout(b, heads, n, s, d):
+    from ldm.accel.attention import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = (3 * torch.randn(b, n, heads, d, generator=g)).bfloat16().transpose(1, 2)  # a view
+    k, v = ((3 * torch.randn(b, heads, s, d, generator=g)).bfloat16() for _ in range(2))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    with torch.no_grad():
+        mine, flash = sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    assert mine.stride() == flash.stride()  # (B, L, heads, d) in memory: transpose is a view
+    err, flash_err = ((t.double() - exact).abs().max().item() for t in (mine, flash))
+    assert err <= 2 * flash_err + 1e-2, (err, flash_err)
+
+
+def test_cpu_attention_leaves_fp32_and_autograd_to_sdpa():
+    from ldm.accel.attention import routed, sdpa
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    assert torch.equal(sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    qb = q.bfloat16().requires_grad_(True)
+    assert not routed(qb, k.bfloat16(), v.bfloat16())
+    with torch.no_grad():
+        assert routed(qb, k.bfloat16(), v.bfloat16()) == (packed.ONEDNN_MATMUL is not None)

@@ -7,7 +7,8 @@ oneDNN's convolutions skip layout reorders; under autograd the loss gradient is 
 channels_last as it enters the U-Net, so weight gradients keep their parameter's layout (the
 fused AdamW in ``ldm/train/adamw.py`` relies on it). ``state_dict()`` still returns contiguous
 tensors. For inference (not ``training``) the products' weights are then packed in oneDNN's
-layout (``ldm.accel.packed``). Measurements: docs/benchmarks.md.
+layout (``ldm.accel.packed``) and the transformers' attention runs as oneDNN products
+(``ldm.accel.attention``). Measurements: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldm.accel import attention
 from ldm.accel.conv import Conv2d
 from ldm.accel.matmul import Linear
 from ldm.accel.packed import pack_linears
@@ -34,6 +36,9 @@ def apply_ldm_cpu(module: nn.Module, training: bool = False) -> None:
             _channels_last(m)
     if not training:
         pack_linears(module)
+        for m in module.modules():
+            if hasattr(type(m), "sdpa"):  # the attention modules that name their kernel
+                m.sdpa = attention.sdpa
 
 
 def _channels_last(unet: UNet2DConditionModel) -> None:

@@ -55,6 +55,8 @@ class FluxAttention(nn.Module):
     output projection (``out=False``): the single-stream block's attention, whose output goes
     into the block's shared proj_out."""
 
+    sdpa = staticmethod(F.scaled_dot_product_attention)  # ldm.accel may give an instance its own
+
     def __init__(self, dim: int, heads: int, head_dim: int, context: bool, out: bool = True):
         super().__init__()
         inner = heads * head_dim
@@ -102,7 +104,7 @@ class FluxAttention(nn.Module):
         """-> (image output (B, L - kv_only, D or heads*d), text output (B, S, D) or None)."""
         q, k, v = self._qkv(x, context, kv_only)
         q, k = apply_rope(q, rope[kv_only:]), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, queries, d)
+        out = self.sdpa(q, k, v)  # (B, heads, queries, d)
         out = out.transpose(1, 2).flatten(2)  # (B, queries, heads*d)
         if context is None:
             return (out if self.to_out is None else self.to_out[0](out)), None

@@ -172,6 +172,8 @@ class JointAttention(nn.Module):
     output projections (paper Fig. 2b); without a text side, plain self-attention (SD3.5's attn2).
     ``qk_norm``: RMS-normalise each head's queries and keys (SD3.5, paper Sec. 5.3.2)."""
 
+    sdpa = staticmethod(F.scaled_dot_product_attention)  # ldm.accel may give an instance its own
+
     def __init__(
         self,
         dim: int,
@@ -219,7 +221,7 @@ class JointAttention(nn.Module):
                 # its queries are not computed (diffusers computes and drops them; same result)
                 cq = self._split(self.add_q_proj(context), self.norm_added_q)
                 q = torch.cat([q, cq], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L (+ S), d)
+        out = self.sdpa(q, k, v)  # (B, heads, L (+ S), d)
         n = x.shape[1]
         x_out = self.to_out[0](out[:, :, :n].transpose(1, 2).flatten(2))  # (B, L, heads*d)
         if context is None or self.to_add_out is None:
