@@ -3,7 +3,7 @@
 steps against the teacher at its defaults, and whole ``ldm batch`` runs of the eval prompts,
 teacher and student alternated as separate processes, in images/s.
 
-    python scripts/bench_few_step.py                                # shapes-demo vs -lcm
+    python scripts/bench_few_step.py                                # shapes-demo-eps vs -lcm
     python scripts/bench_few_step.py --teacher DIR --student DIR --rounds 3 --steps 2,4
 
 Prints a markdown table for docs/benchmarks.md. Scores come from the JSON reports; times are
@@ -66,7 +66,7 @@ def row(label: str, report: dict, rate: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default="shapes-demo")
+    p.add_argument("--teacher", default="shapes-demo-eps")
     p.add_argument("--student", default="shapes-demo-lcm")
     p.add_argument("--steps", default="1,2,4,8", help="student step counts to score")
     p.add_argument("--rounds", type=int, default=2, help="alternated ldm batch rounds")

@@ -258,5 +258,5 @@ def test_the_shipped_models_are_listed(capsys):
     assert listed["shapes-demo"]["kind"] == "model"
     assert listed["shapes-demo"]["defaults"]["steps"] == 20  # the README's first command's
     if "shapes-demo-lcm" in listed:  # shipped by the distillation run (issue 23)
-        assert listed["shapes-demo-lcm"]["base"] == "shapes-demo"
+        assert listed["shapes-demo-lcm"]["base"] == "shapes-demo-eps"
         assert listed["shapes-demo-lcm"]["size_bytes"] <= 10e6  # the issue's budget
