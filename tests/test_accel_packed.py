@@ -74,6 +74,22 @@ def test_load_state_dict_and_to_float32_repack_or_unpack():
 
 
 @needs_bf16
+def test_deepcopy_and_pickle_give_a_dense_working_copy():
+    import copy
+    import pickle
+
+    plain, fast = _layer(torch.bfloat16)
+    fast.activation = "gelu_tanh"
+    x = torch.randn(3, 48).bfloat16()
+    for other in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert other._packed is None and fast._packed is not None
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), fast(x), **_tol(torch.bfloat16))
+            wide = other.float()(x.float())  # pixels.py's fp32 VAE is such a copy
+            torch.testing.assert_close(wide, F.gelu(plain.float()(x.float()), approximate="tanh"))
+
+
+@needs_bf16
 def test_autograd_gets_the_dense_weight_and_its_gradient():
     plain, fast = _layer(torch.bfloat16)
     x = torch.randn(4, 48, dtype=torch.bfloat16, requires_grad=True)

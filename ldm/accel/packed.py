@@ -78,6 +78,14 @@ class PackedLinear(Linear):
             self.pack()  # again, where the new device and dtype allow it
         return out
 
+    def __getstate__(self):  # deepcopy, pickle: the opaque packed tensor has no storage to copy
+        state = self.__dict__.copy()
+        if self._packed is not None:  # the copy holds the dense weight (and stays unpacked)
+            dense = nn.Parameter(self._packed.to_dense(), self.weight.requires_grad)
+            state["_parameters"] = {**state["_parameters"], "weight": dense}
+            state["_packed"] = None
+        return state
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._packed is not None:
