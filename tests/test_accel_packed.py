@@ -12,7 +12,7 @@ from test_mmdit import _inputs as _sd3_inputs
 from test_mmdit import _pair as _sd3_pair
 
 from ldm import accel
-from ldm.accel import attention, packed
+from ldm.accel import attention, matmul, packed
 from ldm.accel.matmul import Linear
 from ldm.accel.packed import PackedLinear, pack_linears
 
@@ -26,7 +26,7 @@ needs_bf16 = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _fp32_packs_too(monkeypatch):
     """fp32 weights are packed where oneDNN is the faster library; test that route anywhere."""
-    monkeypatch.setattr(packed, "PREFER_ONEDNN", True)
+    monkeypatch.setattr(matmul, "PREFER_ONEDNN", True)
 
 
 def _layer(dtype: torch.dtype, bias: bool = True) -> tuple[torch.nn.Linear, PackedLinear]:

@@ -132,15 +132,51 @@ def test_4_diffusers_runs_an_fp16_export_without_dtype(exported):
     assert np.isfinite(image.images).all()
 
 
-def test_4_diffusers_runs_the_bundled_demo_model():
+def test_4_diffusers_runs_the_bundled_eps_demo_model():
     from diffusers import StableDiffusionPipeline
 
-    from ldm.loading import DEFAULT_MODEL
+    from ldm.models.bundled import resolve_model
 
-    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
+    folder = resolve_model("shapes-demo-eps")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np")
     assert np.isfinite(image.images).all()
+
+
+def test_4_diffusers_classes_sample_the_flow_demo_model_as_ldm_does():
+    """The default demo is a flow-matching U-Net in an SD folder, which diffusers' SD pipeline
+    cannot drive (its scheduler has no init_noise_sigma): diffusers' own classes load every part,
+    and a loop over them (FlowMatchEulerDiscreteScheduler.step, CFG, VAE decode) gives ldm's
+    Euler image."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldm.loading import DEFAULT_MODEL
+    from ldm.pipeline import load_pipeline
+
+    prompt, seed, steps, scale = "a red circle left of a blue square", 3, 8, 3.0
+    f32 = dict(torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(DEFAULT_MODEL, subfolder="unet", **f32)
+    vae = AutoencoderKL.from_pretrained(DEFAULT_MODEL, subfolder="vae", **f32)
+    text = CLIPTextModel.from_pretrained(DEFAULT_MODEL, subfolder="text_encoder", **f32)
+    tok = CLIPTokenizer.from_pretrained(DEFAULT_MODEL, subfolder="tokenizer")
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(DEFAULT_MODEL, subfolder="scheduler")
+    with torch.no_grad():
+        ids = tok([prompt, ""], padding="max_length", max_length=77, return_tensors="pt")
+        context = text(ids.input_ids)[0]  # (cond, uncond)
+        x = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
+        sched.set_timesteps(steps)
+        for t in sched.timesteps:
+            v_cond, v_uncond = unet(torch.cat([x, x]), t, context).sample.chunk(2)
+            x = sched.step(v_uncond + scale * (v_cond - v_uncond), t, x).prev_sample
+        pixels = vae.decode(x / vae.config.scaling_factor).sample[0]
+    theirs = ((pixels.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    (out,) = load_pipeline(DEFAULT_MODEL)([prompt], [seed], steps=steps, sampler="euler",
+                                          guidance_scale=scale)  # fmt: skip
+    ours = np.asarray(out.image, dtype=np.float64)
+    assert ours.std() > 20  # an image, not a flat field
+    assert np.abs(ours - theirs).max() <= 2, np.abs(ours - theirs).max()
 
 
 def test_9_tokenizer_config_and_steps_offset(exported, tiny_sd1, tmp_path):

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.accel.matmul import ONEDNN_MATMUL, PREFER_ONEDNN, Linear, linear, needs_grad
+from ldm.accel import matmul
+from ldm.accel.matmul import ONEDNN_MATMUL, Linear, linear, needs_grad
 
 # (product, activation) children fused by ``fuse_activations``: diffusers' names in FLUX's
 # single-stream block and the GELU module of SD3/FLUX MLPs
@@ -31,7 +32,7 @@ def packable(weight: torch.Tensor) -> bool:
         return False
     if weight.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return weight.dtype == torch.float32 and PREFER_ONEDNN
+    return weight.dtype == torch.float32 and matmul.PREFER_ONEDNN
 
 
 class PackedLinear(Linear):
