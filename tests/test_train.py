@@ -168,19 +168,29 @@ def test_nonfinite_loss_stops_without_checkpoint(tmp_path):
             assert all(torch.isfinite(v).all() for v in load_file(str(f)).values())
 
 
-def test_validation_mid_stage_keeps_training(tmp_path):
-    """A validation grid mid-stage must not freeze the parts being trained."""
+def test_validation_mid_stage_keeps_training(tmp_path, monkeypatch):
+    """A validation grid mid-stage must not freeze the parts being trained, nor give them the
+    inference-only accelerator routes (packed weights)."""
+    from ldm.accel.packed import PackedLinear
     from ldm.config import load_config
+    from ldm.train import loop
     from ldm.train.config import TrainConfig
-    from ldm.train.loop import train
 
+    packed, after_step = [], loop.after_step
+
+    def spy(run, st, step, row):
+        after_step(run, st, step, row)
+        packed.extend(m for m in run.parts.unet.modules() if isinstance(m, PackedLinear))
+
+    monkeypatch.setattr(loop, "after_step", spy)
     cfg = load_config(
         TrainConfig, TINY,
         [f"output_dir={tmp_path}", "stages.0.steps=1", "stages.1.steps=3", "validate_every=1",
          "validation_prompts=[a red circle]", "validation_steps=1"],
     )  # fmt: skip
-    train(cfg, progress=False)
+    loop.train(cfg, progress=False)
     assert len(list((tmp_path / "samples").glob("diffusion-*.png"))) == 3
+    assert packed == []
 
 
 def test_lora_finetune_on_an_image_folder(tiny_sd1, tmp_path):

@@ -126,7 +126,7 @@ class RunLog:
         """The validation prompts at the run's sampler settings; a distill stage's student with
         the ``lcm`` sampler at guidance 1, one row per step count (distill.student_steps)."""
         res = data.config.resolution
-        pipe = Pipeline(parts, device, torch.float32)
+        pipe = Pipeline(parts, device, torch.float32, accel="off")  # training weights: no packing
         prompts = cfg.validation_prompts
         seeds = [cfg.validation_seed] * len(prompts)
         runs = [dict(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance)]

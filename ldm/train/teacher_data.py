@@ -101,7 +101,7 @@ class TeacherSamples:
         """(pool, C, h, w) float16 latents: prompt i with seed + i, the teacher's sampler."""
         from ldm.pipeline import Pipeline
 
-        pipe = Pipeline(parts, device, torch.float32)
+        pipe = Pipeline(parts, device, torch.float32, accel="off")  # training weights: no packing
         pipe.unet = unet
         chunks = []
         for lo in range(0, self.pool, CHUNK):
