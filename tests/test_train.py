@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,6 +116,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
+    # resume from an older checkpoint than the newest: metrics.csv holds rows past it
+    newest = max((run / "checkpoints").glob("step-*"))
+    shutil.rmtree(newest)
     proc = _train(run, *steps, resume=True)
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-2000:]
     # no temp folders left visible as checkpoints, and the result equals the reference
@@ -122,6 +126,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-6, worst
+    # the metrics log reads as one run's: the rows after each resumed checkpoint are not doubled
+    ref_log, run_log = (
+        _metrics_steps_and_losses(r / "metrics.csv") for r in (tmp_path / "ref", run)
+    )
+    assert [s for s, _ in run_log] == [s for s, _ in ref_log] and len(ref_log) > 6
+    assert [loss for _, loss in run_log] == pytest.approx([loss for _, loss in ref_log], rel=1e-5)
+
+
+def _metrics_steps_and_losses(path: Path) -> list[tuple[int, float]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return [(int(r["global_step"]), float(r["loss"])) for r in csv.DictReader(f)]
 
 
 def test_export_ema_chooses_the_exported_weights(tmp_path):

@@ -193,6 +193,7 @@ def start_run(cfg: TrainConfig, accelerator, resume: bool) -> tuple[Run, dict, t
         if start["step"] == 0:  # a stage boundary: plain module names, load right away
             load_part_weights(parts, weights)
         log.info(f"resuming from {resume_from} (stage {start['stage']}, step {start['step']})")
+        log.resume_at(start["global_step"])
     device = accelerator.device
     for name in model_parts(parts):
         getattr(parts, name).to(device)

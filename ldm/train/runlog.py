@@ -4,6 +4,7 @@ validation grids."""
 from __future__ import annotations
 
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,20 @@ class RunLog:
         print(line, file=sys.stderr, flush=True)
         self._text.write(line + "\n")
         self._text.flush()
+
+    def resume_at(self, global_step: int) -> None:
+        """Drop metrics.csv rows past ``global_step`` (logged after the checkpoint a resume
+        continues from, and about to be logged again), rewriting the file atomically."""
+        path = self.run_dir / "metrics.csv"
+        if not self.enabled or not path.exists():
+            return
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= global_step]
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, path)
 
     def row(self, global_step: int, row: dict) -> None:
         if not self.enabled:
