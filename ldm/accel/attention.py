@@ -36,8 +36,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if not routed(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
     b, heads, n, d = q.shape
-    q32 = (q.float() * d**-0.5).contiguous()  # small next to the scores: (B, heads, L, d)
-    k32 = k.float().contiguous()
+    dense = dict(dtype=torch.float32, memory_format=torch.contiguous_format)  # one copy each
+    q32 = q.to(**dense).mul_(d**-0.5)  # small next to the scores: (B, heads, L, d)
+    k32 = k.to(**dense)
     vt = v.transpose(-1, -2).contiguous()  # (B, heads, d, S): PV as an inner product with V^T
     out = q.new_empty(b, n, heads, d)
     for i in range(b):

@@ -34,11 +34,10 @@ def apply_ldm_cpu(module: nn.Module, training: bool = False) -> None:
             m.__class__ = routed
         if isinstance(m, UNet2DConditionModel):  # also inside a peft wrapper
             _channels_last(m)
+        if not training and hasattr(type(m), "sdpa"):  # attention modules naming their kernel
+            m.sdpa = attention.sdpa
     if not training:
         pack_linears(module)
-        for m in module.modules():
-            if hasattr(type(m), "sdpa"):  # the attention modules that name their kernel
-                m.sdpa = attention.sdpa
 
 
 def _channels_last(unet: UNet2DConditionModel) -> None:

@@ -344,9 +344,10 @@ def save_checkpoint(run: Run, st: Stage, step: int, done: bool) -> None:
              "changed": sorted(run.changed)}  # fmt: skip
     weights = {}
     for n in model_parts(parts):
-        if n in run.changed or (n in st.trained and not done and st.config.method == "full"):
+        # (at a stage's end its parts are in run.changed: finish_stage ran first)
+        if n in run.changed or (n in st.trained and st.config.method == "full"):
             weights[n] = parts_module(parts, n).state_dict()
-        elif n in st.trained and not done:  # LoRA on a part no stage has changed: LoRA only
+        elif n in st.trained:  # LoRA on a part no stage has changed: LoRA only
             sd = parts_module(parts, n).state_dict()
             weights[n] = {k: v for k, v in sd.items() if LORA_KEY in k}
     if not done:

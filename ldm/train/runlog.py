@@ -4,7 +4,6 @@ validation grids."""
 from __future__ import annotations
 
 import csv
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from tqdm import tqdm
 from ldm.config import save_config
 from ldm.grid import image_grid
 from ldm.infotext import save_png
+from ldm.io import atomic_path
 from ldm.pipeline import Pipeline
 from ldm.train.model import stage_parts
 
@@ -72,10 +72,8 @@ class RunLog:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
         kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= global_step]
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
 
     def row(self, global_step: int, row: dict) -> None:
         if not self.enabled:
