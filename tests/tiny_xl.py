@@ -5,7 +5,8 @@ and a transformer depth per level; CLIP-L and bigG of different widths (diffuser
 loader tells them apart by width only); a non-square bigG projection (a transposed
 ``text_projection`` would not load). ``inferable=True``: widths whose head and norm-group counts
 follow the real models' rules (64-channel heads, 32 groups), so a file with no metadata loads
-without ``--config``.
+without ``--config``. Also the original files' text-encoder prefixes and ``_bare`` (a CLIP state
+dict without its ``text_model.`` level and position ids), shared by the single-file tests.
 """
 
 from __future__ import annotations
@@ -78,3 +79,12 @@ def make_xl(path: Path, refiner: bool = False, seed: int = 0, inferable: bool = 
         )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# an original SDXL file's text encoders: the base's CLIP-L and bigG, the refiner's bigG
+BASE_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+REFINER_PREFIX = "conditioner.embedders.0.model."
+
+
+def _bare(sd: dict) -> dict:
+    return {k.removeprefix("text_model."): v for k, v in sd.items() if "position_ids" not in k}
