@@ -187,6 +187,44 @@ def test_flow_training_refuses_discrete_only_settings(tmp_path):
         _train(cfg)
 
 
+def test_model_scheduler_overrides_the_export_and_training_shift_the_training_times(
+    tmp_path, monkeypatch
+):
+    """model.scheduler replaces keys of the start model's scheduler config (kept in the export:
+    the shift it samples with); loss.training_shift trains at another shift, and without it the
+    training times take the (replaced) scheduler's."""
+    import json
+
+    import ldm.train.step_loss as step_loss
+    from ldm.errors import ConfigError
+
+    seen = []
+    real = step_loss.flow_training_sigmas
+
+    def spy(n, g, sampling, mean, std, mode_scale, shift):
+        seen.append(shift)
+        return real(n, g, sampling, mean, std, mode_scale, shift)
+
+    monkeypatch.setattr(step_loss, "flow_training_sigmas", spy)
+    common = ("stages.0.steps=2", "model.scheduler.shift=3.0")
+    final = _train(
+        _flow_config(tmp_path, tmp_path / "a", *common, "stages.0.loss.training_shift=1.0")
+    )
+    assert json.loads((final / "scheduler/scheduler_config.json").read_text())["shift"] == 3.0
+    assert seen == [1.0, 1.0]
+    seen.clear()
+    _train(_flow_config(tmp_path, tmp_path / "b", *common))
+    assert seen == [3.0, 3.0]
+
+    with pytest.raises(
+        ConfigError, match="model.scheduler: shfit is not a key of the model's scheduler config"
+    ):
+        _train(_flow_config(tmp_path, tmp_path / "c", "model.scheduler.shfit=3.0"))
+    cfg = _flow_config(tmp_path, tmp_path / "d", "stages.0.loss.training_shift=0")
+    with pytest.raises(ConfigError, match="training_shift: a positive number, for a flow model"):
+        _train(cfg)
+
+
 # ------------------------------------------------------------------ a tiny MMDiT, trained
 
 TINY_MMDIT = """

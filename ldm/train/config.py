@@ -17,6 +17,9 @@ from typing import Any, Literal
 class ModelSource:
     pretrained: str | None = None  # diffusers folder or single file to start from
     config: str | None = None  # model config YAML to build from nothing (configs/models/*.yaml)
+    # keys of the start model's scheduler config to replace, kept in its export (e.g. the static
+    # "shift" a flow model samples with; loss.training_shift may then train at another)
+    scheduler: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +75,9 @@ class LossConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    # the static shift of the training times; None: the one the model samples with (its
+    # scheduler's shift, FLUX.1-dev's dynamic one), as diffusers' scripts (kohya: training_shift)
+    training_shift: float | None = None
     # FLUX.1-dev: the distilled guidance scale its transformer embeds while training (diffusers'
     # train_dreambooth_lora_flux --guidance_scale 3.5, FluxPipeline's default; docs/lora.md)
     embedded_guidance_scale: float = 3.5

@@ -13,6 +13,8 @@ from ldm.formats.diffusers_folder import save_folder
 from ldm.loading import load_model
 from ldm.models.build import build_model, load_model_config
 from ldm.models.bundled import write_manifest
+from ldm.sampling.flow import flow_config
+from ldm.sampling.plan import is_flow
 from ldm.train.batches import ShapesBatches, TrainBatch
 from ldm.train.config import StageConfig, TrainConfig
 from ldm.train.folder_batches import FolderBatches
@@ -33,8 +35,18 @@ def load_start_model(cfg: TrainConfig):
     if (src.pretrained is None) == (src.config is None):
         raise ConfigError("set exactly one of model.pretrained and model.config")
     if src.config is not None:
-        return build_model(load_model_config(src.config), seed=cfg.seed)
-    return load_model(src.pretrained, device="cpu", dtype=torch.float32)
+        parts = build_model(load_model_config(src.config), seed=cfg.seed)
+    else:
+        parts = load_model(src.pretrained, device="cpu", dtype=torch.float32)
+    known = set(parts.scheduler_config)  # and for a flow model the keys ldm reads, defaulted
+    if is_flow(parts.scheduler_config):
+        known |= set(flow_config(parts.scheduler_config))
+    unknown = sorted(set(src.scheduler) - known)
+    if unknown:
+        raise ConfigError(f"model.scheduler: {', '.join(unknown)} is not a key of the model's "
+                          f"scheduler config ({', '.join(sorted(known))})")  # fmt: skip
+    parts.scheduler_config = {**parts.scheduler_config, **src.scheduler}
+    return parts
 
 
 def stage_parts(parts, stage: StageConfig) -> list[str]:

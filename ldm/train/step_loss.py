@@ -34,6 +34,10 @@ def training_denoiser(network, parts, stage: StageConfig) -> Denoiser:
     wrapper): the model's discrete noise table and target (or the stage's prediction_type), or
     for a FlowMatch scheduler config the pipeline's flow denoiser for the model's family."""
     schedule = noise_schedule(parts.scheduler_config)
+    shift = stage.loss.training_shift
+    if shift is not None and (schedule is not None or not (math.isfinite(shift) and shift > 0)):
+        raise ConfigError(f"stages.{stage.name}.loss.training_shift: a positive number, for a "
+                          "flow model only")  # fmt: skip
     if schedule is not None:
         prediction = stage.loss.prediction_type or schedule.prediction_type
         return Denoiser(network, schedule, prediction=prediction)
@@ -79,7 +83,9 @@ def diffusion_loss_for_step(parts, st, g, index: int, device) -> tuple[torch.Ten
     den, n = st.denoiser, latents.shape[0]
     if den.continuous:  # flow: sigma from the stage's density, shifted as the model samples
         cond = _with_guidance(parts, cond, n, loss_cfg.embedded_guidance_scale)
-        shift = training_shift(parts.scheduler_config, latents.shape, parts.family.latent_patch)
+        shift = loss_cfg.training_shift
+        if shift is None:
+            shift = training_shift(parts.scheduler_config, latents.shape, parts.family.latent_patch)
         sigma = flow_training_sigmas(n, g, loss_cfg.sigma_sampling, loss_cfg.logit_mean,
                                      loss_cfg.logit_std, loss_cfg.mode_scale, shift)  # fmt: skip
     else:
