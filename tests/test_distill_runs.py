@@ -12,12 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_train import _wait_for  # the same kill-and-resume harness
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LCM = ROOT / "configs" / "train" / "tiny-lcm.yaml"
@@ -53,17 +53,6 @@ def _distill(out: Path, model: Path, *extra: str, resume: bool = False) -> subpr
     if resume:
         cmd.append("--resume")
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, hang_guard_s: float = 3600) -> None:
-    """Wait until the run writes ``path`` (a finite run writes it or exits: a failure)."""
-    start = time.monotonic()
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        if time.monotonic() - start > hang_guard_s:
-            proc.kill()
-            pytest.fail(f"the run hung: no {path.name} after {hang_guard_s} s")
-        time.sleep(0.05)
 
 
 def _student_weights(final: Path) -> dict[str, torch.Tensor]:
