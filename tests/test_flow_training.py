@@ -220,6 +220,8 @@ def test_model_scheduler_overrides_the_export_and_training_shift_the_training_ti
         ConfigError, match="model.scheduler: shfit is not a key of the model's scheduler config"
     ):
         _train(_flow_config(tmp_path, tmp_path / "c", "model.scheduler.shfit=3.0"))
+    with pytest.raises(ConfigError, match="model.scheduler.shift: a positive number"):
+        _train(_flow_config(tmp_path, tmp_path / "e", "model.scheduler.shift=-1"))
     cfg = _flow_config(tmp_path, tmp_path / "d", "stages.0.loss.training_shift=0")
     with pytest.raises(ConfigError, match="training_shift: a positive number, for a flow model"):
         _train(cfg)

@@ -3,6 +3,7 @@ stage, where data comes from, and how the result is exported."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -45,6 +46,9 @@ def load_start_model(cfg: TrainConfig):
     if unknown:
         raise ConfigError(f"model.scheduler: {', '.join(unknown)} is not a key of the model's "
                           f"scheduler config ({', '.join(sorted(known))})")  # fmt: skip
+    shift = src.scheduler.get("shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
+        raise ConfigError(f"model.scheduler.shift: a positive number, got {shift!r}")
     parts.scheduler_config = {**parts.scheduler_config, **src.scheduler}
     return parts
 
