@@ -39,18 +39,24 @@ def load_start_model(cfg: TrainConfig):
         parts = build_model(load_model_config(src.config), seed=cfg.seed)
     else:
         parts = load_model(src.pretrained, device="cpu", dtype=torch.float32)
+    replace_scheduler_keys(parts, src.scheduler)
+    return parts
+
+
+def replace_scheduler_keys(parts, overrides: dict) -> None:
+    """``model.scheduler``: keys of the start model's scheduler config replaced (the export keeps
+    them); a key it neither has nor, for a flow model, ldm reads is refused by name."""
     known = set(parts.scheduler_config)  # and for a flow model the keys ldm reads, defaulted
     if is_flow(parts.scheduler_config):
         known |= set(flow_config(parts.scheduler_config))
-    unknown = sorted(set(src.scheduler) - known)
+    unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"model.scheduler: {', '.join(unknown)} is not a key of the model's "
                           f"scheduler config ({', '.join(sorted(known))})")  # fmt: skip
-    shift = src.scheduler.get("shift", 1.0)
+    shift = overrides.get("shift", 1.0)
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
         raise ConfigError(f"model.scheduler.shift: a positive number, got {shift!r}")
-    parts.scheduler_config = {**parts.scheduler_config, **src.scheduler}
-    return parts
+    parts.scheduler_config = {**parts.scheduler_config, **overrides}
 
 
 def stage_parts(parts, stage: StageConfig) -> list[str]:
