@@ -1,8 +1,8 @@
 """ldm distill's runs (latent consistency distillation) on tiny models, through the CLI.
 
-Exact resume after SIGKILL; the exported LoRA bundle in diffusers with LCMScheduler; the
-teacher's own samples as data; a tiny distillation end to end; configs refused. The solver and
-the loss against diffusers are in test_distill.py.
+Exact resume after SIGKILL; the exported LoRA bundle (SD1 and SDXL teachers) in diffusers with
+LCMScheduler; the teacher's own samples as data; a tiny distillation end to end; configs
+refused. The solver and the loss against diffusers are in test_distill.py.
 """
 
 from __future__ import annotations
@@ -89,17 +89,23 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_sd1, shapes32, tmp_path, 
         assert manifest["kind"] == "lora" and manifest["base"] == str(Path(tiny_sd1).resolve())
 
 
+@pytest.mark.parametrize("base", ["tiny_sd1", "tiny_sdxl"])
 def test_distilled_lora_in_diffusers_with_lcm_scheduler_gives_ldms_image(
-    tiny_sd1, shapes32, tmp_path
+    base, shapes32, tmp_path, request
 ):
-    """The exported bundle's LoRA: diffusers (load_lora_weights + LCMScheduler) = ldm's lcm."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    """The exported bundle's LoRA: diffusers (load_lora_weights + LCMScheduler) = ldm's lcm,
+    for an SD1 teacher and an SDXL one (pooled text and size ids in the teacher's conds)."""
+    import diffusers
 
     from ldm.pipeline import load_pipeline
 
+    folder = request.getfixturevalue(base)
+    pipeline_class = (
+        "StableDiffusionXLPipeline" if base == "tiny_sdxl" else "StableDiffusionPipeline"
+    )
     proc = _distill(
         tmp_path / "run",
-        tiny_sd1,
+        folder,
         f"data.source={shapes32}",
         "stages.0.steps=3",
         "stages.0.optim.lr=0.02",
@@ -109,15 +115,15 @@ def test_distilled_lora_in_diffusers_with_lcm_scheduler_gives_ldms_image(
     final = tmp_path / "run" / "final"
     lora = final / json.loads((final / "ldm_model.json").read_text())["lora"]
     prompt, seed, size = "a red circle above a blue square", 1234, 32
-    pipe, plain = (load_pipeline(str(tiny_sd1), "cpu", "fp32", "off") for _ in range(2))
+    pipe, plain = (load_pipeline(str(folder), "cpu", "fp32", "off") for _ in range(2))
     assert pipe.apply_lora(lora).warning() is None
     kwargs = dict(steps=4, sampler="lcm", guidance_scale=1.0, height=size, width=size)
     (ours,) = pipe([prompt], [seed], **kwargs)
     (without,) = plain([prompt], [seed], **kwargs)
 
-    theirs = StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None)
+    theirs = getattr(diffusers, pipeline_class).from_pretrained(folder)
     theirs.set_progress_bar_config(disable=True)
-    theirs.scheduler = LCMScheduler.from_config(theirs.scheduler.config)
+    theirs.scheduler = diffusers.LCMScheduler.from_config(theirs.scheduler.config)
     theirs.load_lora_weights(str(lora))
     out = theirs(prompt, num_inference_steps=4, guidance_scale=1.0, height=size, width=size,
                  generator=torch.Generator("cpu").manual_seed(seed))  # fmt: skip
