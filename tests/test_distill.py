@@ -121,7 +121,35 @@ def _example_loss(folder, student_sd, target_sd, x0, context, uncontext, w, inde
     return (((model_pred - target) ** 2 + c * c).sqrt() - c).mean()
 
 
-def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1):
+def _lcm_one_step(folder, student_sd, z, context):
+    """The student's one-step sample from unit noise z: diffusers' U-Net and LCMScheduler."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    unet.load_state_dict(student_sd)
+    scheduler = LCMScheduler(**SCHEDULE)
+    scheduler.set_timesteps(1, original_inference_steps=50)
+    (t,) = scheduler.timesteps
+    with torch.no_grad():
+        eps = unet(z, t, encoder_hidden_states=context).sample
+    return scheduler.step(eps, t, z).denoised
+
+
+def _later_step_indices() -> torch.Tensor:
+    """Solver indices of the 2nd, 3rd, 4th step timesteps of LCMScheduler at 4, then 2 steps."""
+    from diffusers import LCMScheduler
+
+    ts = []
+    for n in (4, 2):
+        scheduler = LCMScheduler(**SCHEDULE)
+        scheduler.set_timesteps(n, original_inference_steps=50)
+        ts += scheduler.timesteps[1:].tolist()
+    return torch.tensor([(t + 1) // 20 - 1 for t in ts])
+
+
+# backward 1: every row starts from the student's own one-step sample at a later LCM timestep
+@pytest.mark.parametrize("backward", [0.0, 1.0])
+def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1, backward):
     """Distiller.loss (k-space, ldm's U-Net, LoRA student, EMA target) = the example's loss."""
     from ldm.formats.diffusers_folder import load_folder
     from ldm.text.cond import Cond
@@ -131,7 +159,8 @@ def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1):
 
     torch.manual_seed(0)
     parts = load_folder(tiny_sd1)
-    config = DistillConfig(guidance_scale=3.0, loss="huber", target_decay=0.95)
+    config = DistillConfig(guidance_scale=3.0, loss="huber", target_decay=0.95,
+                           student_steps=[4, 2], backward_fraction=backward)  # fmt: skip
     distiller = Distiller(config, parts, "lora")
     add_lora(parts.unet, "unet", LoRAConfig(rank=4, alpha=4.0, targets=["to_q", "to_v", "conv1"]))
     with torch.no_grad():  # a trained-looking adapter: lora_B away from zero
@@ -160,6 +189,9 @@ def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1):
     )
     g_ref = torch.Generator().manual_seed(seed)
     index = torch.randint(0, 50, (B,), generator=g_ref)
+    if backward:
+        index = _later_step_indices()[torch.randint(0, 4, (B,), generator=g_ref)]
+        z = torch.randn(x0.shape, generator=g_ref)
     noise = torch.randn(x0.shape, generator=g_ref)
     g = torch.Generator().manual_seed(seed)
     loss, metrics = distiller.loss(x0, Cond(context), Cond(uncontext), g)
@@ -179,6 +211,8 @@ def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1):
         copy.unet.load_state_dict(sd)
         merge_lora(copy.unet)
         plain[name] = copy.unet.state_dict()
+    if backward:
+        x0 = _lcm_one_step(tiny_sd1, plain["student"], z, context)
     expected = _example_loss(tiny_sd1, plain["student"], plain["target"], x0, context,
                              uncontext, 3.0, index, noise, config.huber_c)  # fmt: skip
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
@@ -213,3 +247,18 @@ def test_the_target_sees_its_ema_weights_under_bf16_autocast(tiny_sd1):
         after = distiller.frozen(x, sigma, cond)
     assert (target - before).abs().max() > 1e-2  # not the student's cached casts
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"backward_fraction": 1.5}, r"must be in \[0, 1\]"),
+     ({"backward_fraction": 0.5, "student_steps": [1]}, "step count >= 2")],
+)  # fmt: skip
+def test_check_stage_refuses_a_backward_fraction_it_cannot_use(fields, message):
+    from ldm.errors import ConfigError
+    from ldm.train.config import DistillConfig, StageConfig
+    from ldm.train.distill import check_stage
+
+    stage = StageConfig(train=["unet"], method="lora", distill=DistillConfig(**fields))
+    with pytest.raises(ConfigError, match=message):
+        check_stage(stage)

@@ -120,6 +120,9 @@ class DistillConfig:
     target_decay: float = 0.95  # EMA decay of the target network (0: the online student)
     # the student's step counts: validation grids at each, the first stored as its default
     student_steps: list[int] = field(default_factory=lambda: [4, 2, 1])
+    # share of each batch noised from the student's own one-step sample, at the timesteps its
+    # later sampling steps start from (ldm.train.distill; 0: data latents only, as the paper)
+    backward_fraction: float = 0.0
 
 
 @dataclass

@@ -7,6 +7,8 @@ teacher, classifier-free guidance folded in, takes one DDIM step to t_n (the ski
 solver over the N "original" timesteps); the loss is d(f_student(x, t_{n+k}), f_target(x_prev,
 t_n)), the target an EMA of the student. f is ``ldm.sampling.consistency``'s (diffusers'
 LCMScheduler's), so the student samples with the ``lcm`` sampler and with diffusers.
+Optionally, some rows start from the student's own one-step samples instead of data
+(``backward_fraction``; ``Distiller.one_step``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ldm.denoiser import Denoiser
 from ldm.errors import ConfigError
 from ldm.guidance import cfg
 from ldm.sampling.consistency import consistency_denoised
-from ldm.sampling.schedules import NoiseSchedule
+from ldm.sampling.schedules import NoiseSchedule, lcm_timesteps
 from ldm.train.batches import batch_latents
 from ldm.train.config import DistillConfig, StageConfig
 from ldm.train.ema import EMA
@@ -36,6 +38,14 @@ def solver_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch
     diffusers' DDIMSolver): (N,) int64, ascending, ending at T - 1."""
     k = num_train_timesteps // num_ddim_timesteps
     return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.int64) * k - 1
+
+
+def later_step_indices(student_steps: list[int], T: int, N: int) -> torch.Tensor:
+    """Solver-grid indices of the timesteps where the student's LCM sampling at its step
+    counts takes its second and later steps (one entry per step, so shared ones weigh more)."""
+    k = T // N
+    ts = [int(t) for s in student_steps if s > 1 for t in lcm_timesteps(s, T, N)[1:]]
+    return torch.tensor([(t + 1) // k - 1 for t in ts], dtype=torch.int64)
 
 
 def ddim_step(
@@ -73,6 +83,11 @@ def check_stage(stage: StageConfig) -> None:
         raise ConfigError(f"stages.{stage.name}.distill: guidance_scale_max < guidance_scale")
     if not 0.0 <= d.target_decay < 1.0:
         raise ConfigError(f"stages.{stage.name}.distill.target_decay: must be in [0, 1)")
+    if not 0.0 <= d.backward_fraction <= 1.0:
+        raise ConfigError(f"stages.{stage.name}.distill.backward_fraction: must be in [0, 1]")
+    if d.backward_fraction and max(d.student_steps) < 2:
+        raise ConfigError(f"stages.{stage.name}.distill.backward_fraction: needs a student step "
+                          "count >= 2 (the timesteps of its later steps)")  # fmt: skip
 
 
 class Distiller:
@@ -87,6 +102,7 @@ class Distiller:
             raise ConfigError(f"distill.num_ddim_timesteps: at most {T} (the training timesteps)")
         self.k = T // config.num_ddim_timesteps  # the skip between solver timesteps
         self.timesteps = solver_timesteps(T, config.num_ddim_timesteps)  # (N,)
+        self.later_steps = later_step_indices(config.student_steps, T, config.num_ddim_timesteps)
         self.unet = parts.unet  # the student, unwrapped (LoRA: its base weights are the teacher)
         self.teacher_unet = None  # a full student's frozen copy of the teacher
         if method != "lora":
@@ -110,6 +126,10 @@ class Distiller:
         cf, device, B = self.config, latents.device, latents.shape[0]
         # 1. solver index n; start t_{n+k} and end t_n (clamped at 0, as diffusers' example)
         index = torch.randint(0, cf.num_ddim_timesteps, (B,), generator=g)  # (B,)
+        m = round(cf.backward_fraction * B)
+        if m:  # the first m rows: where the student's own sampling puts them (see one_step)
+            index[:m] = self.later_steps[torch.randint(0, len(self.later_steps), (m,), generator=g)]
+            latents = torch.cat([self.one_step(latents[:m], cond[:m], g), latents[m:]])
         t_start = self.timesteps[index]
         t_end = (t_start - self.k).clamp(min=0)
         sigmas = self.student.sigmas.cpu()
@@ -136,6 +156,23 @@ class Distiller:
         # 3. the student's consistency function at (x, t_{n+k}) (the only forward with grads)
         pred = consistency_denoised(x, sigma, t_start, self.student(x, sigma, cond), s)
         return consistency_loss(pred, target, cf.loss, cf.huber_c), {"guidance": w}
+
+    @torch.no_grad()
+    def one_step(self, like: torch.Tensor, cond, g: torch.Generator) -> torch.Tensor:
+        """The student's one-step samples f(x, T - 1) from the pipeline's first latents x, as
+        (m, C, h, w) like ``like``.
+
+        Noised to a later step's timestep, they are that step's input at sampling (exactly for
+        the second step, approximately after): "backward distillation" (Kohler et al. 2024,
+        Imagine Flash, sec. 3.1) trains the student where its few-step sampling goes, not only
+        on noised data, where a 2-step sample's second step starts from a blurrier image.
+        """
+        t = self.timesteps[-1:]  # (1,) T - 1
+        sigma = self.student.sigmas.cpu()[t].to(like.device)
+        # unit noise in VP space, as the pipeline starts lcm (schedules.init_noise_scale)
+        x = torch.randn(like.shape, generator=g).to(like.device) * (1 + sigma**2).sqrt()
+        denoised = self.student(x, sigma.expand(len(x)), cond)
+        return consistency_denoised(x, sigma, t, denoised, self.config.timestep_scaling)
 
     def after_step(self) -> None:
         if self.target is not None:
