@@ -23,7 +23,7 @@ from ldm.denoiser import Denoiser
 from ldm.errors import ConfigError
 from ldm.guidance import cfg
 from ldm.sampling.consistency import consistency_denoised
-from ldm.sampling.schedules import NoiseSchedule, lcm_timesteps
+from ldm.sampling.schedules import NoiseSchedule, init_noise_scale, lcm_timesteps
 from ldm.train.batches import batch_latents
 from ldm.train.config import DistillConfig, StageConfig
 from ldm.train.ema import EMA
@@ -168,9 +168,9 @@ class Distiller:
         on noised data, where a 2-step sample's second step starts from a blurrier image.
         """
         t = self.timesteps[-1:]  # (1,) T - 1
-        sigma = self.student.sigmas.cpu()[t].to(like.device)
-        # unit noise in VP space, as the pipeline starts lcm (schedules.init_noise_scale)
-        x = torch.randn(like.shape, generator=g).to(like.device) * (1 + sigma**2).sqrt()
+        sigma = self.student.sigma_max.reshape(1).to(like.device)
+        scale = init_noise_scale(sigma, self.schedule, "lcm")  # the pipeline's first latent
+        x = torch.randn(like.shape, generator=g).to(like.device) * scale
         denoised = self.student(x, sigma.expand(len(x)), cond)
         return consistency_denoised(x, sigma, t, denoised, self.config.timestep_scaling)
 
