@@ -201,8 +201,10 @@ def test_tiny_distillation_end_to_end(tmp_path):
                "a green triangle"] * 2  # fmt: skip
     seeds, size = list(range(len(prompts))), dict(height=32, width=32)
 
+    pipes = {m: load_pipeline(str(m), "cpu", "fp32", "off") for m in (teacher, student)}
+
     def images(model, **settings) -> np.ndarray:
-        outs = load_pipeline(str(model), "cpu", "fp32", "off")(prompts, seeds, **settings, **size)
+        outs = pipes[model](prompts, seeds, **settings, **size)
         return np.stack([np.asarray(o.image, dtype=np.float32) for o in outs])
 
     def distance(model, **settings) -> float:
