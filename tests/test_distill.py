@@ -87,10 +87,23 @@ def _lcm_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c_skip.float(), c_out.float()
 
 
-def _example_loss(folder, student_sd, target_sd, x0, context, uncontext, w, index, noise, c):
+def _tcd_map(x_vp, eps, t, s, ab):
+    """TCD's semi-linear consistency function in its exponential-integrator form (Zheng et al.
+    2024, eq. 9): x_s = (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) x0_hat, h = lambda_s -
+    lambda_t, lambda = log(alpha / sigma), alpha = sqrt(ab), sigma = sqrt(1 - ab) (VP)."""
+    a_t, a_s = ab[t].sqrt().view(-1, 1, 1, 1), ab[s].sqrt().view(-1, 1, 1, 1)
+    s_t, s_s = (1 - ab[t]).sqrt().view(-1, 1, 1, 1), (1 - ab[s]).sqrt().view(-1, 1, 1, 1)
+    h = (a_s / s_s).log() - (a_t / s_t).log()
+    x0_hat = (x_vp - s_t * eps) / a_t
+    return s_s / s_t * x_vp - a_s * (torch.exp(-h) - 1) * x0_hat
+
+
+def _example_loss(folder, student_sd, target_sd, x0, context, uncontext, w, index, noise, c,
+                  tcd_end=None):  # fmt: skip
     """diffusers' train_lcm_distill_lora_sd_wds.py step 2-10 in VP space, with diffusers' U-Net
     (teacher: the base weights; student and target: the given merged weights), DDIMScheduler
-    for the solver step and LCMScheduler for c_skip / c_out."""
+    for the solver step and LCMScheduler for c_skip / c_out; with ``tcd_end`` timesteps, TCD's
+    training step instead (its consistency function to them, no boundary scalings)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     ab = _alphas_cumprod().float()
@@ -118,6 +131,9 @@ def _example_loss(folder, student_sd, target_sd, x0, context, uncontext, w, inde
         eps_t = unets["target"](x_prev, end, encoder_hidden_states=context).sample
         c_skip_e, c_out_e = _lcm_scalings(end)
         target = c_skip_e * x_prev + c_out_e * (x_prev - s_e * eps_t) / a_e
+        if tcd_end is not None:
+            model_pred = _tcd_map(x_vp, eps, start, tcd_end, ab)
+            target = _tcd_map(x_prev, eps_t, end, tcd_end, ab)
     return (((model_pred - target) ** 2 + c * c).sqrt() - c).mean()
 
 
@@ -148,9 +164,10 @@ def _later_step_indices() -> torch.Tensor:
 
 
 # backward 1: every row starts from the student's own one-step sample at a later LCM timestep
-@pytest.mark.parametrize("backward", [0.0, 1.0])
-def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1, backward):
-    """Distiller.loss (k-space, ldm's U-Net, LoRA student, EMA target) = the example's loss."""
+@pytest.mark.parametrize("backward, consistency", [(0.0, "lcm"), (1.0, "lcm"), (0.0, "tcd")])
+def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1, backward, consistency):
+    """Distiller.loss (k-space, ldm's U-Net, LoRA student, EMA target) = the example's loss;
+    with ``consistency: tcd``, the TCD authors' training step (end timesteps drawn as theirs)."""
     from ldm.formats.diffusers_folder import load_folder
     from ldm.text.cond import Cond
     from ldm.train.config import DistillConfig, LoRAConfig
@@ -160,7 +177,8 @@ def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1, backward):
     torch.manual_seed(0)
     parts = load_folder(tiny_sd1)
     config = DistillConfig(guidance_scale=3.0, loss="huber", target_decay=0.95,
-                           student_steps=[4, 2], backward_fraction=backward)  # fmt: skip
+                           student_steps=[4, 2], backward_fraction=backward,
+                           consistency=consistency)  # fmt: skip
     distiller = Distiller(config, parts, "lora")
     add_lora(parts.unet, "unet", LoRAConfig(rank=4, alpha=4.0, targets=["to_q", "to_v", "conv1"]))
     with torch.no_grad():  # a trained-looking adapter: lora_B away from zero
@@ -193,6 +211,11 @@ def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1, backward):
         index = _later_step_indices()[torch.randint(0, 4, (B,), generator=g_ref)]
         z = torch.randn(x0.shape, generator=g_ref)
     noise = torch.randn(x0.shape, generator=g_ref)
+    tcd_end = None
+    if consistency == "tcd":  # s = t_j - k, j uniform in [0, n] (clamped at 0), as TCD's script
+        j = (torch.rand(B, generator=g_ref) * (index + 1)).long()
+        tcd_end = (solver_timesteps(1000, 50)[j] - 20).clamp(min=0)
+        assert 0 < tcd_end.max() < (solver_timesteps(1000, 50)[index] - 20).max()
     g = torch.Generator().manual_seed(seed)
     loss, metrics = distiller.loss(x0, Cond(context), Cond(uncontext), g)
     assert metrics["guidance"] == 3.0
@@ -214,7 +237,7 @@ def test_one_lcd_step_equals_the_example_algorithm(tiny_sd1, backward):
     if backward:
         x0 = _lcm_one_step(tiny_sd1, plain["student"], z, context)
     expected = _example_loss(tiny_sd1, plain["student"], plain["target"], x0, context,
-                             uncontext, 3.0, index, noise, config.huber_c)  # fmt: skip
+                             uncontext, 3.0, index, noise, config.huber_c, tcd_end)  # fmt: skip
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -252,9 +275,10 @@ def test_the_target_sees_its_ema_weights_under_bf16_autocast(tiny_sd1):
 @pytest.mark.parametrize(
     "fields, message",
     [({"backward_fraction": 1.5}, r"must be in \[0, 1\]"),
-     ({"backward_fraction": 0.5, "student_steps": [1]}, "step count >= 2")],
+     ({"backward_fraction": 0.5, "student_steps": [1]}, "step count >= 2"),
+     ({"sampler": "Euler a"}, "is none of ddim, ddpm, euler")],
 )  # fmt: skip
-def test_check_stage_refuses_a_backward_fraction_it_cannot_use(fields, message):
+def test_check_stage_refuses_what_it_cannot_use(fields, message):
     from ldm.errors import ConfigError
     from ldm.train.config import DistillConfig, StageConfig
     from ldm.train.distill import check_stage

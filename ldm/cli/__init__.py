@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shapes": ("ldm.cli.shapes", "the shapes world: export a procedural image-caption dataset"),
     "eval": ("ldm.cli.eval", "score images or a model with the shapes judge"),
     "serve": ("ldm.cli.serve", "serve A1111, ComfyUI and OpenAI image APIs and a web page"),
-    "distill": ("ldm.cli.distill", "distill a model into a few-step LCM student (LoRA or full)"),
+    "distill": ("ldm.cli.distill", "distill a model into a few-step LCM or TCD student"),
     "models": ("ldm.cli.models", "list the bundled models (usable by name as --model)"),
 }
 

@@ -1,4 +1,5 @@
-"""``ldm distill --config FILE [key=value ...] [--resume]``: latent consistency distillation.
+"""``ldm distill --config FILE [key=value ...] [--resume]``: latent consistency distillation
+(LCM's or TCD's consistency function).
 
 The same runner as ``ldm train`` (stages, EMA, exact resume, checkpoints, logs, validation
 grids), for a config whose stages include a ``distill`` section (docs/distill.md); the export

@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", help=schedule_help())
     g.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    g.add_argument("--eta", type=float, help="noise amount (default: the sampler's; TCD's gamma)")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, ... (cpu)")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp32 on cpu")
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _settings(args: argparse.Namespace, defaults: dict) -> dict:
     """The run's settings; sampling ones not given are the model's (``sampling_defaults``)."""
-    keys = ("model", "prompts", "n_per_prompt", "sampler", "schedule", "steps", "guidance_scale")
+    keys = ("model", "prompts", "n_per_prompt", "sampler", "schedule", "steps", "guidance_scale",
+            "eta")  # fmt: skip
     out = {k: getattr(args, k) for k in (*keys, "seed", "dtype", "strict")}
     if args.sampler is None:  # the model's sampler comes with its schedule
         out["schedule"] = out["schedule"] or defaults["schedule"]
@@ -97,7 +99,7 @@ def _generate(args: argparse.Namespace) -> tuple[list, list[dict], dict]:
     seeds = [args.seed + i for i in range(len(jobs))]
     options = {
         k: v
-        for k in ("steps", "guidance_scale", "sampler", "schedule")
+        for k in ("steps", "guidance_scale", "sampler", "schedule", "eta")
         if (v := getattr(args, k)) is not None
     }  # flags not given fall back to the pipeline's own defaults
     pipe = load_model_flag(args.model, args.device, args.dtype, None)

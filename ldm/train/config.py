@@ -123,6 +123,13 @@ class DistillConfig:
     # share of each batch noised from the student's own one-step sample, at the timesteps its
     # later sampling steps start from (ldm.train.distill; 0: data latents only, as the paper)
     backward_fraction: float = 0.0
+    # the consistency function: "lcm" maps x_t to x0 through LCM's boundary conditions (the
+    # ``lcm`` sampler); "tcd" maps it to a random earlier solver timestep s along the DDIM
+    # direction (Zheng et al. 2024, trajectory consistency; the ``tcd`` sampler)
+    consistency: Literal["lcm", "tcd"] = "lcm"
+    # the sampler stored as the student's default (None: its consistency function's, lcm or tcd;
+    # a tcd student also samples with lcm: TCD's gamma 1)
+    sampler: str | None = None
 
 
 @dataclass

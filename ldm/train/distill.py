@@ -6,9 +6,10 @@ x0 from the data, a solver index n, x at t_{n+k} = x0 + sigma eps (k-diffusion's
 teacher, classifier-free guidance folded in, takes one DDIM step to t_n (the skipping-step
 solver over the N "original" timesteps); the loss is d(f_student(x, t_{n+k}), f_target(x_prev,
 t_n)), the target an EMA of the student. f is ``ldm.sampling.consistency``'s (diffusers'
-LCMScheduler's), so the student samples with the ``lcm`` sampler and with diffusers.
-Optionally, some rows start from the student's own one-step samples instead of data
-(``backward_fraction``; ``Distiller.one_step``).
+LCMScheduler's), so the student samples with the ``lcm`` sampler and with diffusers. With
+``consistency: tcd``, f maps to a random earlier solver timestep instead (Zheng et al. 2024,
+trajectory consistency), for the ``tcd`` sampler. Optionally, some rows start from the
+student's own one-step samples instead of data (``backward_fraction``; ``Distiller.one_step``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ldm.denoiser import Denoiser
 from ldm.errors import ConfigError
 from ldm.guidance import cfg
 from ldm.sampling.consistency import consistency_denoised
+from ldm.sampling.samplers import SPEC
 from ldm.sampling.schedules import NoiseSchedule, init_noise_scale, lcm_timesteps
 from ldm.train.batches import batch_latents
 from ldm.train.config import DistillConfig, StageConfig
@@ -61,6 +63,13 @@ def ddim_step(
     return denoised + s_next * (x - denoised) / s
 
 
+def vp_ddim(x, sigma, sigma_s, denoised) -> torch.Tensor:
+    """The DDIM step to sigma_s as a VP latent, sqrt(ab_s) x0_hat + sqrt(1 - ab_s) eps_hat: TCD's
+    semi-linear consistency function (Zheng et al. 2024, eq. 9, first order)."""
+    x_s = ddim_step(x, sigma, sigma_s, denoised)
+    return x_s / (1 + sigma_s.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype) ** 2) ** 0.5
+
+
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, c: float):
     """L2, or pseudo-Huber sqrt(d^2 + c^2) - c (Song & Dhariwal 2023, sec. 3.3), mean over all."""
     d = pred.float() - target.float()
@@ -83,6 +92,9 @@ def check_stage(stage: StageConfig) -> None:
         raise ConfigError(f"stages.{stage.name}.distill: guidance_scale_max < guidance_scale")
     if not 0.0 <= d.target_decay < 1.0:
         raise ConfigError(f"stages.{stage.name}.distill.target_decay: must be in [0, 1)")
+    if d.sampler is not None and d.sampler not in SPEC:
+        raise ConfigError(f"stages.{stage.name}.distill.sampler: {d.sampler!r} is none of "
+                          f"{', '.join(SPEC)}")  # fmt: skip
     if not 0.0 <= d.backward_fraction <= 1.0:
         raise ConfigError(f"stages.{stage.name}.distill.backward_fraction: must be in [0, 1]")
     if d.backward_fraction and max(d.student_steps) < 2:
@@ -141,7 +153,7 @@ class Distiller:
             w += (cf.guidance_scale_max - w) * float(torch.rand((), generator=g))
         s = cf.timestep_scaling
 
-        # 2. teacher: guided DDIM step to t_n; target: the EMA student's f at (x_prev, t_n).
+        # 2. teacher: guided DDIM step to t_n; target: the EMA student's output at (x_prev, t_n).
         # Before the student's forward: the target's weight swap is in place, and autograd
         # must not see the student's saved weights change
         with torch.no_grad():
@@ -149,13 +161,25 @@ class Distiller:
                 denoised = cfg(self.teacher, cond, uncond, w)(x, sigma)
             x_prev = ddim_step(x, sigma, sigma_next, denoised)
             with self._target_weights():
-                target = consistency_denoised(
-                    x_prev, sigma_next, t_end, self.frozen(x_prev, sigma_next, cond), s
-                )
+                target_denoised = self.frozen(x_prev, sigma_next, cond)
 
-        # 3. the student's consistency function at (x, t_{n+k}) (the only forward with grads)
-        pred = consistency_denoised(x, sigma, t_start, self.student(x, sigma, cond), s)
+        # 3. the consistency function of the student at (x, t_{n+k}) (the only forward with
+        # grads) and of the target at (x_prev, t_n): to x0 (lcm), or to one earlier s (tcd)
+        student_denoised = self.student(x, sigma, cond)
+        if cf.consistency == "tcd":
+            sigma_s = sigmas[self.trajectory_end(index, g)].to(device)  # (B,)
+            pred = vp_ddim(x, sigma, sigma_s, student_denoised)
+            target = vp_ddim(x_prev, sigma_next, sigma_s, target_denoised)
+        else:
+            pred = consistency_denoised(x, sigma, t_start, student_denoised, s)
+            target = consistency_denoised(x_prev, sigma_next, t_end, target_denoised, s)
         return consistency_loss(pred, target, cf.loss, cf.huber_c), {"guidance": w}
+
+    def trajectory_end(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """TCD's end timesteps s (B,): t_j - k for j uniform in [0, n], so s <= t_n (clamped at
+        0): the student maps x at t_{n+k} to anywhere on the rest of its trajectory."""
+        j = (torch.rand(index.shape, generator=g) * (index + 1)).long().clamp(max=index)
+        return (self.timesteps[j] - self.k).clamp(min=0)
 
     @torch.no_grad()
     def one_step(self, like: torch.Tensor, cond, g: torch.Generator) -> torch.Tensor:

@@ -18,6 +18,7 @@ from ldm.infotext import save_png
 from ldm.io import atomic_path
 from ldm.pipeline import Pipeline
 from ldm.train.model import stage_parts
+from ldm.train.student import student_defaults
 
 
 class _Bar:
@@ -136,16 +137,16 @@ class RunLog:
         return path
 
     def _sample_grid(self, parts, cfg, stage, data, device) -> tuple[list, int]:
-        """The validation prompts at the run's sampler settings; a distill stage's student with
-        the ``lcm`` sampler at guidance 1, one row per step count (distill.student_steps)."""
+        """The validation prompts at the run's sampler settings; a distill stage's student at its
+        defaults (``student_defaults``), one row per step count (distill.student_steps)."""
         res = data.config.resolution
         pipe = Pipeline(parts, device, torch.float32, accel="off")  # training weights: no packing
         prompts = cfg.validation_prompts
         seeds = [cfg.validation_seed] * len(prompts)
         runs = [dict(steps=cfg.validation_steps, guidance_scale=cfg.validation_guidance)]
         if stage.distill is not None:
-            runs = [dict(sampler="lcm", steps=n, guidance_scale=1.0)
-                    for n in stage.distill.student_steps]  # fmt: skip
+            student = student_defaults(stage)
+            runs = [{**student, "steps": n} for n in stage.distill.student_steps]
         images = []
         for settings in runs:
             outs = pipe(prompts, seeds, height=res, width=res, **settings)

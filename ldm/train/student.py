@@ -1,6 +1,6 @@
 """A distilled student as a model ldm loads by name: a LoRA bundle or a full folder, each with
-``ldm_model.json`` holding its sampling defaults (the ``lcm`` sampler, its step count,
-guidance 1), so ``ldm txt2img --model <it>`` needs no extra flag.
+``ldm_model.json`` holding its sampling defaults (the ``lcm`` or ``tcd`` sampler, its step
+count, guidance 1), so ``ldm txt2img --model <it>`` needs no extra flag.
 
 LoRA bundle (the default when the distill stage is the run's only stage and the teacher came from
 ``model.pretrained``): ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys, what
@@ -30,9 +30,11 @@ from ldm.train.config import StageConfig, TrainConfig
 
 
 def student_defaults(stage: StageConfig) -> dict:
-    """The student's sampling defaults: LCM multistep at its first step count, no guidance."""
+    """The student's sampling defaults: its configured sampler, else its consistency
+    function's (``lcm`` or ``tcd``, named alike), at its first step count, no guidance."""
     steps = stage.distill.student_steps[0]
-    return {"sampler": "lcm", "schedule": "default", "steps": steps, "guidance_scale": 1.0}
+    sampler = stage.distill.sampler or stage.distill.consistency
+    return {"sampler": sampler, "schedule": "default", "steps": steps, "guidance_scale": 1.0}
 
 
 def teacher_reference(pretrained: str) -> str:
@@ -67,8 +69,9 @@ def export_student(parts, cfg: TrainConfig, run_dir: Path, final: Path) -> Path:
                 "lora": DIFFUSERS_NAME,
                 "lora_scale": 1.0,
                 "defaults": student_defaults(stage),
-                "description": f"LCM-LoRA distilled from {cfg.model.pretrained} by ldm distill "
-                f"(stage '{stage.name}', {stage.steps} steps, rank {stage.lora.rank})",
+                "description": f"{stage.distill.consistency.upper()}-LoRA distilled from "
+                f"{cfg.model.pretrained} by ldm distill (stage '{stage.name}', {stage.steps} "
+                f"steps, rank {stage.lora.rank})",
             }
         else:
             save_folder(parts, out, dtype=DTYPES[cfg.export_dtype])
