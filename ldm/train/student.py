@@ -1,6 +1,7 @@
 """A distilled student as a model ldm loads by name: a LoRA bundle or a full folder, each with
 ``ldm_model.json`` holding its sampling defaults (``distill.sampler``, else ``lcm`` or ``tcd``
-as its consistency function; its step count; guidance 1), so ``ldm txt2img --model <it>`` needs no extra flag.
+as its consistency function; its step count; guidance 1), so ``ldm txt2img --model <it>``
+needs no extra flag.
 
 LoRA bundle (the default when the distill stage is the run's only stage and the teacher came from
 ``model.pretrained``): ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys, what
