@@ -63,16 +63,13 @@ def _student_weights(final: Path) -> dict[str, torch.Tensor]:
     return load_state_dict(next(f for f in files if f.exists()))
 
 
-@pytest.mark.parametrize("method, adversarial", [("lora", 0), ("full", 0), ("lora", 0.1)])
-def test_sigkill_then_resume_equals_uninterrupted(tiny_sd1, shapes32, tmp_path, method,
-                                                  adversarial):  # fmt: skip
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_sigkill_then_resume_equals_uninterrupted(tiny_sd1, shapes32, tmp_path, method):
     """Killed twice mid-stage (target EMA, and the full student's teacher, in the checkpoints;
-    the folder's data position and on-disk latent cache; half of each batch backward rows; the
-    discriminator and its Adam state, with the adversarial term)."""
+    the folder's data position and on-disk latent cache; half of each batch backward rows)."""
     steps = ["stages.0.steps=6", "checkpoint_every=1", f"stages.0.method={method}",
              "stages.0.optim.lr=0.01", f"data.source={shapes32}",
-             "stages.0.distill.backward_fraction=0.5",
-             f"stages.0.distill.adversarial={adversarial}"]  # fmt: skip
+             "stages.0.distill.backward_fraction=0.5"]  # fmt: skip
     ref = _distill(tmp_path / "ref", tiny_sd1, *steps)
     assert ref.wait(timeout=900) == 0, ref.stderr.read().decode()[-2000:]
     run = tmp_path / "killed"

@@ -123,9 +123,6 @@ class DistillConfig:
     # share of each batch noised from the student's own one-step sample, at the timesteps its
     # later sampling steps start from (ldm.train.distill; 0: data latents only, as the paper)
     backward_fraction: float = 0.0
-    # share of each batch started at T - 1 from the sampler's own first latent, pure noise with
-    # no trace of the data (ldm.train.distill; 0: every row noised from data, as the paper)
-    pure_noise_fraction: float = 0.0
     # the consistency function: "lcm" maps x_t to x0 through LCM's boundary conditions (the
     # ``lcm`` sampler); "tcd" maps it to a random earlier solver timestep s along the DDIM
     # direction (Zheng et al. 2024, trajectory consistency; the ``tcd`` sampler)
@@ -133,10 +130,6 @@ class DistillConfig:
     # the sampler stored as the student's default (None: its consistency function's, lcm or tcd;
     # a tcd student also samples with lcm: TCD's gamma 1)
     sampler: str | None = None
-    # weight of an adversarial term on the student's x0 estimates against the data's, with a
-    # small text-conditioned discriminator (ADD, Sauer et al. 2023; ldm.train.discriminator)
-    adversarial: float = 0.0  # 0: off, as the paper
-    discriminator_lr: float = 2e-4  # its Adam's, betas (0, 0.99)
 
 
 @dataclass

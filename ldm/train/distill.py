@@ -9,9 +9,7 @@ t_n)), the target an EMA of the student. f is ``ldm.sampling.consistency``'s (di
 LCMScheduler's), so the student samples with the ``lcm`` sampler and with diffusers. With
 ``consistency: tcd``, f maps to a random earlier solver timestep instead (Zheng et al. 2024,
 trajectory consistency), for the ``tcd`` sampler. Optionally, some rows start from the
-student's own one-step samples instead of data (``backward_fraction``; ``Distiller.one_step``),
-and an adversarial term may judge the student's x0 estimates (``adversarial``;
-ldm.train.discriminator).
+student's own one-step samples instead of data (``backward_fraction``; ``Distiller.one_step``).
 """
 
 from __future__ import annotations
@@ -30,20 +28,11 @@ from ldm.sampling.samplers import SPEC
 from ldm.sampling.schedules import NoiseSchedule, init_noise_scale, lcm_timesteps
 from ldm.train.batches import batch_latents
 from ldm.train.config import DistillConfig, StageConfig
-from ldm.train.discriminator import (
-    LatentDiscriminator,
-    discriminator_loss,
-    generator_loss,
-    load_optimizer_tensors,
-    optimizer_tensors,
-    pooled_text,
-)
 from ldm.train.ema import EMA
 from ldm.train.lora import lora_layers
 
 TARGET = "distill-target-unet"  # checkpoint entries: the target's EMA shadow,
-TEACHER = "distill-teacher-unet"  # and a full student's frozen teacher,
-DISC, DISC_ADAM = "distill-discriminator", "distill-discriminator-adam"  # its optimizer state
+TEACHER = "distill-teacher-unet"  # and a full student's frozen teacher
 
 
 def solver_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
@@ -111,20 +100,13 @@ def check_stage(stage: StageConfig) -> None:
     if d.backward_fraction and max(d.student_steps) < 2:
         raise ConfigError(f"stages.{stage.name}.distill.backward_fraction: needs a student step "
                           "count >= 2 (the timesteps of its later steps)")  # fmt: skip
-    if not 0.0 <= d.pure_noise_fraction <= 1.0 - d.backward_fraction:
-        raise ConfigError(f"stages.{stage.name}.distill.pure_noise_fraction: must be in [0, 1 - "
-                          "backward_fraction]")  # fmt: skip
-    if d.adversarial < 0 or d.discriminator_lr <= 0:
-        raise ConfigError(f"stages.{stage.name}.distill: adversarial must be >= 0 and "
-                          "discriminator_lr > 0")  # fmt: skip
 
 
 class Distiller:
     """Teacher, skipping-step solver and EMA target of one distill stage; ``loss`` is a step."""
 
-    def __init__(self, config: DistillConfig, parts, method: str, seed: int = 0):
-        """Before ``set_trainable``: a full student's teacher is copied from the weights now;
-        ``seed`` draws the discriminator's initial weights (``adversarial`` > 0)."""
+    def __init__(self, config: DistillConfig, parts, method: str):
+        """Before ``set_trainable``: a full student's teacher is copied from the weights now."""
         self.config = config
         self.schedule = NoiseSchedule.from_scheduler_config(parts.scheduler_config)
         T = self.schedule.num_train_timesteps
@@ -138,16 +120,6 @@ class Distiller:
         if method != "lora":
             self.teacher_unet = copy.deepcopy(parts.unet).requires_grad_(False).eval()
         self.target: EMA | None = None  # made by attach(), once the student's params are set
-        self.disc = None
-        if config.adversarial > 0:
-            unet = parts.unet.config
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                self.disc = LatentDiscriminator(unet.in_channels, unet.cross_attention_dim)
-            self.disc.to(next(parts.unet.parameters()).device)
-            self.disc_optim = torch.optim.Adam(
-                self.disc.parameters(), lr=config.discriminator_lr, betas=(0.0, 0.99)
-            )
 
     def attach(self, student: Denoiser) -> None:
         """After ``set_trainable``: the student's denoiser, the teacher's and the EMA target."""
@@ -166,20 +138,16 @@ class Distiller:
         cf, device, B = self.config, latents.device, latents.shape[0]
         # 1. solver index n; start t_{n+k} and end t_n (clamped at 0, as diffusers' example)
         index = torch.randint(0, cf.num_ddim_timesteps, (B,), generator=g)  # (B,)
-        m, data = round(cf.backward_fraction * B), latents
+        m = round(cf.backward_fraction * B)
         if m:  # the first m rows: where the student's own sampling puts them (see one_step)
             index[:m] = self.later_steps[torch.randint(0, len(self.later_steps), (m,), generator=g)]
             latents = torch.cat([self.one_step(latents[:m], cond[:m], g), latents[m:]])
-        q = round(cf.pure_noise_fraction * B)  # the next q rows: at T - 1 from pure noise
-        index[m : m + q] = cf.num_ddim_timesteps - 1
         t_start = self.timesteps[index]
         t_end = (t_start - self.k).clamp(min=0)
         sigmas = self.student.sigmas.cpu()
         sigma, sigma_next = sigmas[t_start].to(device), sigmas[t_end].to(device)  # (B,)
         noise = torch.randn(latents.shape, generator=g).to(device)
         x = latents + sigma.view(-1, 1, 1, 1) * noise  # (B, C, h, w): x at t_{n+k}
-        if q:  # the first step of sampling sees no data: sqrt(abar_T) x0 leaks into x otherwise
-            x[m : m + q] = noise[m : m + q] * init_noise_scale(sigma[m : m + 1], self.schedule, "lcm")
         w = cf.guidance_scale
         if cf.guidance_scale_max is not None:  # one w per micro-batch (cfg takes one scale)
             w += (cf.guidance_scale_max - w) * float(torch.rand((), generator=g))
@@ -205,25 +173,7 @@ class Distiller:
         else:
             pred = consistency_denoised(x, sigma, t_start, student_denoised, s)
             target = consistency_denoised(x_prev, sigma_next, t_end, target_denoised, s)
-        loss, metrics = consistency_loss(pred, target, cf.loss, cf.huber_c), {"guidance": w}
-        if self.disc is not None:  # 4. the student's x0 estimates against the data latents
-            adv_g, adv_d = self.adversarial(data, student_denoised, cond)
-            loss = loss + cf.adversarial * adv_g + adv_d
-            metrics.update(adv_g=adv_g.item(), adv_d=adv_d.item())
-        return loss, metrics
-
-    def adversarial(self, real, fake, cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """(generator term, discriminator loss): one backward serves both, since the
-        discriminator sees the fakes detached and the generator's term sees it frozen."""
-        text = pooled_text(cond.context, cond.mask)
-        with torch.autocast(real.device.type, enabled=False):  # small: fp32 logits, always
-            d_loss = discriminator_loss(self.disc(real, text), self.disc(fake.detach(), text))
-            self.disc.requires_grad_(False)  # the generator's term moves the student only
-            try:
-                g_loss = generator_loss(self.disc(fake, text))
-            finally:
-                self.disc.requires_grad_(True)
-        return g_loss, d_loss
+        return consistency_loss(pred, target, cf.loss, cf.huber_c), {"guidance": w}
 
     def trajectory_end(self, index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """TCD's end timesteps s (B,): t_j - k for j uniform in [0, n], so s <= t_n (clamped at
@@ -251,21 +201,6 @@ class Distiller:
     def after_step(self) -> None:
         if self.target is not None:
             self.target.update(self.unet)
-        if self.disc is not None:  # its own Adam step on the gradients of its hinge loss
-            params = list(self.disc.parameters())
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                world = torch.distributed.get_world_size()
-                for p in params:  # the student's DDP averages its grads; average these too
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            self.disc_optim.step()
-            self.zero_grad()
-
-    def zero_grad(self) -> None:
-        """Drop the discriminator's gradients (after its step, or a skipped non-finite step)."""
-        if self.disc is not None:
-            self.disc_optim.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
     def teacher_weights(self):
@@ -308,9 +243,6 @@ class Distiller:
             state[TARGET] = self.target.shadow
         if self.teacher_unet is not None:
             state[TEACHER] = self.teacher_unet.state_dict()
-        if self.disc is not None:
-            state[DISC] = self.disc.state_dict()
-            state[DISC_ADAM] = optimizer_tensors(self.disc_optim)
         return state
 
     def load_state_tensors(self, weights: dict, num_updates: int) -> None:
@@ -318,9 +250,6 @@ class Distiller:
             self.target.load_state_dict({"num_updates": num_updates, "shadow": weights[TARGET]})
         if self.teacher_unet is not None:
             self.teacher_unet.load_state_dict(weights[TEACHER], strict=True)
-        if self.disc is not None:
-            self.disc.load_state_dict(weights[DISC], strict=True)
-            load_optimizer_tensors(self.disc_optim, weights.get(DISC_ADAM, {}))
 
 
 def distill_loss_for_step(parts, st, g, index: int, device) -> tuple[torch.Tensor, dict]:

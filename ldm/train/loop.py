@@ -214,8 +214,7 @@ def prepare_stage(
     distiller = None
     if stage.distill is not None:  # before set_trainable: a full student copies its teacher
         check_stage(stage)
-        seed = step_generator(run.cfg.seed, index, -2, 0).initial_seed()  # the discriminator's
-        distiller = Distiller(stage.distill, parts, stage.method, seed)
+        distiller = Distiller(stage.distill, parts, stage.method)
     with torch.random.fork_rng(devices=[]):  # LoRA's random lora_A: from the run's seed only
         torch.manual_seed(step_generator(run.cfg.seed, index, -1, 0).initial_seed())
         trained = set_trainable(parts, stage, run.cfg.gradient_checkpointing)
@@ -282,8 +281,6 @@ def train_step(run: Run, st: Stage, step: int) -> dict | None:
     if not math.isfinite(total):
         st.nonfinite += 1
         st.optimizer.zero_grad(set_to_none=True)
-        if st.distiller is not None:
-            st.distiller.zero_grad()
         run.log.info(f"step {step}: non-finite loss, step skipped")
         if not stage.loss.skip_nonfinite or st.nonfinite >= stage.loss.max_nonfinite:
             raise LdmError(f"training stopped: loss was non-finite {st.nonfinite} time(s)")
