@@ -20,6 +20,7 @@ from ldm.request import (
     check_shift,
     check_skip_layers,
     check_true_cfg,
+    default_eta,
     packed_size,
     prompt_lists,
     resolve_sampling,
@@ -79,8 +80,8 @@ def prepare_request(
     check_modes(strength, clip_skip, init_image, mask, pipe.is_inpainting_model)
     check_fraction("--denoising-start", denoising_start)
     check_fraction("--denoising-end", denoising_end)
-    if spec.eta is not None and eta is None:
-        eta = spec.eta  # the sampler's own default (ancestral and SDE 1, DDIM 0)
+    if eta is None:  # the model's stored one with its own sampler, else the sampler's default
+        eta = default_eta(pipe.sampling_defaults, spec)
     mode = "txt2img" if init_image is None else ("inpaint" if mask is not None else "img2img")
     check_skip_layers(skip_layers, skip_layer_start, skip_layer_stop, pipe.unet)
     shift = check_shift(shift, pipe.parts.scheduler_config, flow=pipe.schedule is None)

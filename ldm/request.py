@@ -179,6 +179,17 @@ def resolve_sampling(model: dict, sampler, schedule, steps, guidance_scale):
     return spec, schedule, steps, guidance_scale
 
 
+def default_eta(model: dict, spec) -> float | None:
+    """The eta a request leaves unset: the model's stored one when it samples with the model's
+    own sampler (a TCD student's gamma), else the sampler's own (ancestral and SDE 1, DDIM 0)."""
+    stored = model.get("eta")
+    if stored is not None and spec.eta is not None:
+        own, _ = check_sampler(model["sampler"], "default")  # a stored A1111 label too
+        if own.name == spec.name:
+            return float(stored)
+    return spec.eta
+
+
 def packed_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     """A FLUX image size: each side down to a multiple of 2x2 latent patches (16 px), as
     diffusers' FluxPipeline rounds it."""

@@ -110,6 +110,9 @@ BAD = [
     ('{"defaults": {"sampler": "no-such-sampler"}}', "no-such-sampler"),
     ('{"defaults": {"schedule": "no-such"}}', "no-such"),
     ('{"defaults": {"cfg": 2}}', "unknown default(s) cfg"),
+    ('{"defaults": {"sampler": "tcd", "eta": -1}}', "defaults.eta must be a number >= 0"),
+    ('{"defaults": {"sampler": "euler", "eta": 0.5}}', "eta needs a sampler that takes one"),
+    ('{"defaults": {"eta": 0.5}}', "eta needs a sampler that takes one"),
 ]
 
 
@@ -195,6 +198,32 @@ def test_explicit_flags_override_stored_defaults(names, tmp_path, capsys):
     _, (_, record) = _txt2img(capsys, tmp_path / "b", "--model", "tiny-lora", "--sampler", "ddim",
                               "--guidance-scale", "2.5")  # fmt: skip
     assert (record["sampler"], record["steps"], record["guidance_scale"]) == ("ddim", 3, 2.5)
+
+
+def test_stored_eta_goes_with_the_stored_sampler(names, tmp_path, capsys):
+    """A TCD student's gamma as a stored default: used with its own sampler, not another's;
+    an explicit --eta wins; ``ldm models`` shows it."""
+    root, kohya = names
+    folder = root / "tiny-tcd"
+    shutil.copytree(root / "tiny-lora", folder)
+    manifest = json.loads((folder / bundled.MANIFEST).read_text())
+    manifest["defaults"] = {"sampler": "tcd", "eta": 0.7, "steps": 3, "guidance_scale": 1.0}
+    (folder / bundled.MANIFEST).write_text(json.dumps(manifest))
+    image, (_, record) = _txt2img(capsys, tmp_path / "a", "--model", "tiny-tcd")
+    assert (record["sampler"], record["eta"], record["steps"]) == ("tcd", 0.7, 3)
+    explicit, _ = _txt2img(capsys, tmp_path / "b", "--model", str(root / "tiny"), "--lora",
+                           f"{kohya}:1.0", "--sampler", "tcd", "--eta", "0.7", "--steps", "3",
+                           "--guidance-scale", "1")  # fmt: skip
+    assert np.array_equal(image, explicit)
+    own, (_, record) = _txt2img(capsys, tmp_path / "c", "--model", "tiny-tcd", "--sampler", "tcd",
+                                "--eta", "0.3")  # fmt: skip
+    assert record["eta"] == 0.3 and np.abs(own.astype(int) - image).max() > 0
+    _, (_, record) = _txt2img(capsys, tmp_path / "d", "--model", "tiny-tcd", "--sampler",
+                              "euler_ancestral")  # fmt: skip
+    assert record["eta"] == 1.0  # the other sampler's own
+    assert main(["models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("tiny-tcd "))
+    assert "tcd, eta 0.7, 3 steps, CFG 1" in line
 
 
 def test_full_model_manifest_and_library_names(names, tmp_path):

@@ -98,7 +98,8 @@ def test_distilled_lora_in_diffusers_with_lcm_scheduler_gives_ldms_image(
 ):
     """The exported bundle's LoRA: diffusers (load_lora_weights + LCMScheduler) = ldm's lcm,
     for an SD1 teacher and an SDXL one (pooled text and size ids in the teacher's conds); a
-    TCD student's: diffusers with TCDScheduler (eta 0.3, TCD's gamma) = ldm's tcd."""
+    TCD student's: diffusers with TCDScheduler (eta 0.5, TCD's gamma) = ldm's bundle at its
+    stored defaults (sampler tcd, distill.eta 0.5)."""
     import diffusers
 
     from ldm.pipeline import load_pipeline
@@ -115,17 +116,24 @@ def test_distilled_lora_in_diffusers_with_lcm_scheduler_gives_ldms_image(
         "stages.0.optim.lr=0.02",
         "stages.0.lora.targets=[to_q,to_k,to_v,to_out.0,conv1,conv2,time_emb_proj]",
         f"stages.0.distill.consistency={consistency}",
+        *(["stages.0.distill.eta=0.5"] if consistency == "tcd" else []),
     )
     assert proc.wait(timeout=900) == 0, proc.stderr.read().decode()[-2000:]
     final = tmp_path / "run" / "final"
     manifest = json.loads((final / "ldm_model.json").read_text())
     assert manifest["defaults"]["sampler"] == consistency
+    assert manifest["defaults"].get("eta") == (0.5 if consistency == "tcd" else None)
     lora = final / manifest["lora"]
     prompt, seed, size = "a red circle above a blue square", 1234, 32
     pipe, plain = (load_pipeline(str(folder), "cpu", "fp32", "off") for _ in range(2))
     assert pipe.apply_lora(lora).warning() is None
     kwargs = dict(steps=4, sampler=consistency, guidance_scale=1.0, height=size, width=size)
-    (ours,) = pipe([prompt], [seed], **kwargs)
+    if consistency == "tcd":  # the bundle itself: its stored sampler, eta and guidance
+        pipe = load_pipeline(str(final), "cpu", "fp32", "off")
+        (ours,) = pipe([prompt], [seed], steps=4, height=size, width=size)
+        assert (ours.record["sampler"], ours.record["eta"]) == ("tcd", 0.5)
+    else:
+        (ours,) = pipe([prompt], [seed], **kwargs)
     (without,) = plain([prompt], [seed], **kwargs)
 
     theirs = getattr(diffusers, pipeline_class).from_pretrained(folder)
@@ -133,7 +141,7 @@ def test_distilled_lora_in_diffusers_with_lcm_scheduler_gives_ldms_image(
     scheduler = {"lcm": diffusers.LCMScheduler, "tcd": diffusers.TCDScheduler}[consistency]
     theirs.scheduler = scheduler.from_config(theirs.scheduler.config)
     theirs.load_lora_weights(str(lora))
-    eta = {"eta": 0.3} if consistency == "tcd" else {}  # the pipeline's eta 0 would override
+    eta = {"eta": 0.5} if consistency == "tcd" else {}  # the pipeline's eta 0 would override
     out = theirs(prompt, num_inference_steps=4, guidance_scale=1.0, height=size, width=size,
                  generator=torch.Generator("cpu").manual_seed(seed), **eta)  # fmt: skip
     expected = np.asarray(out.images[0], dtype=np.int16)

@@ -43,7 +43,8 @@ def _defaults(d: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in d.items()) or "-"
     schedule = d.get("schedule") or "default"
     sampler = d["sampler"] + ("" if schedule == "default" else f" {schedule}")
-    return f"{sampler}, {d['steps']} steps, CFG {d['guidance_scale']:g}"
+    eta = "" if d.get("eta") is None else f", eta {d['eta']:g}"
+    return f"{sampler}{eta}, {d['steps']} steps, CFG {d['guidance_scale']:g}"
 
 
 def _size(n: int) -> str:

@@ -21,7 +21,7 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets"  # one folder pe
 DEFAULT_NAME = "shapes-demo"  # the model used when no --model is given
 MANIFEST = "ldm_model.json"
 # Pipeline.sampling_defaults', and the T5-block length of an SD3 model trained with a short one
-DEFAULT_KEYS = ("sampler", "schedule", "steps", "guidance_scale", "max_sequence_length")
+DEFAULT_KEYS = ("sampler", "schedule", "steps", "guidance_scale", "eta", "max_sequence_length")
 _KEYS = {
     "model": {"kind", "defaults", "description"},
     "lora": {"kind", "defaults", "description", "base", "lora", "lora_scale"},
@@ -157,6 +157,11 @@ def check_defaults(defaults, path: Path) -> dict:
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
     ):
         raise CheckpointError(f"{path}: defaults.guidance_scale must be a number, got {scale!r}")
+    eta = defaults.get("eta")
+    if eta is not None and (
+        isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf
+    ):
+        raise CheckpointError(f"{path}: defaults.eta must be a number >= 0, got {eta!r}")
     length = defaults.get("max_sequence_length")
     if length is not None and (type(length) is not int or not 1 <= length <= 512):
         raise CheckpointError(f"{path}: defaults.max_sequence_length must be an integer in "
@@ -168,7 +173,10 @@ def check_defaults(defaults, path: Path) -> dict:
         if "schedule" in defaults:
             check_schedule(defaults["schedule"])
         if "sampler" in defaults:
-            check_sampler(defaults["sampler"], defaults.get("schedule", "default"))
+            spec, _ = check_sampler(defaults["sampler"], defaults.get("schedule", "default"))
+        if eta is not None and ("sampler" not in defaults or spec.eta is None):
+            raise LdmError("eta needs a sampler that takes one (ddim, tcd, the ancestral and "
+                           "SDE ones) stored beside it")  # fmt: skip
     except LdmError as e:
         raise CheckpointError(f"{path}: defaults: {e}") from None
     return dict(defaults)

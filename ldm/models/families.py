@@ -97,7 +97,8 @@ class Family:
             sampler, schedule = from_scheduler_config(scheduler_config) or (sampler, schedule)
         defaults = dict(sampler=sampler, schedule=schedule, steps=self.steps,
                         guidance_scale=self.guidance_scale)  # fmt: skip
-        return {**defaults, **{k: v for k, v in (stored or {}).items() if k in defaults}}
+        keys = (*defaults, "eta")  # eta only where stored (a TCD student's gamma)
+        return {**defaults, **{k: v for k, v in (stored or {}).items() if k in keys}}
 
 
 FAMILIES: dict[str, Family] = {

@@ -130,6 +130,7 @@ class DistillConfig:
     # the sampler stored as the student's default (None: its consistency function's, lcm or tcd;
     # a tcd student also samples with lcm: TCD's gamma 1)
     sampler: str | None = None
+    eta: float | None = None  # stored with it (a TCD student's gamma; None: the sampler's own)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,10 @@ def check_stage(stage: StageConfig) -> None:
     if d.sampler is not None and d.sampler not in SPEC:
         raise ConfigError(f"stages.{stage.name}.distill.sampler: {d.sampler!r} is none of "
                           f"{', '.join(SPEC)}")  # fmt: skip
+    stored = d.sampler or d.consistency  # the student's sampler, which a stored eta goes with
+    if d.eta is not None and (SPEC[stored].eta is None or not 0 <= d.eta < math.inf):
+        raise ConfigError(f"stages.{stage.name}.distill.eta: a number >= 0 for a sampler that "
+                          f"takes one (tcd, ddim, ...), not {stored}")  # fmt: skip
     if not 0.0 <= d.backward_fraction <= 1.0:
         raise ConfigError(f"stages.{stage.name}.distill.backward_fraction: must be in [0, 1]")
     if d.backward_fraction and max(d.student_steps) < 2:

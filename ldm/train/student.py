@@ -32,10 +32,14 @@ from ldm.train.config import StageConfig, TrainConfig
 
 def student_defaults(stage: StageConfig) -> dict:
     """The student's sampling defaults: its configured sampler, else its consistency
-    function's (``lcm`` or ``tcd``, named alike), at its first step count, no guidance."""
+    function's (``lcm`` or ``tcd``, named alike), at its first step count, no guidance, and
+    its configured eta (a TCD student's gamma) when set."""
     steps = stage.distill.student_steps[0]
     sampler = stage.distill.sampler or stage.distill.consistency
-    return {"sampler": sampler, "schedule": "default", "steps": steps, "guidance_scale": 1.0}
+    defaults = {"sampler": sampler, "schedule": "default", "steps": steps, "guidance_scale": 1.0}
+    if stage.distill.eta is not None:
+        defaults["eta"] = stage.distill.eta
+    return defaults
 
 
 def teacher_reference(pretrained: str) -> str:
