@@ -179,6 +179,16 @@ def resolve_sampling(model: dict, sampler, schedule, steps, guidance_scale):
     return spec, schedule, steps, guidance_scale
 
 
+def check_stored_eta(eta, spec: SamplerSpec | None) -> None:
+    """A model's stored eta (a TCD student's gamma): a number >= 0 stored beside a sampler
+    that takes one (``spec``: that sampler, None when none is stored)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
+        raise LdmError(f"eta must be a number >= 0, got {eta!r}")
+    if spec is None or spec.eta is None:
+        raise LdmError("eta needs a sampler that takes one (ddim, tcd, the ancestral and SDE "
+                       f"ones) stored beside it, not {spec.name if spec else 'none'}")  # fmt: skip
+
+
 def default_eta(model: dict, spec) -> float | None:
     """The eta a request leaves unset: the model's stored one when it samples with the model's
     own sampler (a TCD student's gamma), else the sampler's own (ancestral and SDE 1, DDIM 0)."""

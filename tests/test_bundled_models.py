@@ -110,7 +110,7 @@ BAD = [
     ('{"defaults": {"sampler": "no-such-sampler"}}', "no-such-sampler"),
     ('{"defaults": {"schedule": "no-such"}}', "no-such"),
     ('{"defaults": {"cfg": 2}}', "unknown default(s) cfg"),
-    ('{"defaults": {"sampler": "tcd", "eta": -1}}', "defaults.eta must be a number >= 0"),
+    ('{"defaults": {"sampler": "tcd", "eta": -1}}', "eta must be a number >= 0"),
     ('{"defaults": {"sampler": "euler", "eta": 0.5}}', "eta needs a sampler that takes one"),
     ('{"defaults": {"eta": 0.5}}', "eta needs a sampler that takes one"),
 ]

@@ -142,7 +142,7 @@ def _lora_manifest(manifest: Manifest, data: dict, path: Path) -> Manifest:
 def check_defaults(defaults, path: Path) -> dict:
     """The stored sampling defaults, each checked as its flag is (one-line errors)."""
     from ldm.errors import LdmError
-    from ldm.request import check_sampler, check_schedule
+    from ldm.request import check_sampler, check_schedule, check_stored_eta
 
     if not isinstance(defaults, dict):
         raise CheckpointError(f"{path}: defaults must be an object")
@@ -157,11 +157,6 @@ def check_defaults(defaults, path: Path) -> dict:
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
     ):
         raise CheckpointError(f"{path}: defaults.guidance_scale must be a number, got {scale!r}")
-    eta = defaults.get("eta")
-    if eta is not None and (
-        isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf
-    ):
-        raise CheckpointError(f"{path}: defaults.eta must be a number >= 0, got {eta!r}")
     length = defaults.get("max_sequence_length")
     if length is not None and (type(length) is not int or not 1 <= length <= 512):
         raise CheckpointError(f"{path}: defaults.max_sequence_length must be an integer in "
@@ -172,11 +167,11 @@ def check_defaults(defaults, path: Path) -> dict:
                 raise LdmError(f"{key} must be a name, got {defaults[key]!r}")
         if "schedule" in defaults:
             check_schedule(defaults["schedule"])
+        spec = None
         if "sampler" in defaults:
             spec, _ = check_sampler(defaults["sampler"], defaults.get("schedule", "default"))
-        if eta is not None and ("sampler" not in defaults or spec.eta is None):
-            raise LdmError("eta needs a sampler that takes one (ddim, tcd, the ancestral and "
-                           "SDE ones) stored beside it")  # fmt: skip
+        if "eta" in defaults:
+            check_stored_eta(defaults["eta"], spec)
     except LdmError as e:
         raise CheckpointError(f"{path}: defaults: {e}") from None
     return dict(defaults)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
 
 from ldm.denoiser import Denoiser
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, LdmError
 from ldm.guidance import cfg
+from ldm.request import check_stored_eta
 from ldm.sampling.consistency import consistency_denoised
 from ldm.sampling.samplers import SPEC
 from ldm.sampling.schedules import NoiseSchedule, init_noise_scale, lcm_timesteps
@@ -96,10 +96,11 @@ def check_stage(stage: StageConfig) -> None:
     if d.sampler is not None and d.sampler not in SPEC:
         raise ConfigError(f"stages.{stage.name}.distill.sampler: {d.sampler!r} is none of "
                           f"{', '.join(SPEC)}")  # fmt: skip
-    stored = d.sampler or d.consistency  # the student's sampler, which a stored eta goes with
-    if d.eta is not None and (SPEC[stored].eta is None or not 0 <= d.eta < math.inf):
-        raise ConfigError(f"stages.{stage.name}.distill.eta: a number >= 0 for a sampler that "
-                          f"takes one (tcd, ddim, ...), not {stored}")  # fmt: skip
+    if d.eta is not None:  # stored with the student's sampler: the manifest's rule
+        try:
+            check_stored_eta(d.eta, SPEC[d.sampler or d.consistency])
+        except LdmError as e:
+            raise ConfigError(f"stages.{stage.name}.distill: {e}") from None
     if not 0.0 <= d.backward_fraction <= 1.0:
         raise ConfigError(f"stages.{stage.name}.distill.backward_fraction: must be in [0, 1]")
     if d.backward_fraction and max(d.student_steps) < 2:
