@@ -277,7 +277,8 @@ def test_the_target_sees_its_ema_weights_under_bf16_autocast(tiny_sd1):
     [({"backward_fraction": 1.5}, r"must be in \[0, 1\]"),
      ({"backward_fraction": 0.5, "student_steps": [1]}, "step count >= 2"),
      ({"sampler": "Euler a"}, "is none of ddim, ddpm, euler"),
-     ({"eta": 0.5}, "distill: eta needs a sampler that takes one .* not lcm")],
+     ({"eta": 0.5}, "distill: eta needs a sampler that takes one .* not lcm"),
+     ({"export_lora_rank": 8}, "export_lora_rank: a rank >= 1, for a full student")],
 )  # fmt: skip
 def test_check_stage_refuses_what_it_cannot_use(fields, message):
     from ldm.errors import ConfigError

@@ -150,6 +150,35 @@ def test_distilled_lora_in_diffusers_with_lcm_scheduler_gives_ldms_image(
     assert np.abs(np.asarray(without.image, dtype=np.int16) - expected).max() > 10
 
 
+def test_full_student_exported_as_a_lora_of_its_weight_change(tiny_sd1, shapes32, tmp_path):
+    """distill.export_lora_rank: a full student's bundle is a LoRA on its teacher; at full rank
+    the merged model's linear and conv weights are the student's (its last checkpoint), the rest
+    the teacher's."""
+    from ldm.formats.diffusers_folder import load_folder
+    from ldm.formats.safe_load import load_state_dict
+    from ldm.loading import load_model
+
+    run = tmp_path / "run"
+    proc = _distill(run, tiny_sd1, f"data.source={shapes32}", "stages.0.method=full",
+                    "stages.0.steps=2", "stages.0.optim.lr=0.01",
+                    "stages.0.distill.export_lora_rank=4096")  # fmt: skip
+    assert proc.wait(timeout=900) == 0, proc.stderr.read().decode()[-2000:]
+    manifest = json.loads((run / "final" / "ldm_model.json").read_text())
+    assert manifest["kind"] == "lora" and manifest["base"] == str(Path(tiny_sd1).resolve())
+    assert "extracted from a full student" in manifest["description"]
+    student = load_state_dict(run / "checkpoints" / "step-00000002" / "unet.safetensors")
+    teacher = load_folder(tiny_sd1).unet.state_dict()
+    merged = load_model(str(run / "final"), "cpu", "fp32").unet.state_dict()
+    moved = 0
+    for key, value in merged.items():
+        lora_held = key.endswith(".weight") and value.dim() in (2, 4) and "norm" not in key
+        expected = student[key] if lora_held else teacher[key]
+        scale = float(expected.abs().max())  # the file is fp16: 2^-11 of the largest entry
+        torch.testing.assert_close(value, expected.float(), rtol=0, atol=2e-3 * scale + 1e-6)
+        moved += lora_held and not torch.equal(student[key], teacher[key])
+    assert moved > 10
+
+
 def test_distillation_on_the_teachers_own_samples(tiny_sd1, tmp_path):
     """data.source teacher: a prompt file sampled once by the teacher, cached, read on resume."""
     prompts = tmp_path / "prompts.txt"
@@ -272,3 +301,20 @@ def test_distill_stage_trains_the_unet_only(tiny_sd1, tmp_path, capsys):
                f"model.pretrained={tiny_sd1}", "stages.0.train=[unet,text_encoder]"])  # fmt: skip
     assert rc == 2
     assert "a distill stage trains [unet]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["stages.0.distill.export_lora_rank=8"], "export_lora_rank: a rank >= 1, for a full"),
+     (["stages.0.method=full", "stages.0.distill.export_lora_rank=8",
+       "model.pretrained=null", "model.config=configs/models/tiny.yaml"],
+      "export_lora_rank: the LoRA is on the teacher")],
+)  # fmt: skip
+def test_distill_refuses_a_lora_export_it_cannot_write(tiny_sd1, tmp_path, capsys, extra, message):
+    from ldm.cli import main
+
+    rc = main(["distill", "--config", str(TINY_LCM), f"output_dir={tmp_path}",
+               f"model.pretrained={tiny_sd1}", *extra])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -131,6 +131,9 @@ class DistillConfig:
     # a tcd student also samples with lcm: TCD's gamma 1)
     sampler: str | None = None
     eta: float | None = None  # stored with it (a TCD student's gamma; None: the sampler's own)
+    # a full student exported as a LoRA of this rank on its teacher: the truncated SVD of each
+    # weight's change (ldm.formats.lora_extract; None: a full folder)
+    export_lora_rank: int | None = None
 
 
 @dataclass

@@ -101,6 +101,9 @@ def check_stage(stage: StageConfig) -> None:
             check_stored_eta(d.eta, SPEC[d.sampler or d.consistency])
         except LdmError as e:
             raise ConfigError(f"stages.{stage.name}.distill: {e}") from None
+    if d.export_lora_rank is not None and (stage.method != "full" or d.export_lora_rank < 1):
+        raise ConfigError(f"stages.{stage.name}.distill.export_lora_rank: a rank >= 1, for a "
+                          "full student (a LoRA student is exported as its LoRA)")  # fmt: skip
     if not 0.0 <= d.backward_fraction <= 1.0:
         raise ConfigError(f"stages.{stage.name}.distill.backward_fraction: must be in [0, 1]")
     if d.backward_fraction and max(d.student_steps) < 2:

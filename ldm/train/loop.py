@@ -48,7 +48,7 @@ from ldm.train.step_loss import (
     diffusion_loss_for_step,
     training_denoiser,
 )
-from ldm.train.student import export_student
+from ldm.train.student import check_export, export_student
 
 
 def step_generator(seed: int, stage: int, step: int, rank: int) -> torch.Generator:
@@ -119,6 +119,10 @@ def train(
 ) -> Path:
     """Run every stage of ``cfg``; return the exported model folder."""
     # --- run folder, accelerator, model (and the checkpoint to continue from) ----------------
+    for stage in cfg.stages:  # before any work: distill stages and exports that cannot run
+        if stage.distill is not None:
+            check_stage(stage)
+    check_export(cfg)
     accelerator = make_accelerator(cfg)
     run, start, resumed = start_run(cfg, accelerator, resume)
 
@@ -145,7 +149,7 @@ def train(
     final = run.run_dir / "final"
     if accelerator.is_main_process:
         if cfg.stages[-1].distill is not None:  # a LoRA bundle or a folder with its defaults
-            export_student(run.parts, cfg, run.run_dir, final)
+            export_student(run.parts, cfg, run.run_dir, final, st.distiller.teacher_unet)
         else:
             export_model(run.parts, final, cfg.export_dtype)
         run.log.info(f"exported {final}")
@@ -213,7 +217,6 @@ def prepare_stage(
     parts, accelerator = run.parts, run.accelerator
     distiller = None
     if stage.distill is not None:  # before set_trainable: a full student copies its teacher
-        check_stage(stage)
         distiller = Distiller(stage.distill, parts, stage.method)
     with torch.random.fork_rng(devices=[]):  # LoRA's random lora_A: from the run's seed only
         torch.manual_seed(step_generator(run.cfg.seed, index, -1, 0).initial_seed())

@@ -4,8 +4,10 @@ as its consistency function; its step count; guidance 1), so ``ldm txt2img --mod
 needs no extra flag.
 
 LoRA bundle (the default when the distill stage is the run's only stage and the teacher came from
-``model.pretrained``): ``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys, what
-diffusers' ``load_lora_weights`` reads) + ``ldm_model.json`` {"kind": "lora", "base": teacher,
+``model.pretrained``; for a full student, when ``distill.export_lora_rank`` asks for one:
+the truncated SVD of its weight change, ``ldm.formats.lora_extract``):
+``pytorch_lora_weights.safetensors`` (diffusers/PEFT keys, what diffusers' ``load_lora_weights``
+reads) + ``ldm_model.json`` {"kind": "lora", "base": teacher,
 "lora": file, "lora_scale": 1.0, "defaults": {...}, "description": ...}. Otherwise the LoRA is
 merged and the whole model is written as a diffusers folder whose ``ldm_model.json`` holds only
 {"defaults": {...}}. Both appear under their final name complete (temp folder + rename).
@@ -22,8 +24,10 @@ import torch
 from safetensors import safe_open
 
 from ldm.dtypes import DTYPES
+from ldm.errors import ConfigError
 from ldm.formats.diffusers_folder import save_folder
-from ldm.formats.lora import DIFFUSERS_NAME
+from ldm.formats.lora import DIFFUSERS_NAME, save_diffusers_lora
+from ldm.formats.lora_extract import extract_lora
 from ldm.formats.safe_load import save_state_dict
 from ldm.loading import DEFAULT_MODEL
 from ldm.models.bundled import write_manifest
@@ -51,13 +55,28 @@ def teacher_reference(pretrained: str) -> str:
 
 
 def is_lora_bundle(cfg: TrainConfig) -> bool:
-    """The export is a LoRA on the teacher when nothing trained before the distill stage."""
+    """The export is a LoRA on the teacher when nothing trained before the distill stage (a
+    full student's: when it asks for one)."""
     last = cfg.stages[-1]
-    return len(cfg.stages) == 1 and last.method == "lora" and cfg.model.pretrained is not None
+    wanted = last.method == "lora" or last.distill.export_lora_rank is not None
+    return len(cfg.stages) == 1 and wanted and cfg.model.pretrained is not None
 
 
-def export_student(parts, cfg: TrainConfig, run_dir: Path, final: Path) -> Path:
-    """Write the run's distilled student to ``final`` (a LoRA bundle or a full folder)."""
+def check_export(cfg: TrainConfig) -> None:
+    """Before training: a LoRA export of a full student needs a teacher to be a LoRA on."""
+    last = cfg.stages[-1]
+    if last.distill is not None and last.distill.export_lora_rank is not None:
+        if not is_lora_bundle(cfg):
+            raise ConfigError(f"stages.{last.name}.distill.export_lora_rank: the LoRA is on the "
+                              "teacher, so the distill stage must be the only stage and the "
+                              "teacher come from model.pretrained")  # fmt: skip
+
+
+def export_student(
+    parts, cfg: TrainConfig, run_dir: Path, final: Path, teacher: torch.nn.Module | None = None
+) -> Path:
+    """Write the run's distilled student to ``final`` (a LoRA bundle or a full folder);
+    ``teacher``: a full student's frozen teacher (for ``export_lora_rank``)."""
     stage = cfg.stages[-1]
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +85,15 @@ def export_student(parts, cfg: TrainConfig, run_dir: Path, final: Path) -> Path:
         out = tmp / "student"
         if is_lora_bundle(cfg):
             out.mkdir()
-            write_lora(run_dir / f"lora-{stage.name}" / DIFFUSERS_NAME, out / DIFFUSERS_NAME,
-                       DTYPES[cfg.export_dtype])  # fmt: skip
+            rank, how = stage.lora.rank, ""
+            if stage.method == "lora":
+                write_lora(run_dir / f"lora-{stage.name}" / DIFFUSERS_NAME, out / DIFFUSERS_NAME,
+                           DTYPES[cfg.export_dtype])  # fmt: skip
+            else:
+                rank = stage.distill.export_lora_rank
+                pairs, report = extract_lora(teacher.state_dict(), parts.unet.state_dict(), rank)
+                save_diffusers_lora(pairs, out / DIFFUSERS_NAME, DTYPES[cfg.export_dtype])
+                how = f", extracted from a full student: {100 * report.kept:.1f}% of its change"
             manifest = {
                 "kind": "lora",
                 "base": teacher_reference(cfg.model.pretrained),
@@ -76,7 +102,7 @@ def export_student(parts, cfg: TrainConfig, run_dir: Path, final: Path) -> Path:
                 "defaults": student_defaults(stage),
                 "description": f"{stage.distill.consistency.upper()}-LoRA distilled from "
                 f"{cfg.model.pretrained} by ldm distill (stage '{stage.name}', {stage.steps} "
-                f"steps, rank {stage.lora.rank})",
+                f"steps, rank {rank}{how})",
             }
         else:
             save_folder(parts, out, dtype=DTYPES[cfg.export_dtype])
