@@ -58,18 +58,18 @@ def is_lora_bundle(cfg: TrainConfig) -> bool:
     """The export is a LoRA on the teacher when nothing trained before the distill stage (a
     full student's: when it asks for one)."""
     last = cfg.stages[-1]
-    wanted = last.method == "lora" or last.distill.export_lora_rank is not None
-    return len(cfg.stages) == 1 and wanted and cfg.model.pretrained is not None
+    wanted = last.method == "lora" or (last.distill and last.distill.export_lora_rank is not None)
+    return len(cfg.stages) == 1 and bool(wanted) and cfg.model.pretrained is not None
 
 
 def check_export(cfg: TrainConfig) -> None:
     """Before training: a LoRA export of a full student needs a teacher to be a LoRA on."""
-    last = cfg.stages[-1]
-    if last.distill is not None and last.distill.export_lora_rank is not None:
-        if not is_lora_bundle(cfg):
-            raise ConfigError(f"stages.{last.name}.distill.export_lora_rank: the LoRA is on the "
-                              "teacher, so the distill stage must be the only stage and the "
-                              "teacher come from model.pretrained")  # fmt: skip
+    for stage in cfg.stages:
+        if stage.distill is not None and stage.distill.export_lora_rank is not None:
+            if not is_lora_bundle(cfg):
+                raise ConfigError(f"stages.{stage.name}.distill.export_lora_rank: the LoRA is on "
+                                  "the teacher, so the distill stage must be the only stage and "
+                                  "the teacher come from model.pretrained")  # fmt: skip
 
 
 def export_student(
