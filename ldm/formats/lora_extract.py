@@ -44,8 +44,7 @@ def extract_lora(
         energy = float(delta.square().sum())
         if energy == 0.0:
             continue
-        is_module_weight = key.endswith(".weight") and delta.dim() in (2, 4) and "norm" not in key
-        if not is_module_weight:
+        if not (key.endswith(".weight") and delta.dim() in (2, 4)):  # biases, norms: 1-D
             other += energy
             continue
         u, s, vh = torch.linalg.svd(delta.flatten(1).double(), full_matrices=False)

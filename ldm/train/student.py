@@ -58,8 +58,9 @@ def is_lora_bundle(cfg: TrainConfig) -> bool:
     """The export is a LoRA on the teacher when nothing trained before the distill stage (a
     full student's: when it asks for one)."""
     last = cfg.stages[-1]
-    wanted = last.method == "lora" or (last.distill and last.distill.export_lora_rank is not None)
-    return len(cfg.stages) == 1 and bool(wanted) and cfg.model.pretrained is not None
+    extracted = last.distill is not None and last.distill.export_lora_rank is not None
+    wanted = last.method == "lora" or extracted
+    return len(cfg.stages) == 1 and wanted and cfg.model.pretrained is not None
 
 
 def check_export(cfg: TrainConfig) -> None:
